@@ -1,0 +1,29 @@
+"""flatq_lightning: train a full-precision network to be flat for the quantizer it will meet.
+
+Lightning callbacks record the target quantizer's weight and activation errors, inject noise with their
+statistics while the network trains, and quantize the result with plain PTQ after fit.
+"""
+
+from .quant import (
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    fold_batchnorm,
+    quant_error_stats,
+    quantize_model,
+    select_modules,
+    sqnr_db,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantSpec",
+    "compute_qparams",
+    "fake_quantize",
+    "fold_batchnorm",
+    "quant_error_stats",
+    "quantize_model",
+    "select_modules",
+    "sqnr_db",
+]

@@ -1,0 +1,47 @@
+"""Quantization core: one spec, pure fake-quant functions, observers, layer selection and PTQ."""
+
+from .observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver, make_observer
+from .ops import (
+    check_finite,
+    compute_qparams,
+    fake_quantize,
+    observe_range,
+    qparams_from_range,
+    quant_error,
+    quant_error_stats,
+    round_ste,
+    sqnr_db,
+)
+from .ptq import QuantizedLayer, batch_inputs, calibrate, fold_batchnorm, quantize_model, quantized_layers
+from .spec import QuantSpec, parse_bits, preset_name
+from .targets import QUANTIZABLE_TYPES, first_last_names, layer_specs, select_modules
+
+__all__ = [
+    "QUANTIZABLE_TYPES",
+    "MSEObserver",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "QuantSpec",
+    "QuantizedLayer",
+    "RangeObserver",
+    "batch_inputs",
+    "calibrate",
+    "check_finite",
+    "compute_qparams",
+    "fake_quantize",
+    "first_last_names",
+    "fold_batchnorm",
+    "layer_specs",
+    "make_observer",
+    "observe_range",
+    "parse_bits",
+    "preset_name",
+    "qparams_from_range",
+    "quant_error",
+    "quant_error_stats",
+    "quantize_model",
+    "quantized_layers",
+    "round_ste",
+    "select_modules",
+    "sqnr_db",
+]

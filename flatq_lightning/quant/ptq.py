@@ -1,0 +1,259 @@
+"""Post-training quantization on a copy of the model: fold BN, quantize weights, calibrate, fake-quantize.
+
+``quantize_model`` never mutates its input; the returned model holds :class:`QuantizedLayer` wrappers whose
+weight is ``fake_quantize(W)`` and whose input goes through ``fake_quantize`` with calibrated qparams: the
+same functions the training-time callbacks use.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .observers import RangeObserver, make_observer
+from .ops import compute_qparams, fake_quantize, sqnr_db
+from .spec import QuantSpec
+from .targets import layer_specs, select_modules
+
+__all__ = ["fold_batchnorm", "QuantizedLayer", "quantize_model", "calibrate", "quantized_layers", "batch_inputs"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
+    """Conv→BN pairs from an FX trace (the conv's only user is the BN); None when the model does not trace."""
+    try:
+        import torch.fx as fx
+
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return None
+    mods = dict(model.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), _BN):
+            continue
+        src = node.args[0] if node.args else None
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(mods.get(src.target), _CONV)
+            and len(src.users) == 1
+        ):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _conv_bn_pairs_children(model: nn.Module) -> list[tuple[str, str]]:
+    """Fallback: within each parent, a conv directly followed (registration order) by a matching BN."""
+    pairs = []
+    for pname, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (cn, c), (bn_name, b) in zip(children, children[1:]):
+            if isinstance(c, _CONV) and isinstance(b, _BN) and b.num_features == c.out_channels:
+                pre = f"{pname}." if pname else ""
+                pairs.append((pre + cn, pre + bn_name))
+    return pairs
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    w = conv.weight
+    std = torch.sqrt(bn.running_var.float() + bn.eps)
+    gamma = bn.weight.float() if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias.float() if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(std)
+    shape = [-1] + [1] * (w.dim() - 1)
+    conv.weight = nn.Parameter((w.float() * factor.reshape(shape)).to(w.dtype))
+    conv.bias = nn.Parameter(((bias - bn.running_mean.float()) * factor + beta).to(w.dtype))
+
+
+def fold_batchnorm(model: nn.Module, return_pairs: bool = False) -> Any:
+    """A new eval-mode copy of ``model`` with every Conv→BN pair folded into the conv (BN → Identity).
+
+    Pairs come from an FX trace when the model traces, otherwise from parent modules whose children run
+    conv then BN. BatchNorms not matched are left untouched and reported in one warning.
+    With ``return_pairs=True`` returns ``(model, [(conv_name, bn_name), …])``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> folded = fold_batchnorm(net)
+        >>> type(folded[1]).__name__
+        'Identity'
+    """
+    folded = copy.deepcopy(model).eval()
+    pairs = _conv_bn_pairs_fx(folded)
+    if pairs is None:
+        pairs = _conv_bn_pairs_children(folded)
+    mods = dict(folded.named_modules())
+    done = []
+    for conv_name, bn_name in pairs:
+        conv, bn = mods[conv_name], mods[bn_name]
+        if not bn.track_running_stats or bn.running_mean is None or bn.num_features != conv.out_channels:
+            continue
+        _fold_into(conv, bn)
+        _set_submodule(folded, bn_name, nn.Identity())
+        done.append((conv_name, bn_name))
+    folded_bns = {b for _, b in done}
+    left = [n for n, m in mods.items() if isinstance(m, _BN) and n not in folded_bns]
+    if left:
+        warnings.warn(
+            f"fold_batchnorm: {len(left)} BatchNorm layer(s) not preceded by a conv were left unfolded: "
+            + ", ".join(left[:8])
+            + (" …" if len(left) > 8 else ""),
+            stacklevel=2,
+        )
+    return (folded, done) if return_pairs else folded
+
+
+class QuantizedLayer(nn.Module):
+    """A Conv/Linear whose weight is stored fake-quantized and whose input is fake-quantized on the fly.
+
+    Buffers: ``weight_scale`` (per output channel), ``act_scale`` and ``act_zero_point`` (per tensor), so the
+    state dict carries everything needed to rebuild the integer model.
+    """
+
+    def __init__(self, module: nn.Module, weight_spec: QuantSpec | None, act_spec: QuantSpec | None) -> None:
+        super().__init__()
+        self.module = module
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.observer: RangeObserver | None = None
+        self.register_buffer("weight_scale", torch.ones(()))
+        self.register_buffer("act_scale", torch.ones(()))
+        self.register_buffer("act_zero_point", torch.zeros(()))
+        self.register_buffer("act_calibrated", torch.zeros((), dtype=torch.bool))
+        #: SQNR (dB) of the weight quantization, measured when the layer was built (+inf for float weights)
+        self.weight_sqnr_db = float("inf")
+        if weight_spec is not None:
+            with torch.no_grad():
+                w = module.weight.detach()
+                scale, zp = compute_qparams(w, weight_spec)
+                wq = fake_quantize(w, weight_spec, scale, zp)
+                self.weight_sqnr_db = float(sqnr_db(w, wq))
+                self.weight_scale = scale
+                module.weight.data.copy_(wq)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+        elif self.act_spec is not None and bool(self.act_calibrated):
+            x = fake_quantize(x, self.act_spec, self.act_scale, self.act_zero_point)
+        return self.module(x)
+
+    def extra_repr(self) -> str:
+        w = f"w{self.weight_spec.bits}" if self.weight_spec else "wfp"
+        a = f"a{self.act_spec.bits}" if self.act_spec else "afp"
+        return f"{w}{a}"
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+def batch_inputs(batch: Any) -> Tensor:
+    """The input tensor of a batch: the tensor itself, or the first element of a tuple/list/dict batch."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("x", "input", "inputs", "image", "images", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    raise ValueError(
+        "cannot find the input tensor in a batch of type "
+        f"{type(batch).__name__}: expected a Tensor, (inputs, targets, ...) or a dict with key 'x'/'image'"
+    )
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+    """Set the activation qparams of every :class:`QuantizedLayer` in ``model`` from ``batches``.
+
+    One pass with quantized weights and float activations; each layer's observer follows its act spec.
+    Returns the number of batches used (warns if there were none).
+    """
+    layers = [m for _, m in quantized_layers(model) if m.act_spec is not None]
+    for m in layers:
+        m.observer = make_observer(m.act_spec)
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    n = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            model(batch_inputs(batch).to(device))
+            n += 1
+    finally:
+        for m in layers:
+            obs, m.observer = m.observer, None
+            if obs is not None and obs.lo is not None:
+                scale, zp = obs.qparams()
+                m.act_scale, m.act_zero_point = scale.to(device), zp.to(device)
+                m.act_calibrated = torch.ones((), dtype=torch.bool, device=device)
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("calibration saw no batches: the calibration data is empty")
+    return n
+
+
+def quantize_model(
+    model: nn.Module,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
+    calib_batches: Iterable[Any] | None = None,
+    keep_first_last_8bit: bool = True,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    fold_bn: bool = False,
+    max_calib_batches: int | None = None,
+) -> nn.Module:
+    """A new eval-mode model whose selected layers run fake-quantized weights and inputs.
+
+    ``weight_spec``/``act_spec`` of ``None`` leave that side in float (weight-only or activation-only rows).
+    Activation qparams come from ``calib_batches`` (required when ``act_spec`` is set). The input model is
+    never mutated. With ``fold_bn`` BatchNorm is folded into the convs first.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> w, a = QuantSpec.parse("w4a4")
+        >>> q = quantize_model(net, w, a, calib_batches=[torch.randn(16, 4)])
+        >>> q(torch.randn(2, 4)).shape
+        torch.Size([2, 2])
+    """
+    qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    selected = select_modules(qmodel, include=include, exclude=exclude)
+    if not selected:
+        raise ValueError(
+            "quantize_model: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching "
+            f"include={include!r} exclude={exclude!r}"
+        )
+    w_default = weight_spec or QuantSpec.weight(8)
+    a_default = act_spec or QuantSpec.activation(8)
+    specs = layer_specs(selected, w_default, a_default, keep_first_last_8bit)
+    for name, mod in selected:
+        ws, as_ = specs[name]
+        _set_submodule(
+            qmodel, name, QuantizedLayer(mod, ws if weight_spec else None, as_ if act_spec else None)
+        )
+    if act_spec is not None:
+        if calib_batches is None:
+            raise ValueError("quantize_model: activation quantization needs calib_batches")
+        calibrate(qmodel, calib_batches, max_calib_batches)
+    return qmodel.eval()

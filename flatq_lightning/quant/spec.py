@@ -1,0 +1,130 @@
+"""The target quantizer, described once.
+
+A :class:`QuantSpec` says how one tensor is quantized: bit-width, granularity (per output channel or per
+tensor), symmetric or asymmetric grid, and which observer chooses the range. Everything in the package
+(recorders, noise, the MSE term and PTQ) takes its quantizer from a ``QuantSpec``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+GRANULARITIES = ("per_channel", "per_tensor")
+OBSERVERS = ("minmax", "percentile", "mse")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized (uniform grid).
+
+    Example:
+        >>> w = QuantSpec.weight(4)            # symmetric, per output channel, min-max
+        >>> a = QuantSpec.activation(4)        # asymmetric, per tensor, min-max
+        >>> (w.qmin, w.qmax, a.qmin, a.qmax)
+        (-8, 7, 0, 15)
+        >>> QuantSpec.parse("w3a3")[0].bits
+        3
+    """
+
+    bits: int = 8
+    granularity: str = "per_tensor"
+    symmetric: bool = True
+    observer: str = "minmax"
+    percentile: float = 99.99
+    ch_axis: int = 0
+    mse_grid: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ValueError(f"QuantSpec.bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"QuantSpec.bits must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"QuantSpec.observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile}")
+        if not isinstance(self.ch_axis, int):
+            raise ValueError(f"QuantSpec.ch_axis must be an int, got {self.ch_axis!r}")
+        if not isinstance(self.mse_grid, int) or self.mse_grid < 2:
+            raise ValueError(f"QuantSpec.mse_grid must be an int >= 2, got {self.mse_grid!r}")
+
+    # grid -----------------------------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    def with_bits(self, bits: int) -> QuantSpec:
+        return replace(self, bits=bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        return cls(**d)
+
+    # presets --------------------------------------------------------------------------------------------
+    @classmethod
+    def weight(cls, bits: int, observer: str = "minmax", **kw: Any) -> QuantSpec:
+        """The method's weight quantizer: symmetric, per output channel (axis 0)."""
+        return cls(bits=bits, granularity="per_channel", symmetric=True, observer=observer, **kw)
+
+    @classmethod
+    def activation(cls, bits: int, observer: str = "minmax", **kw: Any) -> QuantSpec:
+        """The method's activation quantizer: asymmetric, per tensor."""
+        return cls(bits=bits, granularity="per_tensor", symmetric=False, observer=observer, **kw)
+
+    @staticmethod
+    def parse(
+        preset: str, weight_observer: str = "minmax", act_observer: str = "minmax"
+    ) -> tuple[QuantSpec, QuantSpec]:
+        """Parse ``"w4a4"``-style strings into ``(weight_spec, act_spec)``.
+
+        ``"w4a16"`` quantizes weights only (16-bit activations are numerically transparent);
+        ``"w16a4"`` activations only.
+        """
+        wb, ab = parse_bits(preset)
+        return QuantSpec.weight(wb, observer=weight_observer), QuantSpec.activation(ab, observer=act_observer)
+
+
+_PRESET = re.compile(r"^\s*w(\d+)a(\d+)\s*$", re.IGNORECASE)
+
+
+def parse_bits(preset: str) -> tuple[int, int]:
+    """``"w4a8"`` → ``(4, 8)``; raises ``ValueError`` naming the expected form."""
+    if not isinstance(preset, str):
+        raise ValueError(f"a bit-width preset must be a string like 'w4a4', got {preset!r}")
+    m = _PRESET.match(preset)
+    if m is None:
+        raise ValueError(
+            f"cannot parse bit-width preset {preset!r}: expected 'w<bits>a<bits>' with bits in "
+            f"[{MIN_BITS}, {MAX_BITS}], e.g. 'w8a8', 'w4a8', 'w4a4', 'w3a3', 'w2a4', 'w4a16'"
+        )
+    wb, ab = int(m.group(1)), int(m.group(2))
+    for name, b in (("weight", wb), ("activation", ab)):
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(
+                f"preset {preset!r}: {name} bits must be in [{MIN_BITS}, {MAX_BITS}], got {b}"
+            )
+    return wb, ab
+
+
+def preset_name(weight_bits: int, act_bits: int) -> str:
+    return f"w{weight_bits}a{act_bits}"

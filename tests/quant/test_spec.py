@@ -1,0 +1,57 @@
+import pytest
+
+from flatq_lightning import QuantSpec
+from flatq_lightning.quant import parse_bits
+
+
+def test_grid_limits():
+    w = QuantSpec.weight(4)
+    a = QuantSpec.activation(4)
+    assert (w.qmin, w.qmax) == (-8, 7)
+    assert (a.qmin, a.qmax) == (0, 15)
+    assert w.per_channel and not a.per_channel
+    assert QuantSpec.weight(2).qmax == 1
+
+
+@pytest.mark.parametrize(
+    "preset,expected", [("w4a4", (4, 4)), ("w3a3", (3, 3)), ("W8A8", (8, 8)), ("w2a4", (2, 4)), ("w4a16", (4, 16))]
+)
+def test_parse_presets(preset, expected):
+    w, a = QuantSpec.parse(preset)
+    assert (w.bits, a.bits) == expected
+    assert w.granularity == "per_channel" and w.symmetric
+    assert a.granularity == "per_tensor" and not a.symmetric
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"bits": 1}, r"bits must be in \[2, 16\]"),
+        ({"bits": 17}, r"bits must be in \[2, 16\]"),
+        ({"bits": 4.0}, "bits must be an int"),
+        ({"granularity": "per_row"}, "granularity must be one of"),
+        ({"observer": "max"}, r"observer must be one of \('minmax', 'percentile', 'mse'\)"),
+        ({"percentile": 10.0}, "percentile must be in"),
+        ({"symmetric": "yes"}, "symmetric must be a bool"),
+        ({"mse_grid": 1}, "mse_grid must be"),
+    ],
+)
+def test_invalid_spec_messages(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        QuantSpec(**kwargs)
+
+
+@pytest.mark.parametrize("bad", ["w4", "a4w4", "w1a4", "w4a32", "four", ""])
+def test_bad_presets(bad):
+    with pytest.raises(ValueError, match="preset"):
+        parse_bits(bad)
+
+
+def test_bad_preset_type():
+    with pytest.raises(ValueError, match="must be a string"):
+        parse_bits(44)
+
+
+def test_roundtrip_dict():
+    s = QuantSpec.weight(3, observer="mse")
+    assert QuantSpec.from_dict(s.to_dict()) == s

@@ -4,6 +4,14 @@ Lightning callbacks record the target quantizer's weight and activation errors, 
 statistics while the network trains, and quantize the result with plain PTQ after fit.
 """
 
+from .callbacks import (
+    ActivationNoiseInjection,
+    DifferentialNoiseInjection,
+    QuantErrorRecorder,
+    Ramp,
+    dnq_callbacks,
+)
+from .mse import QuantMSEMixin
 from .quant import (
     QuantSpec,
     compute_qparams,
@@ -18,6 +26,12 @@ from .quant import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationNoiseInjection",
+    "DifferentialNoiseInjection",
+    "QuantErrorRecorder",
+    "QuantMSEMixin",
+    "Ramp",
+    "dnq_callbacks",
     "QuantSpec",
     "compute_qparams",
     "fake_quantize",

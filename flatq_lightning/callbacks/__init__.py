@@ -1,0 +1,71 @@
+"""Lightning callbacks: error recorders, weight and activation noise (and the PTQ/flatness families)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from lightning.pytorch.callbacks import Callback
+
+from .noise import ActivationNoiseInjection, DifferentialNoiseInjection, NoiseSource, Ramp
+from .recorder import QuantErrorRecorder
+
+__all__ = [
+    "ActivationNoiseInjection",
+    "DifferentialNoiseInjection",
+    "NoiseSource",
+    "QuantErrorRecorder",
+    "Ramp",
+    "dnq_callbacks",
+]
+
+
+def dnq_callbacks(
+    preset: str = "w4a4",
+    *,
+    noise_scale: float | Callable[[int], float] = 1.0,
+    mode: str = "differential",
+    weight_noise: bool = True,
+    act_noise: bool = True,
+    p: float = 0.5,
+    act_noise_scale: float | Callable[[int], float] = 1.0,
+    stats_every: int = 16,
+    momentum: float = 0.9,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_last_8bit: bool = True,
+    noise_source: str = "auto",
+) -> list[Callback]:
+    """The DNQ callbacks wired together: recorder, differential weight noise, activation noise.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> cbs = dnq_callbacks("w4a4", noise_scale=1.0, p=0.5)
+        >>> [type(c).__name__ for c in cbs]
+        ['QuantErrorRecorder', 'DifferentialNoiseInjection', 'ActivationNoiseInjection']
+        >>> trainer = Trainer(callbacks=[*cbs], logger=False, enable_checkpointing=False)
+    """
+    recorder = QuantErrorRecorder(
+        preset,
+        stats_every=stats_every,
+        momentum=momentum,
+        include=list(include) if isinstance(include, Sequence) and not isinstance(include, str) else include,
+        exclude=list(exclude) if isinstance(exclude, Sequence) and not isinstance(exclude, str) else exclude,
+        keep_first_last_8bit=keep_first_last_8bit,
+        record_activations=act_noise,
+    )
+    cbs: list[Callback] = [recorder]
+    if weight_noise:
+        cbs.append(
+            DifferentialNoiseInjection(
+                recorder, noise_scale=noise_scale, mode=mode, warmup_steps=warmup_steps, seed=seed, noise_source=noise_source
+            )
+        )
+    if act_noise:
+        cbs.append(
+            ActivationNoiseInjection(
+                recorder, p=p, noise_scale=act_noise_scale, seed=seed, warmup_steps=warmup_steps, noise_source=noise_source
+            )
+        )
+    return cbs

@@ -1,0 +1,308 @@
+"""WQER and AQER: the target quantizer's weight and activation error statistics, recorded during fit."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..quant.ops import compute_qparams, fake_quantize, qparams_from_range
+from ..quant.spec import QuantSpec, preset_name
+from ..quant.targets import layer_specs, select_modules
+from ._common import hooks_are_suspended
+
+__all__ = ["QuantErrorRecorder", "resolve_specs"]
+
+
+def resolve_specs(weight_spec: str | QuantSpec, act_spec: QuantSpec | None) -> tuple[QuantSpec, QuantSpec]:
+    """``("w4a4", None)`` → the preset's pair; a ``QuantSpec`` weight spec needs an explicit or default act spec."""
+    if isinstance(weight_spec, str):
+        w, a = QuantSpec.parse(weight_spec)
+        return w, act_spec if act_spec is not None else a
+    if not isinstance(weight_spec, QuantSpec):
+        raise ValueError(f"weight_spec must be a preset string like 'w4a4' or a QuantSpec, got {weight_spec!r}")
+    if act_spec is None:
+        act_spec = QuantSpec.activation(weight_spec.bits)
+    if not isinstance(act_spec, QuantSpec):
+        raise ValueError(f"act_spec must be a QuantSpec or None, got {act_spec!r}")
+    return weight_spec, act_spec
+
+
+class QuantErrorRecorder(Callback):
+    """Records the target quantizer's errors on the live model (WQER and AQER of the method).
+
+    Per selected layer (Conv/Linear, first/last at 8 bit by default) it keeps EMAs of
+    - the per-output-channel mean and variance of ``Q_w(W) - W`` on the clean weight, plus the channel scale;
+    - the per-tensor input range ``[lo, hi]`` (EMA of batch min/max) and the mean and variance of
+      ``Q_a(x) - x`` for the training inputs under that range.
+    Statistics refresh every ``stats_every`` optimizer steps (the first measurement initialises the EMA),
+    activation statistics are averaged over DDP ranks, and per-layer SQNR (dB) plus model means go to the
+    Trainer's loggers on each refresh.
+
+    Example:
+        >>> rec = QuantErrorRecorder("w4a4", stats_every=16)
+        >>> # trainer = Trainer(callbacks=[rec]); trainer.fit(model)
+        >>> # rec.weight_mean["layer1.0.conv1"] → per-channel mean of the weight error
+    """
+
+    def __init__(
+        self,
+        weight_spec: str | QuantSpec = "w4a4",
+        act_spec: QuantSpec | None = None,
+        stats_every: int = 16,
+        momentum: float = 0.9,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        keep_first_last_8bit: bool = True,
+        record_activations: bool = True,
+        log_sqnr: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self.weight_spec, self.act_spec = resolve_specs(weight_spec, act_spec)
+        if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
+            raise ValueError(f"stats_every must be an int >= 1, got {stats_every!r}")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.stats_every = stats_every
+        self.momentum = float(momentum)
+        self.include, self.exclude = include, exclude
+        self.keep_first_last_8bit = keep_first_last_8bit
+        self.record_activations = record_activations
+        self.log_sqnr = log_sqnr
+        self.name = name or preset_name(self.weight_spec.bits, self.act_spec.bits)
+
+        self.layers: list[str] = []
+        self.modules: dict[str, nn.Module] = {}
+        self.specs: dict[str, tuple[QuantSpec, QuantSpec]] = {}
+        # weight statistics per layer: per-channel tensors (C,)
+        self.weight_mean: dict[str, Tensor] = {}
+        self.weight_var: dict[str, Tensor] = {}
+        self.weight_scale: dict[str, Tensor] = {}
+        self.weight_sqnr_db: dict[str, Tensor] = {}
+        # activation statistics per layer: 0-d tensors
+        self.act_lo: dict[str, Tensor] = {}
+        self.act_hi: dict[str, Tensor] = {}
+        self.act_mean: dict[str, Tensor] = {}
+        self.act_var: dict[str, Tensor] = {}
+        self.act_sqnr_db: dict[str, Tensor] = {}
+        self.weight_refreshed_at = -1
+        self.act_refreshed_at = -1
+        #: set by a noise injector that owns the timing of weight refreshes (it knows when weights are clean)
+        self.weight_refresh_owner: Callback | None = None
+        self._handles: list[RemovableHandle] = []
+        self._measuring = False
+        self._pending: dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+
+    # identity -----------------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    # setup --------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.layers:
+            return
+        selected = select_modules(pl_module, include=self.include, exclude=self.exclude)
+        if not selected:
+            raise ValueError(
+                f"{type(self).__name__}: {type(pl_module).__name__} has no quantizable layers (Conv1d/2d/3d, "
+                f"Linear) matching include={self.include!r} exclude={self.exclude!r}"
+            )
+        self.layers = [n for n, _ in selected]
+        self.modules = dict(selected)
+        self.specs = layer_specs(selected, self.weight_spec, self.act_spec, self.keep_first_last_8bit)
+        if stage == "fit":
+            rank_zero_info(self.summary())
+
+    def summary(self) -> str:
+        """A table of the selected layers and their target bit-widths."""
+        lines = [f"{type(self).__name__} [{self.name}]: {len(self.layers)} layers, refresh every "
+                 f"{self.stats_every} steps, EMA {self.momentum}",
+                 f"  {'layer':<40} {'type':<8} {'weight shape':<20} {'W bits':>6} {'A bits':>6}"]
+        for n in self.layers:
+            m = self.modules[n]
+            w, a = self.specs[n]
+            lines.append(f"  {n:<40} {type(m).__name__:<8} {str(tuple(m.weight.shape)):<20} {w.bits:>6} {a.bits:>6}")
+        return "\n".join(lines)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._move_stats(pl_module.device)
+        if self.record_activations and not self._handles:
+            for n in self.layers:
+                self._handles.append(
+                    self.modules[n].register_forward_pre_hook(self._make_hook(n), prepend=True)
+                )
+        if self.weight_refresh_owner is None and not self.weight_mean:
+            self.refresh_weight_stats(trainer.global_step)
+
+    def _move_stats(self, device: torch.device) -> None:
+        for d in self._stat_dicts().values():
+            for k, v in d.items():
+                d[k] = v.to(device)
+
+    # weights ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_weight_stats(self, step: int, weights: dict[str, Tensor] | None = None) -> None:
+        """Measure the weight error on the given (clean) weights, default the layers' own, and update the EMAs."""
+        first = not self.weight_mean
+        m = self.momentum
+        for n in self.layers:
+            w = (weights or {}).get(n, self.modules[n].weight).detach()
+            spec = self.specs[n][0]
+            scale, zp = compute_qparams(w, spec, check=False)
+            wf = w.float()
+            e = (fake_quantize(wf, spec, scale, zp) - wf).reshape(wf.shape[0], -1)
+            var, mean = torch.var_mean(e, dim=1, unbiased=False)
+            sqnr = 10.0 * torch.log10(wf.square().sum() / e.square().sum().clamp_min(1e-30))
+            if first or n not in self.weight_mean:
+                self.weight_mean[n], self.weight_var[n], self.weight_scale[n] = mean, var, scale
+            else:
+                self.weight_mean[n] = m * self.weight_mean[n] + (1 - m) * mean
+                self.weight_var[n] = m * self.weight_var[n] + (1 - m) * var
+                self.weight_scale[n] = m * self.weight_scale[n] + (1 - m) * scale
+            self.weight_sqnr_db[n] = sqnr
+        self.weight_refreshed_at = step
+
+    def is_refresh_step(self, step: int) -> bool:
+        return step % self.stats_every == 0
+
+    # activations --------------------------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self._measuring or not module.training or hooks_are_suspended() or name in self._pending:
+                return
+            x = args[0]
+            if not isinstance(x, Tensor):
+                return
+            self._pending[name] = self._measure_input(name, x.detach())
+
+        return hook
+
+    @torch.no_grad()
+    def _measure_input(self, name: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        spec = self.specs[name][1]
+        xf = x.float()
+        lo, hi = torch.aminmax(xf)
+        if name in self.act_lo:  # EMA of the batch range, as PTQ calibration would see it over training
+            m = self.momentum
+            lo, hi = m * self.act_lo[name] + (1 - m) * lo, m * self.act_hi[name] + (1 - m) * hi
+        scale, zp = qparams_from_range(lo, hi, spec)
+        e = fake_quantize(xf, spec, scale, zp) - xf
+        var, mean = torch.var_mean(e.reshape(-1), unbiased=False)
+        sig = xf.square().mean()
+        return lo, hi, mean, var, sig
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self._measuring = (
+            self.record_activations and self.is_refresh_step(step) and step != self.act_refreshed_at
+        )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._measuring and self._pending:
+            self._commit_activation_stats(trainer)
+            self._measuring = False
+        step = trainer.global_step
+        if (
+            self.weight_refresh_owner is None
+            and self.is_refresh_step(step)
+            and step != self.weight_refreshed_at
+        ):
+            self.refresh_weight_stats(step)
+            self.log_stats(trainer)
+
+    def _commit_activation_stats(self, trainer: pl.Trainer) -> None:
+        names = [n for n in self.layers if n in self._pending]
+        packed = torch.stack([torch.stack(self._pending[n]) for n in names])  # (L, 5)
+        self._pending.clear()
+        if trainer.world_size > 1:
+            packed = trainer.strategy.reduce(packed, reduce_op="mean")
+        m = self.momentum
+        for i, n in enumerate(names):
+            lo, hi, mean, var, sig = packed[i].unbind()
+            self.act_lo[n], self.act_hi[n] = lo, hi  # already EMA-ed in _measure_input
+            if n in self.act_mean:
+                mean = m * self.act_mean[n] + (1 - m) * mean
+                var = m * self.act_var[n] + (1 - m) * var
+            self.act_mean[n], self.act_var[n] = mean, var
+            self.act_sqnr_db[n] = 10.0 * torch.log10(sig / (var + mean.square()).clamp_min(1e-30))
+        self.act_refreshed_at = trainer.global_step
+        self.log_stats(trainer)
+
+    def log_stats(self, trainer: pl.Trainer) -> None:
+        """Per-layer and mean SQNR (dB) to every logger: one host sync per refresh, none per step."""
+        if not self.log_sqnr or not trainer.loggers or not trainer.is_global_zero:
+            return
+        metrics: dict[str, float] = {}
+        for kind, d in (("w", self.weight_sqnr_db), ("a", self.act_sqnr_db)):
+            if not d:
+                continue
+            names = list(d)
+            vals = torch.stack([d[n].float() for n in names]).tolist()
+            finite = [v for v in vals if math.isfinite(v)]
+            for n, v in zip(names, vals):
+                metrics[f"quant_{self.name}/{kind}_sqnr_db/{n}"] = v
+            if finite:
+                metrics[f"quant_{self.name}/{kind}_sqnr_db_mean"] = sum(finite) / len(finite)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # accessors used by the noise callbacks and the MSE term ----------------------------------------------------
+    def act_qparams(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The activation qparams of a layer from the EMA range, or None before the first measurement."""
+        if name not in self.act_lo:
+            return None
+        return qparams_from_range(self.act_lo[name], self.act_hi[name], self.specs[name][1])
+
+    # lifecycle ----------------------------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._measuring = False
+        self._pending.clear()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.remove_hooks()
+
+    # state --------------------------------------------------------------------------------------------------
+    def _stat_dicts(self) -> dict[str, dict[str, Tensor]]:
+        return {
+            "weight_mean": self.weight_mean,
+            "weight_var": self.weight_var,
+            "weight_scale": self.weight_scale,
+            "weight_sqnr_db": self.weight_sqnr_db,
+            "act_lo": self.act_lo,
+            "act_hi": self.act_hi,
+            "act_mean": self.act_mean,
+            "act_var": self.act_var,
+            "act_sqnr_db": self.act_sqnr_db,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: {n: v.detach().cpu() for n, v in d.items()} for k, d in self._stat_dicts().items()}
+        state["weight_refreshed_at"] = self.weight_refreshed_at
+        state["act_refreshed_at"] = self.act_refreshed_at
+        state["specs"] = (self.weight_spec.to_dict(), self.act_spec.to_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for k, d in self._stat_dicts().items():
+            d.clear()
+            d.update(state_dict.get(k, {}))
+        self.weight_refreshed_at = state_dict.get("weight_refreshed_at", -1)
+        self.act_refreshed_at = state_dict.get("act_refreshed_at", -1)

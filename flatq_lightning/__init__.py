@@ -11,7 +11,12 @@ from .callbacks import (
     Ramp,
     dnq_callbacks,
 )
+from .callbacks.flatness import SharpnessMonitor
+from .callbacks.ptq import PostTrainingQuantization
+from .export import load_quantized, save_quantized
+from .flatness import hessian_trace, top_eigenvalue
 from .mse import QuantMSEMixin
+from .ptq_runner import run_ptq
 from .quant import (
     QuantSpec,
     compute_qparams,
@@ -22,10 +27,21 @@ from .quant import (
     select_modules,
     sqnr_db,
 )
+from .report import PTQReport
+from .sam import SAM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SAM",
+    "SharpnessMonitor",
+    "hessian_trace",
+    "top_eigenvalue",
+    "PTQReport",
+    "PostTrainingQuantization",
+    "load_quantized",
+    "run_ptq",
+    "save_quantized",
     "ActivationNoiseInjection",
     "DifferentialNoiseInjection",
     "QuantErrorRecorder",

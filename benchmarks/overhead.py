@@ -1,0 +1,240 @@
+"""Step-time and memory overhead of the DNQ callbacks vs plain training, measured in one process.
+
+For each model, fits of ``plain``, ``recorder`` (statistics only), ``weight`` (+ differential weight noise)
+and ``dnq`` (+ activation noise) alternate ``--repeats`` times; each fit runs ``--steps`` optimizer steps on
+synthetic data already on the device and the per-step wall time (forward, backward, optimizer step and every
+callback hook) is recorded after ``--warmup`` steps. Reported: median step time per variant, the ratio to
+plain, and the extra memory the callbacks hold. One JSON line per model is printed and all results are
+written to ``--out``.
+
+    python benchmarks/overhead.py                       # CPU: CIFAR ResNet-20 @32 px b128, resnet50 @64 px b32
+    python benchmarks/overhead.py --device cuda         # GPU: + resnet50 @224 px b128, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from flatq_lightning import dnq_callbacks  # noqa: E402
+from flatq_lightning.models import create_model  # noqa: E402
+
+
+class StepTimer(Callback):
+    """Wall time from the first batch-start hook to the last batch-end hook of each optimizer step."""
+
+    def __init__(self, sync: bool) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+class _Start(Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.timer.start()
+
+
+class _End(Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.timer.stop()
+
+
+class LM(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class DeviceBatches(torch.utils.data.IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+        self.x, self.y, self.n = x, y, n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.x, self.y
+
+
+def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
+    """Bytes held by the callbacks: weight side (statistics, pool, snapshots) and activation side."""
+    from flatq_lightning.callbacks import ActivationNoiseInjection, DifferentialNoiseInjection, QuantErrorRecorder
+
+    weight, act = 0, 0
+    for c in cbs:
+        if isinstance(c, QuantErrorRecorder):
+            for name, d in c._stat_dicts().items():
+                b = sum(t.numel() * t.element_size() for t in d.values())
+                if name.startswith("act"):
+                    act += b
+                else:
+                    weight += b
+        elif isinstance(c, DifferentialNoiseInjection):
+            if c._source is not None:
+                weight += sum(p.numel() * p.element_size() for p in c._source._pools.values())
+            for snap in (c._applied,):
+                if snap is not None:
+                    weight += sum(t.numel() * t.element_size() for t in snap.b)
+                    weight += sum(t.numel() * t.element_size() for t in snap.a if t is not None)
+        elif isinstance(c, ActivationNoiseInjection) and c._source is not None:
+            act += sum(p.numel() * p.element_size() for p in c._source._pools.values())
+    return {"weight_side": weight, "act_side": act}
+
+
+def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, stats_every, timer_sync):
+    torch.manual_seed(0)
+    lm = LM(make_model())
+    timer = StepTimer(timer_sync)
+    cbs: list[Callback] = []
+    if variant == "recorder":
+        cbs = dnq_callbacks("w4a4", stats_every=stats_every, weight_noise=False, act_noise=False)
+    elif variant == "weight":
+        cbs = dnq_callbacks("w4a4", stats_every=stats_every, act_noise=False)
+    elif variant == "dnq":
+        cbs = dnq_callbacks("w4a4", stats_every=stats_every)
+    trainer = pl.Trainer(
+        accelerator=device,
+        devices=1,
+        max_steps=steps + warmup,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_Start(timer), *cbs, _End(timer)],
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    loader = torch.utils.data.DataLoader(DeviceBatches(x, y, steps + warmup), batch_size=None)
+    trainer.fit(lm, loader)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    mem = callback_bytes(cbs)
+    param_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    return statistics.median(timer.times[warmup:]), mem, param_bytes, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--models", default=None, help="comma list of name:res:batch (default per device)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stats-every", type=int, default=16)
+    ap.add_argument("--variants", default="plain,recorder,weight,dnq")
+    ap.add_argument("--out", default="benchmarks/results/overhead.json")
+    args = ap.parse_args()
+
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    cuda = args.device == "cuda"
+    if args.models:
+        specs = [(m.split(":")[0], int(m.split(":")[1]), int(m.split(":")[2])) for m in args.models.split(",")]
+    elif cuda:
+        specs = [("cifar_resnet20", 32, 128), ("resnet50", 224, 128)]
+    else:
+        specs = [("cifar_resnet20", 32, 128), ("resnet50", 64, 32)]
+    steps = args.steps or (40 if cuda else 24)
+    precision = "bf16-mixed" if cuda else "32-true"
+    variants = args.variants.split(",")
+    machine = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    results = []
+    for name, res, bs in specs:
+        nc = 10 if name.startswith("cifar") else 1000
+        dev = torch.device("cuda" if cuda else "cpu")
+        x = torch.randn(bs, 3, res, res, device=dev)
+        y = torch.randint(0, nc, (bs,), device=dev)
+
+        def make_model(name=name, nc=nc):
+            return create_model(name, num_classes=nc)
+
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        mem: dict[str, dict[str, int]] = {}
+        peaks: dict[str, int | None] = {}
+        param_bytes = 0
+        for r in range(args.repeats):
+            order = variants if r % 2 == 0 else list(reversed(variants))
+            for v in order:
+                t, m, param_bytes, peak = run_fit(
+                    name, make_model, x, y, v, steps, args.warmup, precision, args.device, args.stats_every, cuda
+                )
+                times[v].append(t)
+                mem[v] = m
+                peaks[v] = peak
+                print(f"  {name} repeat {r} {v:<9} {t * 1000:8.1f} ms/step", file=sys.stderr, flush=True)
+        med = {v: statistics.median(ts) for v, ts in times.items()}
+        row = {
+            "model": name,
+            "resolution": res,
+            "batch": bs,
+            "device": machine,
+            "precision": precision,
+            "stats_every": args.stats_every,
+            "steps": steps,
+            "repeats": args.repeats,
+            "plain_ms": round(med["plain"] * 1000, 2),
+            "dnq_ms": round(med.get("dnq", float("nan")) * 1000, 2),
+            "ratio": round(med.get("dnq", float("nan")) / med["plain"], 3),
+            "ratio_recorder": round(med["recorder"] / med["plain"], 3) if "recorder" in med else None,
+            "ratio_weight_noise": round(med["weight"] / med["plain"], 3) if "weight" in med else None,
+            "extra_mem_mb": round(mem.get("weight", mem.get("dnq", {"weight_side": 0}))["weight_side"] / 2**20, 3),
+            "extra_mem_pct_of_params": round(100 * mem.get("weight", mem.get("dnq", {"weight_side": 0}))["weight_side"] / param_bytes, 2),
+            "act_noise_mem_mb": round(mem.get("dnq", {"act_side": 0})["act_side"] / 2**20, 3),
+            "param_mb": round(param_bytes / 2**20, 2),
+            "peak_mem_mb": {v: (round(p / 2**20, 1) if p else None) for v, p in peaks.items()},
+            "all_ms": {v: [round(t * 1000, 2) for t in ts] for v, ts in times.items()},
+        }
+        results.append(row)
+        print(json.dumps({k: row[k] for k in ("model", "plain_ms", "dnq_ms", "ratio", "extra_mem_mb")}), flush=True)
+    print()
+    print(f"| model | res | batch | plain ms | recorder | + weight noise | DNQ (w+a) ms | ratio | weight-side extra MB (% params) | device |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['plain_ms']} | {r['ratio_recorder']}x | "
+            f"{r['ratio_weight_noise']}x | {r['dnq_ms']} | {r['ratio']}x | {r['extra_mem_mb']} ({r['extra_mem_pct_of_params']}%) | {r['device']} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -318,6 +318,46 @@ def test_callback_with_loaders_passed_to_fit(tmp_path):
     assert (tmp_path / "ptq" / "ptq_report.json").exists()
 
 
+class _LitFlatTest(L.LightningModule):
+    """Layers directly on the LightningModule (no ``model`` attribute), evaluated on its test loader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+        self.x, self.y = blob_data(128, seed=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        return _loader(self.x, self.y, 32)
+
+    def test_dataloader(self):
+        return _loader(self.x[:64], self.y[:64], 32)
+
+
+def test_callback_on_module_without_model_attribute_test_stage(tmp_path):
+    cb = PostTrainingQuantization(bits=("w8a8", "w4a4"), stage="test", calib_batches=2, progress=False,
+                                  print_report=False, keep_first_last_8bit=False)
+    lit = _LitFlatTest()
+    trainer = _trainer(tmp_path, cb)
+    trainer.fit(lit)
+    rep = cb.report
+    assert rep is not None and rep.num_eval_samples == 64
+    assert rep.folded_bn_pairs == [("conv", "bn")] and rep.kept_8bit == []
+    assert {layer.name: layer.weight_bits for layer in rep.row("w4a4").layers} == {"conv": 4, "head": 4}
+    assert isinstance(lit.bn, nn.BatchNorm2d) and lit.trainer is trainer  # the module itself is untouched
+
+
 @pytest.mark.parametrize("stage, hook", [("validate", "val_dataloader"), ("test", "test_dataloader")])
 def test_missing_stage_dataloader_fails_before_training(tmp_path, stage, hook):
     cb = PostTrainingQuantization(bits="w4a4", stage=stage, progress=False)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .quant import QuantizedLayer, QuantSpec, fold_batchnorm, quantized_layers
+from .quant import QuantizedLayer, QuantSpec, attach_attention_points, fold_batchnorm, quantized_layers
 from .quant.ops import _bcast
 from .quant.ptq import _set_submodule
 
@@ -90,8 +90,9 @@ def save_quantized(
     meta_layers: dict[str, Any] = {}
     for name, layer in layers:
         ws, as_ = layer.weight_spec, layer.act_spec
-        w = layer.module.weight.detach()
+        w = getattr(layer.module, "weight", None)  # None for weightless points (attention operands)
         if ws is not None:
+            w = w.detach()
             scale = layer.weight_scale.detach().float()
             q = torch.round(w.float() / _bcast(scale, w, ws)).clamp(ws.qmin, ws.qmax)
             if not torch.equal(_dequantize(q, scale, ws, w.dtype), w):
@@ -106,7 +107,7 @@ def save_quantized(
             "module_type": type(layer.module).__name__,
             "weight_spec": ws.to_dict() if ws is not None else None,
             "act_spec": as_.to_dict() if as_ is not None else None,
-            "weight_dtype": _dtype_name(w.dtype),
+            "weight_dtype": _dtype_name(w.dtype) if w is not None else None,
             "weight_sqnr_db": sqnr if sqnr is not None and math.isfinite(sqnr) else None,
         }
     for key, t in state.items():
@@ -177,6 +178,8 @@ def load_quantized(
             )
     else:
         qm = copy.deepcopy(model_fp).eval()
+    if any(info["module_type"] == "QuantPoint" for info in meta["layers"].values()):
+        attach_attention_points(qm)  # the file quantized attention operands: recreate their points
     for name, info in meta["layers"].items():
         try:
             mod = qm.get_submodule(name)

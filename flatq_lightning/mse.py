@@ -12,7 +12,7 @@ from torch.func import functional_call
 from .callbacks._common import hooks_suspended
 from .quant.ops import compute_qparams, fake_quantize
 from .quant.spec import QuantSpec
-from .quant.targets import layer_specs, select_modules
+from .quant.targets import has_weight, layer_specs, select_modules
 
 __all__ = ["QuantMSEMixin"]
 
@@ -22,7 +22,9 @@ class QuantMSEMixin:
 
     ``f_Q`` is the same network with the target weight quantizer applied to the clean weights and the
     activation quantizer to the selected layer inputs, rounding passed straight through (STE), so the
-    gradient reaches the full-precision weights. When a :class:`~flatq_lightning.QuantErrorRecorder` is among
+    gradient reaches the full-precision weights. Weightless selected points (the attention operands the
+    recorder attaches to timm ViTs) get their input quantized, no weight.
+    When a :class:`~flatq_lightning.QuantErrorRecorder` is among
     the Trainer's callbacks its layers, specs and EMA activation ranges are used (and the clean weights come
     from its weight-noise callback); otherwise layers are selected from ``mse_preset`` and activation ranges
     are taken from the batch. The term costs one extra forward and backward on the steps where it is on.
@@ -101,9 +103,10 @@ class QuantMSEMixin:
                 if local is None:
                     continue
                 w_spec, a_spec = specs[name]
-                w = noise.clean_weight(name) if noise is not None else mod.weight
-                scale, zp = compute_qparams(w.detach(), w_spec, check=False)
-                weights[f"{local}.weight" if local else "weight"] = fake_quantize(w, w_spec, scale, zp)
+                if has_weight(mod):  # weightless points (attention operands): input quantization only
+                    w = noise.clean_weight(name) if noise is not None else mod.weight
+                    scale, zp = compute_qparams(w.detach(), w_spec, check=False)
+                    weights[f"{local}.weight" if local else "weight"] = fake_quantize(w, w_spec, scale, zp)
                 qp = recorder.act_qparams(name) if recorder is not None else None
                 handles.append(mod.register_forward_pre_hook(_act_quant_hook(a_spec, qp)))
             for m in net.modules():  # keep BN running statistics from seeing the quantized forward

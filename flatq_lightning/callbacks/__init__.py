@@ -36,8 +36,12 @@ def dnq_callbacks(
     exclude: str | Sequence[str] | None = None,
     keep_first_last_8bit: bool = True,
     noise_source: str = "auto",
+    attention_points: bool = True,
 ) -> list[Callback]:
     """The DNQ callbacks wired together: recorder, differential weight noise, activation noise.
+
+    ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm attention modules
+    during fit (see :class:`QuantErrorRecorder`).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -54,6 +58,7 @@ def dnq_callbacks(
         exclude=list(exclude) if isinstance(exclude, Sequence) and not isinstance(exclude, str) else exclude,
         keep_first_last_8bit=keep_first_last_8bit,
         record_activations=act_noise,
+        attention_points=attention_points,
     )
     cbs: list[Callback] = [recorder]
     if weight_noise:

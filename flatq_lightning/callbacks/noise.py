@@ -159,7 +159,9 @@ class DifferentialNoiseInjection(Callback):
     before the optimizer step), ``uniform`` (DiffQ-style ``U(−s/2, s/2)`` with the quantizer's channel step ``s``,
     applied differentially), ``off``. ``noise_scale`` is a float or a picklable callable of the step
     (e.g. :class:`Ramp`). ``noise_source`` picks exact generator noise or a fast pool of noise
-    (``auto``: the pool for large models on the CPU, the generator elsewhere).
+    (``auto``: the pool for large models on the CPU, the generator elsewhere). Only the recorder's layers with
+    a weight (``recorder.weight_layers``) are perturbed; weightless points (attention operands) get activation
+    noise only. Noise is keyed by the layer's index among those weighted layers.
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4")
@@ -201,6 +203,7 @@ class DifferentialNoiseInjection(Callback):
         self.noise_source = noise_source
         self.pool_fraction = float(pool_fraction)
         self._params: list[Tensor] = []
+        self._names: list[str] = []  # the weighted layers, in the order of self._params
         self._source: NoiseSource | None = None
         self._applied: _Snapshot | None = None
         self._resume: _Snapshot | None = None
@@ -220,7 +223,8 @@ class DifferentialNoiseInjection(Callback):
         rec = self.recorder
         if not rec.layers:
             raise RuntimeError("the recorder has no layers: add the QuantErrorRecorder to the Trainer's callbacks")
-        self._params = [rec.modules[n].weight for n in rec.layers]
+        self._names = list(rec.weight_layers)
+        self._params = [rec.modules[n].weight for n in self._names]
         total = sum(p.numel() for p in self._params)
         kind = self.noise_source
         if kind == "auto":
@@ -240,7 +244,7 @@ class DifferentialNoiseInjection(Callback):
             return _Snapshot(step, kappa, c.a, c.b)
         a: list[Tensor | None] = []
         b: list[Tensor] = []
-        for n, p in zip(rec.layers, self._params):
+        for n, p in zip(self._names, self._params):
             shape = (-1,) + (1,) * (p.dim() - 1) if not p.is_contiguous() else (-1, 1)
             if self.mode == "uniform":
                 a.append(None)
@@ -337,10 +341,15 @@ class DifferentialNoiseInjection(Callback):
                 self._applied = snap
 
     def current_noise(self, name: str) -> Tensor | None:
-        """δ currently inside the named layer's weight (regenerated; None when no noise is applied)."""
+        """δ currently inside the named layer's weight (regenerated; None when no noise is applied or the layer
+        is a weightless point)."""
         if self._applied is None or self._applied.kappa == 0.0:
             return None
-        i = self.recorder.layers.index(name)
+        if name not in self._names:
+            if name in self.recorder.layers:
+                return None  # a weightless point: nothing in its weight
+            raise ValueError(f"{name!r} is not one of the recorder's layers")
+        i = self._names.index(name)
         delta = torch.zeros_like(self._params[i])
         self._add(self._applied, 1.0, into={i: delta})
         return delta
@@ -408,7 +417,7 @@ class DifferentialNoiseInjection(Callback):
             return
         names = dict(pl_module.named_parameters())
         id_to_name = {id(p): n for n, p in names.items()}
-        for layer in self.recorder.layers:
+        for layer in self._names:
             key = id_to_name.get(id(self.recorder.modules[layer].weight))
             if key is not None and key in sd:
                 sd[key] = self.clean_weight(layer).detach().clone()

@@ -12,9 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..quant.attention import attach_attention_points, detach_attention_points
 from ..quant.ops import compute_qparams, fake_quantize, qparams_from_range
 from ..quant.spec import QuantSpec, preset_name
-from ..quant.targets import layer_specs, select_modules
+from ..quant.targets import has_weight, layer_specs, select_modules
 from ._common import hooks_are_suspended
 
 __all__ = ["QuantErrorRecorder", "resolve_specs"]
@@ -45,6 +46,13 @@ class QuantErrorRecorder(Callback):
     activation statistics are averaged over DDP ranks, and per-layer SQNR (dB) plus model means go to the
     Trainer's loggers on each refresh.
 
+    With ``attention_points`` (default) every timm ``Attention`` of the LightningModule gets quantization
+    points on Q, K, V and the softmax output for the duration of ``fit`` (attached in ``setup``, removed at
+    the end of training, in ``teardown`` and on exceptions; see
+    :func:`~flatq_lightning.quant.attention.attach_attention_points`): they are recorded like layer inputs
+    (activation statistics only: a point has no weight) and so get activation noise too. While attached the
+    attention runs timm's explicit (non-fused) math; ``state_dict`` keys never change.
+
     Example:
         >>> rec = QuantErrorRecorder("w4a4", stats_every=16)
         >>> # trainer = Trainer(callbacks=[rec]); trainer.fit(model)
@@ -63,6 +71,7 @@ class QuantErrorRecorder(Callback):
         record_activations: bool = True,
         log_sqnr: bool = True,
         name: str | None = None,
+        attention_points: bool = True,
     ) -> None:
         self.weight_spec, self.act_spec = resolve_specs(weight_spec, act_spec)
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
@@ -75,9 +84,14 @@ class QuantErrorRecorder(Callback):
         self.keep_first_last_8bit = keep_first_last_8bit
         self.record_activations = record_activations
         self.log_sqnr = log_sqnr
+        if not isinstance(attention_points, bool):
+            raise ValueError(f"attention_points must be True or False, got {attention_points!r}")
+        self.attention_points = attention_points
         self.name = name or preset_name(self.weight_spec.bits, self.act_spec.bits)
 
         self.layers: list[str] = []
+        #: the selected layers that have a weight (weight statistics and weight noise apply to these only)
+        self.weight_layers: list[str] = []
         self.modules: dict[str, nn.Module] = {}
         self.specs: dict[str, tuple[QuantSpec, QuantSpec]] = {}
         # weight statistics per layer: per-channel tensors (C,)
@@ -98,6 +112,8 @@ class QuantErrorRecorder(Callback):
         self._handles: list[RemovableHandle] = []
         self._measuring = False
         self._pending: dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+        # (module, point names) of the attention points this recorder attached, removed at the end of fit
+        self._attached: tuple[nn.Module, list[str]] | None = None
 
     # identity -----------------------------------------------------------------------------------------------
     @property
@@ -106,19 +122,34 @@ class QuantErrorRecorder(Callback):
 
     # setup --------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.layers:
+        fit = stage == "fit"
+        if self.layers and not fit:
             return
-        selected = select_modules(pl_module, include=self.include, exclude=self.exclude)
-        if not selected:
+        # every fit selects afresh: attention points are new modules each time they are attached
+        if fit and self.attention_points:
+            self.detach_attention_points()
+            self._attached = (pl_module, attach_attention_points(pl_module))
+        selected = select_modules(
+            pl_module, include=self.include, exclude=self.exclude, attention_points=self.attention_points
+        )
+        if not any(has_weight(m) for _, m in selected):  # points alone are no target
+            self.detach_attention_points()
             raise ValueError(
                 f"{type(self).__name__}: {type(pl_module).__name__} has no quantizable layers (Conv1d/2d/3d, "
                 f"Linear) matching include={self.include!r} exclude={self.exclude!r}"
             )
         self.layers = [n for n, _ in selected]
+        self.weight_layers = [n for n, m in selected if has_weight(m)]
         self.modules = dict(selected)
         self.specs = layer_specs(selected, self.weight_spec, self.act_spec, self.keep_first_last_8bit)
-        if stage == "fit":
+        if fit:
             rank_zero_info(self.summary())
+
+    def detach_attention_points(self) -> None:
+        """Remove the attention points this recorder attached (restoring timm's attention); idempotent."""
+        attached, self._attached = self._attached, None
+        if attached is not None and attached[1]:
+            detach_attention_points(*attached)
 
     def summary(self) -> str:
         """A table of the selected layers and their target bit-widths."""
@@ -128,7 +159,11 @@ class QuantErrorRecorder(Callback):
         for n in self.layers:
             m = self.modules[n]
             w, a = self.specs[n]
-            lines.append(f"  {n:<40} {type(m).__name__:<8} {str(tuple(m.weight.shape)):<20} {w.bits:>6} {a.bits:>6}")
+            if has_weight(m):
+                shape, wbits = str(tuple(m.weight.shape)), str(w.bits)
+            else:
+                shape, wbits = "-", "-"
+            lines.append(f"  {n:<40} {type(m).__name__:<8} {shape:<20} {wbits:>6} {a.bits:>6}")
         return "\n".join(lines)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,7 +187,7 @@ class QuantErrorRecorder(Callback):
         """Measure the weight error on the given (clean) weights, default the layers' own, and update the EMAs."""
         first = not self.weight_mean
         m = self.momentum
-        for n in self.layers:
+        for n in self.weight_layers:
             w = (weights or {}).get(n, self.modules[n].weight).detach()
             spec = self.specs[n][0]
             scale, zp = compute_qparams(w, spec, check=False)
@@ -272,12 +307,15 @@ class QuantErrorRecorder(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.remove_hooks()
+        self.detach_attention_points()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.remove_hooks()
+        self.detach_attention_points()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_hooks()
+        self.detach_attention_points()
 
     # state --------------------------------------------------------------------------------------------------
     def _stat_dicts(self) -> dict[str, dict[str, Tensor]]:

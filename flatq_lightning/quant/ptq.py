@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .attention import attach_attention_points, detach_attention_points
 from .observers import RangeObserver, make_observer
 from .ops import compute_qparams, fake_quantize, sqnr_db
 from .spec import QuantSpec
-from .targets import layer_specs, select_modules
+from .targets import has_weight, layer_specs, select_modules
 
 __all__ = ["fold_batchnorm", "QuantizedLayer", "quantize_model", "calibrate", "quantized_layers", "batch_inputs"]
 
@@ -123,11 +124,25 @@ class QuantizedLayer(nn.Module):
     """A Conv/Linear whose weight is stored fake-quantized and whose input is fake-quantized on the fly.
 
     Buffers: ``weight_scale`` (per output channel), ``act_scale`` and ``act_zero_point`` (per tensor), so the
-    state dict carries everything needed to rebuild the integer model.
+    state dict carries everything needed to rebuild the integer model. A weightless module (a
+    :class:`~flatq_lightning.quant.attention.QuantPoint`) takes ``weight_spec=None``: only its input is
+    fake-quantized.
+
+    Example:
+        >>> from flatq_lightning.quant.attention import QuantPoint
+        >>> QuantizedLayer(QuantPoint(), None, QuantSpec.activation(4))
+        QuantizedLayer(
+          w-a4
+          (module): QuantPoint()
+        )
     """
 
     def __init__(self, module: nn.Module, weight_spec: QuantSpec | None, act_spec: QuantSpec | None) -> None:
         super().__init__()
+        if weight_spec is not None and not has_weight(module):
+            raise ValueError(
+                f"QuantizedLayer: a {type(module).__name__} has no weight to quantize: pass weight_spec=None"
+            )
         self.module = module
         self.weight_spec = weight_spec
         self.act_spec = act_spec
@@ -155,7 +170,7 @@ class QuantizedLayer(nn.Module):
         return self.module(x)
 
     def extra_repr(self) -> str:
-        w = f"w{self.weight_spec.bits}" if self.weight_spec else "wfp"
+        w = f"w{self.weight_spec.bits}" if self.weight_spec else ("wfp" if has_weight(self.module) else "w-")
         a = f"a{self.act_spec.bits}" if self.act_spec else "afp"
         return f"{w}{a}"
 
@@ -223,12 +238,19 @@ def quantize_model(
     exclude: str | Sequence[str] | None = None,
     fold_bn: bool = False,
     max_calib_batches: int | None = None,
+    attention_points: bool = True,
 ) -> nn.Module:
     """A new eval-mode model whose selected layers run fake-quantized weights and inputs.
 
     ``weight_spec``/``act_spec`` of ``None`` leave that side in float (weight-only or activation-only rows).
     Activation qparams come from ``calib_batches`` (required when ``act_spec`` is set). The input model is
     never mutated. With ``fold_bn`` BatchNorm is folded into the convs first.
+
+    With ``attention_points`` (and an ``act_spec``) every timm ``Attention`` of the copy gets quantization
+    points (:func:`~flatq_lightning.quant.attention.attach_attention_points`), so Q, K, V and the softmax
+    output are fake-quantized and calibrated like layer inputs (ViT W4A4 in the PTQ literature's sense);
+    ``False`` quantizes only the Conv/Linear inputs (and removes points the copy may carry). Points never
+    count as the first/last layer.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -238,7 +260,12 @@ def quantize_model(
         torch.Size([2, 2])
     """
     qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
-    selected = select_modules(qmodel, include=include, exclude=exclude)
+    points = attention_points and act_spec is not None  # weight-only rows: points would quantize nothing
+    if points:
+        attach_attention_points(qmodel)
+    else:
+        detach_attention_points(qmodel)
+    selected = select_modules(qmodel, include=include, exclude=exclude, attention_points=points)
     if not selected:
         raise ValueError(
             "quantize_model: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching "
@@ -250,7 +277,9 @@ def quantize_model(
     for name, mod in selected:
         ws, as_ = specs[name]
         _set_submodule(
-            qmodel, name, QuantizedLayer(mod, ws if weight_spec else None, as_ if act_spec else None)
+            qmodel,
+            name,
+            QuantizedLayer(mod, ws if weight_spec and has_weight(mod) else None, as_ if act_spec else None),
         )
     if act_spec is not None:
         if calib_batches is None:

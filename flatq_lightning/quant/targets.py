@@ -6,14 +6,25 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from torch import nn
+from torch import Tensor, nn
 
+from .attention import QuantPoint
 from .spec import QuantSpec
 
 #: layer types whose weight and input are quantized
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-__all__ = ["QUANTIZABLE_TYPES", "select_modules", "first_last_names", "layer_specs"]
+__all__ = ["QUANTIZABLE_TYPES", "select_modules", "first_last_names", "has_weight", "layer_specs"]
+
+
+def has_weight(module: nn.Module) -> bool:
+    """Whether ``module`` has a weight tensor to quantize (a :class:`QuantPoint` has none: input only).
+
+    Example:
+        >>> has_weight(nn.Linear(2, 2)), has_weight(QuantPoint())
+        (True, False)
+    """
+    return isinstance(getattr(module, "weight", None), Tensor)
 
 
 def _as_patterns(p: str | Iterable[str] | None) -> list[str]:
@@ -29,11 +40,15 @@ def select_modules(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     types: tuple[type[nn.Module], ...] = QUANTIZABLE_TYPES,
+    attention_points: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """Quantizable layers of ``model`` as ordered ``(name, module)`` pairs (registration order).
 
     ``include``/``exclude`` are shell-style patterns on the qualified name (``"layer1.*"``, ``"*.fc"``);
     a layer is kept when it matches an include pattern (or none are given) and no exclude pattern.
+    :class:`~flatq_lightning.quant.attention.QuantPoint` modules (weightless input-only points, e.g. the
+    attention operands added by ``attach_attention_points``) are selected too unless ``attention_points``
+    is False; patterns apply to them as well (``exclude="*.quant_attn"``).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
@@ -45,7 +60,8 @@ def select_modules(
     inc, exc = _as_patterns(include), _as_patterns(exclude)
     out = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, types) or not name:
+        point = isinstance(mod, QuantPoint)
+        if not name or not (isinstance(mod, types) or (point and attention_points)):
             continue
         if inc and not any(fnmatch.fnmatchcase(name, p) for p in inc):
             continue
@@ -56,10 +72,12 @@ def select_modules(
 
 
 def first_last_names(selected: Sequence[tuple[str, nn.Module]]) -> set[str]:
-    """Names of the first and the last selected layer (the input stem and the classifier, usually)."""
-    if not selected:
+    """Names of the first and the last selected layer *with a weight* (the input stem and the classifier,
+    usually); weightless points never count as first or last."""
+    weighted = [name for name, mod in selected if has_weight(mod)]
+    if not weighted:
         return set()
-    return {selected[0][0], selected[-1][0]}
+    return {weighted[0], weighted[-1]}
 
 
 def layer_specs(
@@ -68,7 +86,16 @@ def layer_specs(
     act_spec: QuantSpec,
     keep_first_last_8bit: bool = True,
 ) -> dict[str, tuple[QuantSpec, QuantSpec]]:
-    """Per-layer ``(weight_spec, act_spec)``: the first and last layer at ``max(bits, 8)`` when asked."""
+    """Per-layer ``(weight_spec, act_spec)``: the first and last weighted layer at ``max(bits, 8)`` when asked.
+
+    Weightless points get the pair too (only the act spec applies to them).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), QuantPoint(), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> specs = layer_specs(select_modules(net), *QuantSpec.parse("w4a4"))
+        >>> [(n, a.bits) for n, (w, a) in specs.items()]
+        [('0', 8), ('1', 4), ('2', 4), ('3', 8)]
+    """
     keep = first_last_names(selected) if keep_first_last_8bit else set()
     specs = {}
     for name, _ in selected:

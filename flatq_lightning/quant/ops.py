@@ -150,11 +150,21 @@ def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor 
     """
     xf = x.float()
     s = _bcast(scale.to(device=x.device, dtype=torch.float32), x, spec)
+    z = None
+    if zero_point is not None and not spec.symmetric:
+        z = _bcast(zero_point.to(device=x.device, dtype=torch.float32), x, spec)
+    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+        # Inference path: the same arithmetic in place on one buffer (round_ste's value is exactly round).
+        q = torch.round(xf / s)
+        if z is None:
+            out = q.clamp_(spec.qmin, spec.qmax).mul_(s)
+        else:
+            out = q.add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
+        return out.to(x.dtype)
     q = round_ste(xf / s)
-    if zero_point is None or spec.symmetric:
+    if z is None:
         out = q.clamp(spec.qmin, spec.qmax) * s
     else:
-        z = _bcast(zero_point.to(device=x.device, dtype=torch.float32), x, spec)
         out = ((q + z).clamp(spec.qmin, spec.qmax) - z) * s
     return out.to(x.dtype)
 

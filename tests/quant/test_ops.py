@@ -176,3 +176,21 @@ def test_cuda_matches_cpu():
     s, z = compute_qparams(w, spec)
     qc = fake_quantize(w.cuda(), spec, s.cuda(), z.cuda()).cpu()
     assert torch.equal(qc, fake_quantize(w, spec, s, z))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.weight(3), QuantSpec.activation(4), QuantSpec.activation(2)])
+def test_inference_path_equals_ste_path_bit_for_bit(spec):
+    x = torch.randn(64, 33) * 3
+    s, z = compute_qparams(x, spec)
+    xg = x.clone().requires_grad_(True)
+    with_grad = fake_quantize(xg, spec, s, z)
+    with torch.no_grad():
+        no_grad = fake_quantize(x, spec, s, z)
+    assert torch.equal(with_grad.detach(), no_grad)
+    assert torch.equal(x, xg.detach())  # the input was not modified in place
+    # values exactly at half steps (ties) agree as well
+    ties = (torch.arange(-20, 20).float() + 0.5) * s.reshape(-1)[0]
+    with torch.no_grad():
+        a = fake_quantize(ties.reshape(-1, 1).expand(-1, 1) if spec.per_channel else ties, spec, s.reshape(-1)[:1] if spec.per_channel else s, z.reshape(-1)[:1] if spec.per_channel else z)
+    b = fake_quantize((ties.reshape(-1, 1) if spec.per_channel else ties).requires_grad_(True), spec, s.reshape(-1)[:1] if spec.per_channel else s, z.reshape(-1)[:1] if spec.per_channel else z)
+    assert torch.equal(a, b.detach())

@@ -1,0 +1,293 @@
+"""Quality benchmark: does pre-conditioning make plain PTQ work at low bits, and what does it cost?
+
+Trains the same network on the same data and budget as each variant, then runs the project's PTQ
+(BN folded, per-channel min-max weights, per-tensor min-max activations, first/last layer at 8 bit) at
+W8A8, W4A8, W4A4, W3A3 and W2A4 on the test set, and measures flatness (Hessian trace, top eigenvalue,
+a 1-D filter-normalised loss slice) on clean weights. Variants:
+
+    plain            SGD, no callbacks
+    sam              SAM (rho 0.05) around the same SGD
+    dnq_w            recorder + differential weight noise
+    dnq_wa           + activation noise (p = 0.5)
+    dnq_wa_mse       + the FP-vs-quantized MSE term
+    dnq_wa_addrem    weight noise in add_remove mode instead of differential
+    dnq_uniform      DiffQ-style uniform pseudo-quantization weight noise
+    dnq_wa_trap      dnq_wa with the noise ramped in over the first 20% of the steps and cooled down over the last 20%
+
+Sizes: ``--size cpu`` (CIFAR ResNet-20 on a 10,000-image subset, 10 epochs, batch 128, float32, one seed) and
+``--size gpu`` (full CIFAR-10, 30 epochs, batch 256, bf16, 3 seeds). Each finished variant is appended to
+``<out>/quality.json`` at once, and a rerun skips what is there (``--fresh`` to start over); the Markdown table
+(mean ± std over seeds) and the plots are rebuilt from the JSON.
+
+    python benchmarks/quality.py --size cpu --data ../shared/data/cifar10-jpeg.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+from flatq_lightning import dnq_callbacks  # noqa: E402
+from flatq_lightning.data import CIFAR10DataModule  # noqa: E402
+from flatq_lightning.flatness import (  # noqa: E402
+    classification_loss,
+    hessian_trace,
+    loss_landscape_1d,
+    plot_landscape_1d,
+    top_eigenvalue,
+)
+from flatq_lightning.module import ImageClassifier  # noqa: E402
+from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
+from flatq_lightning.sam import SAM  # noqa: E402
+from flatq_lightning.schedules import trapezoid  # noqa: E402
+
+BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
+VARIANTS = ("plain", "dnq_wa", "sam", "dnq_w", "dnq_wa_trap", "dnq_wa_mse", "dnq_uniform", "dnq_wa_addrem")
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {"train_subset": 10_000, "epochs": 10, "batch_size": 128, "precision": "32-true", "seeds": [0], "accelerator": "cpu"},
+    "gpu": {"train_subset": None, "epochs": 30, "batch_size": 256, "precision": "bf16-mixed", "seeds": [0, 1, 2], "accelerator": "gpu"},
+}
+
+
+class SAMClassifier(ImageClassifier):
+    """The same classifier and schedule with SAM wrapped around its SGD."""
+
+    def __init__(self, *args: Any, rho: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rho = rho
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        sam = SAM(self._param_groups(), torch.optim.SGD, rho=self.rho, lr=hp.lr, momentum=hp.momentum, nesterov=bool(hp.nesterov))
+        total = self._total_steps()
+        sched = torch.optim.lr_scheduler.OneCycleLR(  # the same schedule as ImageClassifier's one-cycle
+            sam, max_lr=hp.lr, total_steps=total, pct_start=max(hp.warmup_fraction, 1.0 / total),
+            anneal_strategy="cos", cycle_momentum=True,
+        )
+        return {"optimizer": sam, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def variant_setup(name: str, total_steps: int, seed: int) -> tuple[list[pl.Callback], dict[str, Any], bool]:
+    """Callbacks, extra classifier kwargs, and whether SAM is used."""
+    if name == "plain":
+        return [], {}, False
+    if name == "sam":
+        return [], {}, True
+    common = {"stats_every": 16, "seed": seed}
+    if name == "dnq_w":
+        return dnq_callbacks("w4a4", act_noise=False, **common), {}, False
+    if name == "dnq_wa":
+        return dnq_callbacks("w4a4", **common), {}, False
+    if name == "dnq_wa_mse":
+        return dnq_callbacks("w4a4", **common), {"mse_weight": 1.0, "mse_every": 1}, False
+    if name == "dnq_wa_addrem":
+        return dnq_callbacks("w4a4", mode="add_remove", **common), {}, False
+    if name == "dnq_uniform":
+        return dnq_callbacks("w4a4", mode="uniform", act_noise=False, **common), {}, False
+    if name == "dnq_wa_trap":
+        kappa = trapezoid(total_steps, up=0.2, down=0.2)
+        return dnq_callbacks("w4a4", noise_scale=kappa, act_noise_scale=kappa, **common), {}, False
+    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+
+
+class _Timer(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
+    pl.seed_everything(seed, workers=True)
+    dm = CIFAR10DataModule(
+        args.data, batch_size=size["batch_size"], train_subset=size["train_subset"], seed=0, num_workers=0
+    )
+    dm.setup("fit")
+    steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
+    cbs, extra, use_sam = variant_setup(name, steps, seed)
+    kwargs = dict(
+        model=args.model, num_classes=10, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, scheduler="onecycle", warmup_fraction=0.15, **extra,
+    )
+    module = SAMClassifier(rho=args.rho, **kwargs) if use_sam else ImageClassifier(**kwargs)
+    timer = _Timer()
+    trainer = pl.Trainer(
+        accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],
+        logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer],
+    )
+    if size["accelerator"] == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=dm)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if size["accelerator"] == "gpu" else None
+    net = module.model.eval()
+    report = run_ptq(
+        net, dm.train_dataloader(), dm.test_dataloader(), bits=args.bits, calib_batches=max(1, 1024 // size["batch_size"]),
+        progress=args.progress,
+    )
+    device = next(net.parameters()).device
+    probe = [b for _, b in zip(range(2), dm.train_dataloader())]
+    flat = {
+        "hessian_trace": hessian_trace(net, classification_loss, probe, n_probes=4, seed=0),
+        "top_eig": top_eigenvalue(net, classification_loss, probe, iters=12, seed=0),
+    }
+    alphas, losses = loss_landscape_1d(net, classification_loss, probe[:1], steps=21, span=1.0, seed=0)
+    return {
+        "variant": name,
+        "seed": seed,
+        "train_s": timer.seconds,
+        "steps": trainer.global_step,
+        "peak_mem_mb": peak,
+        "fp_top1": report.fp_top1,
+        "ptq": {r.bits: r.top1 for r in report.rows},
+        "flatness": flat,
+        "landscape": {"alphas": [float(a) for a in alphas], "losses": [float(v) for v in losses]},
+        "device": str(device),
+    }
+
+
+def summarize(results: list[dict[str, Any]], bits: tuple[str, ...]) -> str:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["variant"], []).append(r)
+    plain_t = statistics.mean(r["train_s"] for r in by.get("plain", [])) if "plain" in by else None
+
+    def ms(vals: list[float]) -> str:
+        if len(vals) == 1:
+            return f"{vals[0]:.2f}"
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+    head = "| training | seeds | train s | vs plain | FP | " + " | ".join(b.upper() for b in bits) + " | Hessian trace | top eig |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for v in [v for v in VARIANTS if v in by] + [v for v in by if v not in VARIANTS]:
+        rs = by[v]
+        t = statistics.mean(r["train_s"] for r in rs)
+        ratio = f"{t / plain_t:.2f}x" if plain_t else "-"
+        cells = [ms([r["ptq"].get(b, float("nan")) for r in rs]) for b in bits]
+        lines.append(
+            f"| {v} | {len(rs)} | {t:.0f} | {ratio} | {ms([r['fp_top1'] for r in rs])} | " + " | ".join(cells)
+            + f" | {ms([r['flatness']['hessian_trace'] for r in rs])} | {ms([r['flatness']['top_eig'] for r in rs])} |"
+        )
+    return "\n".join(lines)
+
+
+def plots(results: list[dict[str, Any]], bits: tuple[str, ...], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["variant"], []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = list(range(len(bits) + 1))
+    for v, rs in by.items():
+        ys = [statistics.mean(r["fp_top1"] for r in rs)] + [statistics.mean(r["ptq"][b] for r in rs) for b in bits]
+        ax.plot(xs, ys, marker="o", label=v)
+    ax.set_xticks(xs, ["FP", *[b.upper() for b in bits]])
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("PTQ accuracy per training method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "quality_accuracy_vs_bits.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    names = list(by)
+    for ax, key in zip(axes, ("hessian_trace", "top_eig")):
+        ax.bar(range(len(names)), [statistics.mean(r["flatness"][key] for r in by[n]) for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(key.replace("_", " "))
+    fig.tight_layout()
+    fig.savefig(out / "quality_sharpness.png", dpi=120)
+    plt.close(fig)
+
+    slices = {v: (rs[0]["landscape"]["alphas"], rs[0]["landscape"]["losses"]) for v, rs in by.items() if v in ("plain", "sam", "dnq_wa", "dnq_wa_trap")}
+    if slices:
+        plot_landscape_1d(slices, out / "quality_landscape_1d.png", title="1-D loss slice (filter-normalised direction)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=list(SIZES), default="cpu")
+    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    ap.add_argument("--model", default="cifar_resnet20")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", default=None, help="comma list (default per size)")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--train-subset", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--rho", type=float, default=0.05)
+    ap.add_argument("--bits", default=",".join(BITS))
+    ap.add_argument("--out", default="benchmarks/results/quality_cpu")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    args.bits = tuple(args.bits.split(","))
+    size = dict(SIZES[args.size])
+    if args.epochs:
+        size["epochs"] = args.epochs
+    if args.train_subset:
+        size["train_subset"] = args.train_subset
+    if args.seeds:
+        size["seeds"] = [int(s) for s in args.seeds.split(",")]
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "quality.json"
+    doc: dict[str, Any] = json.loads(store.read_text()) if store.exists() and not args.fresh else {}
+    doc.setdefault("results", [])
+    doc.update(
+        {
+            "command": "python " + " ".join(sys.argv),
+            "size": args.size,
+            "settings": {**size, "model": args.model, "lr": args.lr, "rho": args.rho, "bits": list(args.bits)},
+            "machine": torch.cuda.get_device_name() if size["accelerator"] == "gpu" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        }
+    )
+    done = {(r["variant"], r["seed"]) for r in doc["results"]}
+    for seed in size["seeds"]:
+        for v in args.variants.split(","):
+            if (v, seed) in done:
+                continue
+            t0 = time.time()
+            r = run_variant(v, seed, args, size)
+            r["date"] = time.strftime("%Y-%m-%d")
+            doc["results"].append(r)
+            store.write_text(json.dumps(doc, indent=1))
+            print(
+                f"[{v} seed {seed}] {time.time() - t0:.0f}s  train {r['train_s']:.0f}s  FP {r['fp_top1']:.2f}  "
+                + "  ".join(f"{b} {r['ptq'][b]:.2f}" for b in args.bits)
+                + f"  trace {r['flatness']['hessian_trace']:.1f}  eig {r['flatness']['top_eig']:.2f}",
+                flush=True,
+            )
+    table = summarize(doc["results"], args.bits)
+    (out / "quality.md").write_text(
+        f"Command: `{doc['command']}`\n\nMachine: {doc['machine']}; date {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+    )
+    plots(doc["results"], args.bits, out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -155,7 +155,7 @@ class QuantErrorRecorder(Callback):
         """A table of the selected layers and their target bit-widths."""
         lines = [f"{type(self).__name__} [{self.name}]: {len(self.layers)} layers, refresh every "
                  f"{self.stats_every} steps, EMA {self.momentum}",
-                 f"  {'layer':<40} {'type':<8} {'weight shape':<20} {'W bits':>6} {'A bits':>6}"]
+                 f"  {'layer':<40} {'type':<10} {'weight shape':<20} {'W bits':>6} {'A bits':>6}"]
         for n in self.layers:
             m = self.modules[n]
             w, a = self.specs[n]
@@ -163,7 +163,7 @@ class QuantErrorRecorder(Callback):
                 shape, wbits = str(tuple(m.weight.shape)), str(w.bits)
             else:
                 shape, wbits = "-", "-"
-            lines.append(f"  {n:<40} {type(m).__name__:<8} {shape:<20} {wbits:>6} {a.bits:>6}")
+            lines.append(f"  {n:<40} {type(m).__name__:<10} {shape:<20} {wbits:>6} {a.bits:>6}")
         return "\n".join(lines)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -287,6 +287,7 @@ def run_ptq(
     device: str | torch.device | None = None,
     progress: bool = True,
     export_dir: str | os.PathLike | None = None,
+    attention_points: bool = True,
 ) -> PTQReport:
     """Fold BN, calibrate, quantize at each bit-width and evaluate top-1/top-5 against the FP network.
 
@@ -305,6 +306,8 @@ def run_ptq(
         device: where the copies run (default: the model's device).
         progress: tqdm bars over calibration data, bit-widths and evaluation.
         export_dir: if given, each quantized model is saved there as ``quantized_<bits>.safetensors``.
+        attention_points: on timm ViTs also quantize attention's Q, K, V and softmax output (ViT-PTQ
+            convention); ``False`` quantizes the Linear/Conv inputs only.
 
     Returns:
         a :class:`~flatq_lightning.report.PTQReport`.
@@ -373,6 +376,7 @@ def run_ptq(
             keep_first_last_8bit=keep_first_last_8bit,
             include=inc,
             exclude=exc,
+            attention_points=attention_points,
         ).to(dev)
         layers = _layer_sqnr(qmodel, calib[0] if (as_ is not None and calib) else None, dev)
         t_q = time.perf_counter() - t

@@ -125,6 +125,7 @@ class PostTrainingQuantization(Callback):
         include, exclude: shell patterns on layer names selecting what is quantized.
         export: also save each quantized model as safetensors.
         progress: tqdm bars; ``print_report``: print the Markdown table at the end.
+        attention_points: on timm ViTs also quantize Q, K, V and the softmax output (``False``: Linear inputs only).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -147,13 +148,15 @@ class PostTrainingQuantization(Callback):
         export: bool = False,
         progress: bool = True,
         print_report: bool = True,
+        attention_points: bool = True,
     ) -> None:
         super().__init__()
         self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, observer, include, exclude)
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         for name, flag in (("keep_first_last_8bit", keep_first_last_8bit), ("export", export),
-                           ("progress", progress), ("print_report", print_report)):
+                           ("progress", progress), ("print_report", print_report),
+                           ("attention_points", attention_points)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
@@ -166,6 +169,7 @@ class PostTrainingQuantization(Callback):
         self.export = export
         self.progress = progress
         self.print_report = print_report
+        self.attention_points = attention_points
         self.report: PTQReport | None = None
         self.files: dict[str, Path] = {}
 
@@ -198,6 +202,7 @@ class PostTrainingQuantization(Callback):
             device=device,
             progress=self.progress,
             export_dir=out if self.export else None,
+            attention_points=self.attention_points,
         )
         self.report = report
         self.files = report.write(out) if out is not None else {}

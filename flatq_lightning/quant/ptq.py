@@ -151,6 +151,10 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("act_scale", torch.ones(()))
         self.register_buffer("act_zero_point", torch.zeros(()))
         self.register_buffer("act_calibrated", torch.zeros((), dtype=torch.bool))
+        # host-side mirror of ``act_calibrated`` so the forward needs no device→host sync; kept in step by
+        # calibrate() and by loading a state dict
+        self._calibrated = False
+        self.register_load_state_dict_post_hook(_sync_calibrated_flag)
         #: SQNR (dB) of the weight quantization, measured when the layer was built (+inf for float weights)
         self.weight_sqnr_db = float("inf")
         if weight_spec is not None:
@@ -165,7 +169,7 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
             self.observer.update(x)
-        elif self.act_spec is not None and bool(self.act_calibrated):
+        elif self.act_spec is not None and self._calibrated:
             x = fake_quantize(x, self.act_spec, self.act_scale, self.act_zero_point)
         return self.module(x)
 
@@ -173,6 +177,10 @@ class QuantizedLayer(nn.Module):
         w = f"w{self.weight_spec.bits}" if self.weight_spec else ("wfp" if has_weight(self.module) else "w-")
         a = f"a{self.act_spec.bits}" if self.act_spec else "afp"
         return f"{w}{a}"
+
+
+def _sync_calibrated_flag(module: nn.Module, incompatible_keys: Any) -> None:
+    module._calibrated = bool(module.act_calibrated)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
@@ -222,6 +230,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None 
                 scale, zp = obs.qparams()
                 m.act_scale, m.act_zero_point = scale.to(device), zp.to(device)
                 m.act_calibrated = torch.ones((), dtype=torch.bool, device=device)
+                m._calibrated = True
         model.train(was_training)
     if n == 0:
         raise ValueError("calibration saw no batches: the calibration data is empty")

@@ -376,3 +376,22 @@ def test_runs_on_cuda_without_moving_the_model(trained):
     assert next(net.parameters()).device.type == "cpu"
     cpu = run_ptq(net, _loader(x, y), _loader(xe, ye), bits=("w8a8", "w4a4"), calib_batches=2, progress=False)
     assert abs(rep.row("w8a8").top1 - cpu.row("w8a8").top1) <= 1.0
+
+
+def test_attention_points_switch_reaches_quantize_model():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=4, pretrained=False)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 4, (8,))
+    data = [(x, y)]
+    with_pts = run_ptq(vit, data, data, bits=("w8a8",), calib_batches=1, progress=False)
+    without = run_ptq(vit, data, data, bits=("w8a8",), calib_batches=1, progress=False, attention_points=False)
+    names_with = {layer.name for layer in with_pts.rows[0].layers}
+    names_without = {layer.name for layer in without.rows[0].layers}
+    assert any(n.endswith("quant_attn") for n in names_with)
+    assert not any("quant_" in n for n in names_without)
+    cb = PostTrainingQuantization(bits=("w8a8",), attention_points=False, progress=False, print_report=False)
+    assert cb.attention_points is False
+    with pytest.raises(ValueError, match="attention_points must be True or False"):
+        PostTrainingQuantization(attention_points="yes")

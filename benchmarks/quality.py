@@ -141,10 +141,10 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
         progress=args.progress,
     )
     device = next(net.parameters()).device
-    probe = [b for _, b in zip(range(2), dm.train_dataloader())]
+    probe = [b for _, b in zip(range(args.flat_batches), dm.train_dataloader())]
     flat = {
         "hessian_trace": hessian_trace(net, classification_loss, probe, n_probes=4, seed=0),
-        "top_eig": top_eigenvalue(net, classification_loss, probe, iters=12, seed=0),
+        "top_eig": top_eigenvalue(net, classification_loss, probe, iters=8, seed=0),
     }
     alphas, losses = loss_landscape_1d(net, classification_loss, probe[:1], steps=21, span=1.0, seed=0)
     return {
@@ -237,10 +237,14 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--bits", default=",".join(BITS))
     ap.add_argument("--out", default="benchmarks/results/quality_cpu")
+    ap.add_argument("--flat-batches", type=int, default=1, help="training batches for the Hessian measures")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     args.bits = tuple(args.bits.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = dict(SIZES[args.size])
     if args.epochs:
         size["epochs"] = args.epochs

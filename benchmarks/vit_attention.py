@@ -102,11 +102,13 @@ def ptq_table(net: nn.Module, calib: list[Tensor], test_loader: Any, bits: tuple
 
 
 def markdown(results: list[dict[str, Any]], bits: tuple[str, ...]) -> str:
-    head = "| training | train s | FP | " + " | ".join(f"{b.upper()} {m}" for b in bits for m in ("linear", "+attn")) + " |"
+    plain_s = next((r["train_s"] for r in results if r["variant"] == "plain"), None)
+    head = "| training | train s | vs plain | FP | " + " | ".join(f"{b.upper()} {m}" for b in bits for m in ("linear", "+attn")) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         cells = [f"{r['ptq'][b][m]:.2f}" for b in bits for m in MODES]
-        lines.append(f"| {r['variant']} | {r['train_s']:.0f} | {r['fp_top1']:.2f} | " + " | ".join(cells) + " |")
+        ratio = f"{r['train_s'] / plain_s:.2f}x" if plain_s else "-"
+        lines.append(f"| {r['variant']} | {r['train_s']:.0f} | {ratio} | {r['fp_top1']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/vit_attention.json")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bits = tuple(b.strip().lower() for b in args.bits.split(",") if b.strip())
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for v in variants:

@@ -1,0 +1,193 @@
+"""``flatq-ptq``: post-training quantization of an :class:`~flatq_lightning.module.ImageClassifier` checkpoint.
+
+::
+
+    flatq-ptq outputs/.../checkpoints/last.ckpt                      # data module rebuilt from the checkpoint
+    flatq-ptq model.ckpt --bits w8a8,w4a4,w3a3 --data cifar10 --data-path ../shared/data/cifar10-jpeg.zip \\
+        --calib-batches 32 --save-dir ptq_out
+
+Folds BatchNorm, calibrates on training images (no augmentation), quantizes at each bit-width and evaluates
+on the test split with :func:`flatq_lightning.ptq_runner.run_ptq`; prints the accuracy table and writes
+``ptq_report.{json,md,csv}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "datamodule_from_checkpoint", "main"]
+
+_DEFAULT_BITS = "w8a8,w4a8,w4a4,w3a3,w2a4"
+
+
+class _CliError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flatq-ptq",
+        description="Post-training quantization of an ImageClassifier checkpoint at several bit-widths.",
+    )
+    p.add_argument(
+        "checkpoint", help="a Lightning checkpoint written by flatq-train or any ImageClassifier fit"
+    )
+    p.add_argument("--bits", default=_DEFAULT_BITS, help=f"comma-separated presets (default {_DEFAULT_BITS})")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data module name (digits, synthetic, cifar10, cifar100, imagenet); default: the one recorded "
+        "in the checkpoint",
+    )
+    p.add_argument("--data-path", default=None, help="data location (CIFAR zip/folder, ImageNet root)")
+    p.add_argument("--cache-dir", default=None, help="cache for decoded CIFAR arrays")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation/calibration batch size")
+    p.add_argument("--num-workers", type=int, default=None, help="dataloader workers")
+    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches (default 32)")
+    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"))
+    p.add_argument(
+        "--no-keep-first-last-8bit",
+        dest="keep_first_last_8bit",
+        action="store_false",
+        help="quantize the first and last layer at the requested bits too",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--save-dir", default=None, help="where the reports go")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _load_raw(path: Path) -> dict[str, Any]:
+    import torch
+
+    # the user's own checkpoint; hyperparameters may hold plain Python objects
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def datamodule_from_checkpoint(
+    ckpt: dict[str, Any], name: str | None = None, overrides: dict[str, Any] | None = None
+) -> Any:
+    """Rebuild the data module a checkpoint was trained with (or ``name``), applying ``overrides``.
+
+    The name comes from the data module state Lightning stores under the module's class name; its
+    constructor arguments from ``datamodule_hyper_parameters``. ``None`` values in ``overrides`` are ignored.
+    """
+    from .data import DATAMODULES, build_datamodule
+
+    hparams: dict[str, Any] = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    recorded = None
+    for cls in DATAMODULES.values():
+        state = ckpt.get(cls.__qualname__)
+        if isinstance(state, dict) and state.get("name") in DATAMODULES:
+            recorded = state["name"]
+            break
+    if name is None:
+        name = recorded
+    if name is None:
+        raise _CliError(
+            f"the checkpoint does not record its data module: pass --data (one of {sorted(DATAMODULES)})"
+        )
+    if name not in DATAMODULES:
+        raise _CliError(f"--data {name!r} is unknown: choose one of {sorted(DATAMODULES)}")
+    cls = DATAMODULES[name]
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in hparams.items() if k in params and k != "kwargs"} if name == recorded else {}
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "root" in params and "path" in over:
+        over["root"] = over.pop("path")
+    for k, v in over.items():
+        if k not in params:
+            flag = "--data-path" if k in ("path", "root") else "--" + k.replace("_", "-")
+            raise _CliError(f"{flag} does not apply to the {name!r} data")
+        kwargs[k] = v
+    if "path_key" in params:
+        kwargs["path_key"] = "--data-path"
+    return build_datamodule(name, **kwargs)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.base import DataNotFoundError
+    from .module import ImageClassifier
+
+    try:
+        from . import run_ptq  # type: ignore[attr-defined]
+    except ImportError:
+        from .ptq_runner import run_ptq
+
+    ckpt_path = Path(args.checkpoint).expanduser()
+    if not ckpt_path.is_file():
+        raise _CliError(f"checkpoint not found: {ckpt_path}")
+    bits = [b.strip() for b in str(args.bits).split(",") if b.strip()]
+    if not bits:
+        raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
+    raw = _load_raw(ckpt_path)
+    hp = raw.get("hyper_parameters") or {}
+    if "model" not in hp:
+        raise _CliError(
+            f"{ckpt_path} was trained with an nn.Module passed to ImageClassifier (no model name saved); "
+            "load it in Python: ImageClassifier.load_from_checkpoint(path, model=net) and call run_ptq"
+        )
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    overrides: dict[str, Any] = {
+        "path": args.data_path,
+        "cache_dir": args.cache_dir,
+        "eval_batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+    }
+    dm = datamodule_from_checkpoint(raw, args.data, overrides)
+    del raw
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+    except DataNotFoundError as err:
+        raise _CliError(str(err)) from None
+    if dm.num_classes != module.num_classes:
+        raise _CliError(
+            f"the data has {dm.num_classes} classes but the checkpoint's classifier has {module.num_classes}: "
+            "wrong --data?"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        report = run_ptq(
+            module,
+            dm.calib_dataloader(args.batch_size),
+            dm.test_dataloader(),
+            bits=bits,
+            calib_batches=args.calib_batches,
+            observer=args.observer,
+            keep_first_last_8bit=args.keep_first_last_8bit,
+            device=device,
+            progress=args.progress,
+        )
+    except ValueError as err:
+        raise _CliError(str(err)) from None
+    save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    report.to_json(save_dir / "ptq_report.json")
+    report.to_markdown(save_dir / "ptq_report.md")
+    report.to_csv(save_dir / "ptq_report.csv")
+    print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
+    print(report.markdown_table())
+    print(f"\nreports in {save_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``flatq-ptq``; returns the exit status (2 on usage or data errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except _CliError as err:
+        print(f"flatq-ptq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

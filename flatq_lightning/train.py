@@ -1,0 +1,461 @@
+"""``flatq-train``: the Hydra application (configs in the repository's ``conf/``).
+
+One job fits the configured network (or several *variants* of it with the same seed, data and budget), runs
+post-training quantization at ``ptq.bits`` on the test split after each fit, and writes
+``results.json``/``results.md``/``results.csv`` into the run directory. With no arguments it runs the
+``quickstart`` experiment: digits, a small CNN, plain vs DNQ at W4A4, and prints the comparison table.
+
+Examples::
+
+    flatq-train                                               # quickstart, < 3 min on 2 CPU cores
+    flatq-train experiment=cifar10_resnet20_dnq trainer=gpu data.train_subset=10000 trainer.max_epochs=30
+    flatq-train -m experiment=cifar10_resnet20_dnq quant=w8a8,w4a4 trainer=gpu   # + multirun/.../summary.md
+    python -m flatq_lightning.train --cfg job                 # print the composed config
+
+A multirun ends with ``summary.md`` and ``summary.csv`` in the sweep directory (:class:`MultirunSummary`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger("flatq_lightning.train")
+
+__all__ = [
+    "CONF_DIR",
+    "ConfigError",
+    "MultirunSummary",
+    "comparison_table",
+    "group_options",
+    "instantiate_callbacks",
+    "main",
+    "run",
+    "validate_config",
+]
+
+
+def _conf_dir() -> Path:
+    """``$FLATQ_CONF_DIR``, else the ``conf/`` folder beside the package (repository root)."""
+    env = os.environ.get("FLATQ_CONF_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "conf", here / "conf"):
+        if (cand / "train.yaml").is_file():
+            return cand
+    return here.parent / "conf"
+
+
+#: the Hydra config directory used by :func:`main`
+CONF_DIR: Path = _conf_dir()
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the allowed choices."""
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``"model"`` → ``['cifar_resnet20', …]``)."""
+    d = CONF_DIR / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation and instantiation
+# ---------------------------------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig) -> None:
+    """Check the values a typo would make fail late (model name, presets, bits) with a clear message.
+
+    Raises:
+        ConfigError: naming the key, the value and the choices.
+    """
+    from .models import LOCAL_MODELS, is_model
+    from .quant.spec import parse_bits
+
+    name = cfg.model.get("name")
+    if not isinstance(name, str) or not is_model(name):
+        raise ConfigError(
+            f"model.name={name!r} is not a known model: the config group 'model' has {group_options('model')} "
+            f"(model=<option>); model.name may be a local network {sorted(LOCAL_MODELS)} or any timm "
+            "architecture (timm.list_models())"
+        )
+    try:
+        parse_bits(str(cfg.quant.preset))
+    except ValueError as err:
+        raise ConfigError(
+            f"quant.preset: {err}; the config group 'quant' has {group_options('quant')}"
+        ) from None
+    bits = cfg.ptq.get("bits") or []
+    if isinstance(bits, str):
+        raise ConfigError(f"ptq.bits must be a list like [w8a8,w4a4], got the string {bits!r}")
+    for b in bits:
+        try:
+            parse_bits(str(b))
+        except ValueError as err:
+            raise ConfigError(f"ptq.bits: {err}") from None
+    variants = cfg.get("variants")
+    if variants is not None and not isinstance(variants, DictConfig):
+        raise ConfigError(f"variants must be null or a mapping {{name: overrides}}, got {variants!r}")
+
+
+def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with errors turned into a :class:`ConfigError` naming ``key``."""
+    from hydra.errors import InstantiationException
+
+    from .data.base import DataNotFoundError
+
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, DataNotFoundError):
+            raise cause from None
+        target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+        raise ConfigError(f"{key} ({target}): {type(cause).__name__}: {cause}") from err
+
+
+def instantiate_callbacks(cfg_callbacks: DictConfig | None, checkpoint_dir: Path | None = None) -> list[Any]:
+    """Instantiate every callback config (entries set to null are skipped; a list result is flattened).
+
+    A ``ModelCheckpoint`` whose ``dirpath`` is null gets ``checkpoint_dir``.
+    """
+    out: list[Any] = []
+    if not cfg_callbacks:
+        return out
+    for key, node in cfg_callbacks.items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"callbacks.{key} must be a config with a _target_, got {node!r}")
+        kwargs: dict[str, Any] = {}
+        if str(node._target_).endswith("ModelCheckpoint") and node.get("dirpath") is None and checkpoint_dir:
+            kwargs["dirpath"] = str(checkpoint_dir)
+        obj = _instantiate(node, f"callbacks.{key}", **kwargs)
+        out.extend(obj if isinstance(obj, (list, tuple)) else [obj])
+    return out
+
+
+def _output_dir(output_dir: str | os.PathLike[str] | None) -> Path:
+    if output_dir is not None:
+        return Path(output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """``[(name, config)]``: each variant's overrides merged onto the config (without ``variants``)."""
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "variants"])
+    OmegaConf.set_struct(base, False)
+    variants = cfg.get("variants")
+    if not variants:
+        return [("main", base)]
+    out = []
+    for name, over in variants.items():
+        merged = OmegaConf.merge(base, over or {})
+        OmegaConf.set_struct(merged, False)
+        out.append((str(name), merged))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------------------
+def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> Any:
+    """The PTQ report of this fit: the PostTrainingQuantization callback's, else ``run_ptq`` on the test split."""
+    from .report import PTQReport
+
+    for cb in trainer.callbacks:
+        rep = getattr(cb, "report", None)
+        if isinstance(rep, PTQReport):
+            return rep
+    try:
+        from . import run_ptq  # type: ignore[attr-defined]
+    except ImportError:
+        from .ptq_runner import run_ptq
+
+    p = cfg.ptq
+    calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
+    return run_ptq(
+        module,
+        calib,
+        dm.test_dataloader(),
+        bits=list(p.bits),
+        calib_batches=int(p.calib_batches),
+        observer=str(p.observer),
+        keep_first_last_8bit=bool(p.keep_first_last_8bit),
+        include=OmegaConf.to_object(p.include) if isinstance(p.include, ListConfig) else p.include,
+        exclude=OmegaConf.to_object(p.exclude) if isinstance(p.exclude, ListConfig) else p.exclude,
+        device=trainer.strategy.root_device,
+        progress=bool(p.get("progress", False)),
+    )
+
+
+def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, Any] | None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    model_kwargs = {"in_chans": dm.in_chans, **OmegaConf.to_container(cfg.model.kwargs or {}, resolve=True)}
+    module = _instantiate(cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints")
+    extra: dict[str, Any] = {}
+    if "logger" not in cfg.trainer:  # CSV logs beside the results (set trainer.logger to change)
+        from lightning.pytorch.loggers import CSVLogger
+
+        extra["logger"] = CSVLogger(save_dir=str(vdir), name="lightning_logs")
+    if "enable_checkpointing" not in cfg.trainer:  # the callbacks group decides: checkpoint or none
+        extra["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, default_root_dir=str(vdir), **extra)
+    log.info(
+        "[%s] fitting %s on %s with %d callback(s)", name, cfg.model.name, type(dm).__name__, len(callbacks)
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return None
+    ckpt = trainer.checkpoint_callback
+    result: dict[str, Any] = {
+        "model": str(cfg.model.name),
+        "callbacks": [type(c).__name__ for c in callbacks],
+        "mse_weight": float(cfg.module.mse_weight),
+        "quant_preset": str(cfg.quant.preset),
+        "fit_seconds": round(fit_s, 2),
+        "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step),
+        "checkpoint": (ckpt.best_model_path or ckpt.last_model_path or None)
+        if isinstance(ckpt, ModelCheckpoint)
+        else None,
+        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+    if cfg.ptq.get("bits"):
+        t0 = time.perf_counter()
+        report = _run_ptq(cfg, module, dm, trainer, vdir)
+        report.to_json(vdir / "ptq.json")
+        report.to_markdown(vdir / "ptq.md")
+        result.update(
+            fp_top1=report.fp_top1,
+            fp_top5=report.fp_top5,
+            ptq={r.bits: {"top1": r.top1, "top5": r.top5, "drop_top1": r.drop_top1} for r in report.rows},
+            ptq_seconds=round(time.perf_counter() - t0, 2),
+        )
+    else:
+        metrics = trainer.test(module, datamodule=dm, verbose=False)
+        test = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+        result.update(fp_top1=100.0 * test.get("test/acc", float("nan")), test=test, ptq={})
+    return result
+
+
+def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run the job described by ``cfg`` (a composed ``train`` config) and return the results dict.
+
+    Writes ``results.json``, ``results.md`` and ``results.csv`` (and each variant's ``ptq.json``/``ptq.md``,
+    logs and checkpoints in a subfolder) into ``output_dir`` (default: Hydra's run directory).
+
+    Example:
+        >>> from hydra import compose, initialize_config_dir                        # doctest: +SKIP
+        >>> with initialize_config_dir(str(CONF_DIR), version_base="1.3"):           # doctest: +SKIP
+        ...     cfg = compose("train", overrides=["++trainer.fast_dev_run=true"])
+        >>> run(cfg, "outputs/smoke")["variants"]["dnq"]["ptq"]["w4a4"]["top1"]      # doctest: +SKIP
+    """
+    import lightning as L
+
+    validate_config(cfg)
+    out = _output_dir(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True)
+    dm = _instantiate(cfg.data, "data")
+    dm.prepare_data()  # a missing path fails here, before any model is built
+    dm.setup("fit")
+    variants = _variants(cfg)
+    results: dict[str, Any] = {
+        "experiment": str(cfg.get("experiment_name", "default")),
+        "overrides": _overrides(),
+        "seed": int(cfg.seed),
+        "data": type(dm).__name__,
+        "quant_preset": str(cfg.quant.preset),
+        "bits": [str(b) for b in (cfg.ptq.get("bits") or [])],
+        "variants": {},
+    }
+    t_job = time.perf_counter()
+    for name, vcfg in variants:
+        vdir = out / name if len(variants) > 1 else out
+        res = _fit_variant(name, vcfg, dm, vdir)
+        if res is not None:
+            results["variants"][name] = res
+    results["job_seconds"] = round(time.perf_counter() - t_job, 2)
+    if results["variants"]:
+        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+        table = comparison_table(results)
+        (out / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
+        (out / "results.csv").write_text(_results_csv([results]))
+        if cfg.get("print_table", True):
+            print(f"\n{results['experiment']}: top-1 accuracy (%) on the test split after PTQ\n")
+            print(table)
+            print(f"\nresults in {out}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "—"
+    return "—" if f != f else f"{f:.2f}"
+
+
+def comparison_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per bit-width (FP first), one column per variant (top-1 %), then fit times.
+
+    Example:
+        >>> r = {"bits": ["w4a4"], "variants": {"plain": {"fp_top1": 97.0, "ptq": {"w4a4": {"top1": 60.0}},
+        ...      "fit_seconds": 9.5}, "dnq": {"fp_top1": 96.5, "ptq": {"w4a4": {"top1": 90.0}}, "fit_seconds": 12.0}}}
+        >>> print(comparison_table(r))
+        | bits | plain | dnq |
+        |---|---:|---:|
+        | FP | 97.00 | 96.50 |
+        | W4A4 | 60.00 | 90.00 |
+        | fit time (s) | 9.5 | 12.0 |
+    """
+    names = list(results["variants"])
+    vs = [results["variants"][n] for n in names]
+    lines = ["| bits | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines.append("| FP | " + " | ".join(_fmt(v.get("fp_top1")) for v in vs) + " |")
+    for b in results.get("bits", []):
+        lines.append(
+            f"| {b.upper()} | " + " | ".join(_fmt(v.get("ptq", {}).get(b, {}).get("top1")) for v in vs) + " |"
+        )
+    lines.append("| fit time (s) | " + " | ".join(f"{v.get('fit_seconds', 0):.1f}" for v in vs) + " |")
+    return "\n".join(lines)
+
+
+def _summary_rows(all_results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    bits: list[str] = []
+    for r in all_results:
+        bits += [b for b in r.get("bits", []) if b not in bits]
+    # only the overrides that tell the jobs apart (the swept ones), unless there is a single job
+    common = (
+        set.intersection(*(set(r.get("overrides", [])) for r in all_results))
+        if len(all_results) > 1
+        else set()
+    )
+    header = ["job", "overrides", "variant", "fp_top1", *[f"{b}_top1" for b in bits], "fit_seconds"]
+    rows = []
+    for r in all_results:
+        for name, v in r.get("variants", {}).items():
+            rows.append(
+                [
+                    str(r.get("job", "")),
+                    " ".join(o for o in r.get("overrides", []) if o not in common),
+                    name,
+                    _fmt(v.get("fp_top1")),
+                    *[_fmt(v.get("ptq", {}).get(b, {}).get("top1")) for b in bits],
+                    f"{v.get('fit_seconds', 0):.1f}",
+                ]
+            )
+    return header, rows
+
+
+def _results_csv(all_results: Sequence[dict[str, Any]]) -> str:
+    header, rows = _summary_rows(all_results)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[Path, Path] | None:
+    """Collect ``*/results.json`` below ``sweep_dir`` into ``summary.md`` and ``summary.csv`` there.
+
+    Returns the two paths, or None when no job wrote results.
+    """
+    sweep = Path(sweep_dir)
+    found = sorted(sweep.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name))  # 2 < 10
+    all_results = []
+    for f in found:
+        r = json.loads(f.read_text())
+        r["job"] = f.parent.name.split("_", 1)[0]
+        all_results.append(r)
+    if not all_results:
+        return None
+    header, rows = _summary_rows(all_results)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    title = all_results[0].get("experiment", "sweep")
+    md_path, csv_path = sweep / "summary.md", sweep / "summary.csv"
+    md_path.write_text(f"# {title}: multirun summary (top-1 %, test split)\n\n" + "\n".join(md) + "\n")
+    csv_path.write_text(_results_csv(all_results))
+    return md_path, csv_path
+
+
+class MultirunSummary(HydraCallback):
+    """Hydra callback: at the end of a multirun, write ``summary.md``/``summary.csv`` in the sweep directory.
+
+    Registered in ``conf/hydra/default.yaml`` under ``hydra.callbacks``.
+
+    Example:
+        >>> MultirunSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "/nonexistent"}}}))
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        paths = summarize_sweep(config.hydra.sweep.dir)
+        if paths is not None:
+            print(f"\nmultirun summary: {paths[0]}\n")
+            print(paths[0].read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------
+def _task(cfg: DictConfig) -> None:
+    from .data.base import DataNotFoundError
+
+    try:
+        run(cfg)
+    except (ConfigError, DataNotFoundError) as err:
+        print(f"flatq-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console script ``flatq-train`` (also ``python -m flatq_lightning.train``): Hydra CLI over ``conf/``."""
+    if not (CONF_DIR / "train.yaml").is_file():
+        print(
+            f"flatq-train: error: no Hydra configs at {CONF_DIR} (expected conf/train.yaml beside the package; "
+            "install from a checkout with `pip install -e .` or set FLATQ_CONF_DIR)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The ImageNet examples run end to end with --smoke (synthetic 32x32 data, a few CPU steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50_imagenet", "vit_b16_imagenet"])
+def test_example_smoke(name, tmp_path):
+    mod = _load(name)
+    metrics = mod.main(["--smoke", "--out", str(tmp_path)])
+    assert set(metrics) == {"ptq/fp/top1", "ptq/fp/top5", "ptq/w4a4/top1", "ptq/w4a4/top5"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    assert (tmp_path / "ptq" / "ptq_report.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["resnet50_imagenet", "vit_b16_imagenet"])
+def test_example_arguments(name):
+    mod = _load(name)
+    args = mod.parse_args(["--data-root", "/x", "--devices", "8", "--strategy", "ddp", "--pretrained"])
+    assert (args.data_root, args.devices, args.strategy, args.pretrained, args.dnq) == (
+        "/x",
+        "8",
+        "ddp",
+        True,
+        True,
+    )
+    assert mod._devices("0,1") == [0, 1] and mod._devices("auto") == "auto" and mod._devices("4") == 4
+    with pytest.raises(SystemExit, match="--data-root is required"):
+        mod.main([])

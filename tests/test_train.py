@@ -1,0 +1,359 @@
+"""The Hydra application (flatq-train), its configs, the multirun summary and flatq-ptq."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from flatq_lightning import ptq_cli
+from flatq_lightning.train import (
+    CONF_DIR,
+    ConfigError,
+    _instantiate,
+    _variants,
+    comparison_table,
+    group_options,
+    instantiate_callbacks,
+    run,
+    summarize_sweep,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent package is missing
+        return False
+
+
+HAS_SUBMITIT = _has_module("hydra_plugins.hydra_submitit_launcher")
+EXPERIMENTS = [
+    "quickstart",
+    "cifar10_resnet20_plain",
+    "cifar10_resnet20_dnq",
+    "imagenet_resnet50_dnq",
+    "imagenet_vit_b16_dnq",
+]
+# a tiny, fast job: synthetic 8x8 data, a 4-wide small CNN, one short epoch
+TINY = [
+    "data=synthetic",
+    "data.num_samples=64",
+    "data.val_samples=32",
+    "data.image_size=8",
+    "data.batch_size=16",
+    "model=small_cnn",
+    "model.kwargs.width=4",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "ptq.bits=[w8a8,w4a4]",
+    "ptq.calib_batches=1",
+    "print_table=false",
+]
+
+
+def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides or [], return_hydra_config=hydra_cfg)
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "flatq_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+def test_config_groups_have_the_documented_options():
+    assert set(group_options("model")) >= {
+        "cifar_resnet20",
+        "cifar_resnet56",
+        "small_cnn",
+        "resnet18",
+        "resnet50",
+        "vit_tiny",
+        "vit_b16",
+    }
+    assert set(group_options("data")) >= {"digits", "synthetic", "cifar10", "cifar100", "imagenet"}
+    assert set(group_options("trainer")) >= {"cpu", "gpu", "ddp"}
+    assert set(group_options("callbacks")) >= {"dnq", "ptq", "checkpoint", "none"}
+    assert set(group_options("quant")) >= {"w8a8", "w4a8", "w4a4", "w3a3", "w2a4"}
+    assert set(group_options("experiment")) == set(EXPERIMENTS)
+
+
+def test_default_is_the_quickstart():
+    cfg = _compose()
+    assert cfg.experiment_name == "quickstart"
+    assert cfg.model.name == "small_cnn" and cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.quant.preset == "w4a4" and cfg.callbacks.dnq.preset == "w4a4"
+    assert list(cfg.ptq.bits) == ["w8a8", "w4a4", "w3a3", "w2a4"]
+    plain, dnq = _variants(cfg)
+    assert plain[0] == "plain" and plain[1].callbacks.dnq is None
+    assert dnq[0] == "dnq" and dnq[1].callbacks.dnq._target_ == "flatq_lightning.dnq_callbacks"
+    assert plain[1].seed == dnq[1].seed and plain[1].trainer.max_epochs == dnq[1].trainer.max_epochs
+
+
+def test_quant_group_sets_the_preset_everywhere():
+    cfg = _compose(["quant=w3a3"])
+    assert cfg.callbacks.dnq.preset == "w3a3" and cfg.module.mse_preset == "w3a3"
+
+
+def test_command_line_group_overrides_beat_the_experiment():
+    cfg = _compose(["experiment=cifar10_resnet20_dnq", "model=cifar_resnet56", "trainer=cpu"])
+    assert cfg.model.name == "cifar_resnet56" and cfg.trainer.accelerator == "cpu"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
+    # no network: pretrained weights off; the GPU trainers are instantiated on the CPU (composition is checked)
+    cfg = _compose([f"experiment={experiment}", "model.pretrained=false"])
+    assert cfg.experiment_name == experiment
+    assert cfg.trainer.accelerator in ("cpu", "gpu")
+    validate_config(cfg)
+    dm = _instantiate(cfg.data, "data")  # paths are checked in prepare_data/setup, not here
+    for _name, vcfg in _variants(cfg):
+        kwargs = {"in_chans": dm.in_chans, **OmegaConf.to_container(vcfg.model.kwargs, resolve=True)}
+        if vcfg.model.name.startswith("vit_base"):
+            kwargs.update(img_size=32, depth=1)  # keep the test light: the same class, one block
+        module = _instantiate(vcfg.module, "module", num_classes=dm.num_classes, model_kwargs=kwargs)
+        assert module.num_classes == dm.num_classes
+        assert module.mse_preset == cfg.quant.preset
+        cbs = instantiate_callbacks(vcfg.callbacks, checkpoint_dir=tmp_path)
+        names = [type(c).__name__ for c in cbs]
+        if vcfg.callbacks.get("dnq") is not None:
+            assert names[:3] == [
+                "QuantErrorRecorder",
+                "DifferentialNoiseInjection",
+                "ActivationNoiseInjection",
+            ]
+        trainer = _instantiate(
+            vcfg.trainer,
+            "trainer",
+            accelerator="cpu",
+            devices=1,
+            callbacks=cbs,
+            default_root_dir=str(tmp_path),
+            logger=False,
+        )
+        assert trainer.max_epochs == vcfg.trainer.max_epochs
+
+
+def test_ddp_trainer_config():
+    cfg = _compose(["trainer=ddp"])
+    t = cfg.trainer
+    assert (t.strategy, t.accelerator, t.devices, t.sync_batchnorm) == ("ddp", "gpu", -1, True)
+    trainer = _instantiate(
+        t, "trainer", accelerator="cpu", devices=1, logger=False, enable_checkpointing=False
+    )
+    assert type(trainer.strategy).__name__ == "DDPStrategy"
+
+
+def test_callbacks_none_and_ptq_and_checkpoint(tmp_path):
+    assert instantiate_callbacks(_compose(["callbacks=none"]).callbacks) == []
+    cfg = _compose(["callbacks=[ptq,checkpoint]", "ptq.bits=[w8a8,w3a3]"])
+    cbs = instantiate_callbacks(cfg.callbacks, checkpoint_dir=tmp_path / "ck")
+    ptq, ckpt = cbs
+    assert type(ptq).__name__ == "PostTrainingQuantization" and ptq.bits == ("w8a8", "w3a3")
+    assert ptq.stage == "test"
+    assert Path(ckpt.dirpath) == tmp_path / "ck" and ckpt.monitor == "val/acc"
+
+
+def test_slurm_launcher_config():
+    path = CONF_DIR / "launcher" / "slurm.yaml"
+    text = path.read_text()
+    assert text.startswith("# @package _global_")
+    data = yaml.safe_load(text)
+    assert {"override /hydra/launcher": "submitit_slurm"} in data["defaults"]
+    launcher = data["hydra"]["launcher"]
+    assert launcher["gpus_per_node"] == launcher["tasks_per_node"]  # one task per GPU for Lightning DDP
+    assert data["trainer"]["devices"] == "${hydra:launcher.gpus_per_node}"
+    if not HAS_SUBMITIT:
+        pytest.skip("hydra-submitit-launcher is not installed: YAML checked, composition skipped")
+    cfg = _compose(["+launcher=slurm", "experiment=imagenet_resnet50_dnq"], hydra_cfg=True)
+    assert "submitit" in cfg.hydra.launcher._target_.lower()
+
+
+def test_hydra_dirs_and_summary_callback():
+    cfg = _compose(hydra_cfg=True)
+    assert cfg.hydra.run.dir.startswith("outputs/") and cfg.hydra.sweep.dir.startswith("multirun/")
+    assert cfg.hydra.job.chdir is False
+    assert cfg.hydra.callbacks.multirun_summary._target_ == "flatq_lightning.train.MultirunSummary"
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+def test_bad_values_fail_with_the_key_and_the_choices():
+    with pytest.raises(ConfigError) as ei:
+        validate_config(_compose(["model.name=resnet_does_not_exist"]))
+    msg = str(ei.value)
+    assert "model.name='resnet_does_not_exist'" in msg and "cifar_resnet20" in msg and "timm" in msg
+    with pytest.raises(ConfigError, match="quant.preset"):
+        validate_config(_compose(["quant.preset=int4"]))
+    with pytest.raises(ConfigError, match="ptq.bits"):
+        validate_config(_compose(["ptq.bits=[w8a8,w1a1]"]))
+    with pytest.raises(
+        ConfigError, match=r"module \(flatq_lightning.module.ImageClassifier\): ValueError: optimizer"
+    ):
+        _instantiate(_compose(["module.optimizer=lamb"]).module, "module", num_classes=10)
+
+
+def test_config_errors_exit_with_one_clear_line(capsys):
+    from flatq_lightning.train import _task
+
+    with pytest.raises(SystemExit) as ei:
+        _task(_compose(["model.name=nonexistent_net"]))
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatq-train: error: model.name='nonexistent_net'") and "Traceback" not in err
+
+
+def test_unknown_group_option_lists_the_choices():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as ei:
+        _compose(["model=nonexistent_net"])
+    assert "model/nonexistent_net" in str(ei.value) and "cifar_resnet20" in str(ei.value)
+
+
+def test_cli_missing_data_path_is_one_clear_line(tmp_path):
+    missing = tmp_path / "no_such.zip"
+    r = _cli(
+        [
+            "experiment=cifar10_resnet20_plain",
+            "trainer=cpu",
+            f"data.path={missing}",
+            f"hydra.run.dir={tmp_path}/b",
+        ],
+        cwd=REPO,
+    )
+    assert r.returncode == 2, r.stderr
+    assert (
+        "flatq-train: error: data.path" in r.stderr
+        and str(missing) in r.stderr
+        and "Traceback" not in r.stderr
+    )
+
+
+# --- runs ---------------------------------------------------------------------------------------------------
+def test_quickstart_fast_dev_run(tmp_path):
+    cfg = _compose(["++trainer.fast_dev_run=true", "ptq.calib_batches=1", "print_table=false"])
+    res = run(cfg, tmp_path)
+    assert list(res["variants"]) == ["plain", "dnq"]
+    for name, v in res["variants"].items():
+        assert set(v["ptq"]) == {"w8a8", "w4a4", "w3a3", "w2a4"}
+        assert 0.0 <= v["fp_top1"] <= 100.0
+        assert (tmp_path / name / "ptq.json").is_file()
+    assert res["variants"]["plain"]["callbacks"] == []
+    assert res["variants"]["dnq"]["callbacks"][0] == "QuantErrorRecorder"
+    assert json.loads((tmp_path / "results.json").read_text())["experiment"] == "quickstart"
+    md = (tmp_path / "results.md").read_text()
+    assert "| bits | plain | dnq |" in md and "| W2A4 |" in md
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["variant"] for r in rows] == ["plain", "dnq"] and "w4a4_top1" in rows[0]
+
+
+def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):
+    cfg = _compose([*TINY, "variants=null", "callbacks=[ptq,checkpoint]", "ptq.progress=false"])
+    res = run(cfg, tmp_path)
+    main = res["variants"]["main"]
+    assert set(main["ptq"]) == {"w8a8", "w4a4"} and main["callbacks"] == [
+        "PostTrainingQuantization",
+        "ModelCheckpoint",
+    ]
+    ckpt = Path(main["checkpoint"])
+    assert ckpt.is_file() and ckpt.parent == tmp_path / "checkpoints"
+
+    # flatq-ptq rebuilds the synthetic data module from the checkpoint and reports
+    out = tmp_path / "ptq_cli"
+    rc = ptq_cli.main(
+        [
+            str(ckpt),
+            "--bits",
+            "w8a8,w4a4",
+            "--calib-batches",
+            "1",
+            "--no-progress",
+            "--save-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads((out / "ptq_report.json").read_text())
+    assert [r["bits"] for r in rep["rows"]] == ["w8a8", "w4a4"] and rep["num_eval_samples"] == 32
+    assert rep["fp_top1"] == pytest.approx(main["fp_top1"])  # same network, same test split
+    assert (out / "ptq_report.md").is_file() and (out / "ptq_report.csv").is_file()
+    assert "| w4a4 |" in capsys.readouterr().out
+
+
+def test_flatq_ptq_errors(tmp_path, capsys):
+    assert ptq_cli.main([str(tmp_path / "missing.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ptq_cli.main(["x.ckpt", "--observer", "bogus"])
+
+
+def test_multirun_writes_a_summary_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _cli(
+        ["-m", "quant=w8a8,w4a4", "variants=null", *TINY, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in sweep.glob("*/results.json"))
+    assert jobs == ["0", "1"]
+    md = (sweep / "summary.md").read_text()
+    assert "| 0 | quant=w8a8 | main |" in md and "| 1 | quant=w4a4 | main |" in md and "w4a4_top1" in md
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 2 and {r["variant"] for r in rows} == {"main"}
+    assert all(0.0 <= float(r["w8a8_top1"]) <= 100.0 for r in rows)
+
+
+def test_summarize_sweep_and_comparison_table(tmp_path):
+    assert summarize_sweep(tmp_path) is None
+    for num, acc in ((0, 91.0), (1, 80.5)):
+        d = tmp_path / str(num)
+        d.mkdir()
+        (d / "results.json").write_text(
+            json.dumps(
+                {
+                    "experiment": "x",
+                    "overrides": [f"quant=w{8 - 4 * num}a8", "seed=3"],
+                    "bits": ["w4a4"],
+                    "variants": {
+                        "main": {"fp_top1": 92.0, "ptq": {"w4a4": {"top1": acc}}, "fit_seconds": 3.0}
+                    },
+                }
+            )
+        )
+    md_path, csv_path = summarize_sweep(tmp_path)
+    lines = md_path.read_text().splitlines()
+    assert lines[2].startswith("| job | overrides | variant | fp_top1 | w4a4_top1 | fit_seconds |")
+    assert "| 0 | quant=w8a8 | main | 92.00 | 91.00 | 3.0 |" in lines
+    assert "| 1 | quant=w4a8 | main | 92.00 | 80.50 | 3.0 |" in lines
+    assert len(list(csv.reader(csv_path.open()))) == 3
+    table = comparison_table(
+        {"bits": ["w4a4"], "variants": {"a": {"fp_top1": 1.0, "ptq": {}, "fit_seconds": 1}}}
+    )
+    assert "| W4A4 | — |" in table

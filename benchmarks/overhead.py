@@ -91,7 +91,11 @@ class DeviceBatches(torch.utils.data.IterableDataset):
 
 def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
     """Bytes held by the callbacks: weight side (statistics, pool, snapshots) and activation side."""
-    from flatq_lightning.callbacks import ActivationNoiseInjection, DifferentialNoiseInjection, QuantErrorRecorder
+    from flatq_lightning.callbacks import (
+        ActivationNoiseInjection,
+        DifferentialNoiseInjection,
+        QuantErrorRecorder,
+    )
 
     weight, act = 0, 0
     for c in cbs:
@@ -155,8 +159,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stats-every", type=int, default=16)
     ap.add_argument("--variants", default="plain,recorder,weight,dnq")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is steadiest on a shared machine)")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import logging
 
@@ -224,7 +231,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps({k: row[k] for k in ("model", "plain_ms", "dnq_ms", "ratio", "extra_mem_mb")}), flush=True)
     print()
-    print(f"| model | res | batch | plain ms | recorder | + weight noise | DNQ (w+a) ms | ratio | weight-side extra MB (% params) | device |")
+    print("| model | res | batch | plain ms | recorder | + weight noise | DNQ (w+a) ms | ratio | weight-side extra MB (% params) | device |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(

@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--flat-batches", type=int, default=1, help="training batches for the Hessian measures")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--merge", action="append", default=[], help="another run's out dir whose results to merge in")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table and plots from the JSON, train nothing")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     args.bits = tuple(args.bits.split(","))
@@ -269,8 +271,13 @@ def main() -> None:
             "machine": torch.cuda.get_device_name() if size["accelerator"] == "gpu" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
         }
     )
+    for other in args.merge:
+        have = {(r["variant"], r["seed"]) for r in doc["results"]}
+        extra = json.loads((Path(other) / "quality.json").read_text())["results"]
+        doc["results"].extend(r for r in extra if (r["variant"], r["seed"]) not in have)
+        store.write_text(json.dumps(doc, indent=1))
     done = {(r["variant"], r["seed"]) for r in doc["results"]}
-    for seed in size["seeds"]:
+    for seed in [] if args.report_only else size["seeds"]:
         for v in args.variants.split(","):
             if (v, seed) in done:
                 continue

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device call for the GPU figures (needs a CUDA machine; not run in CI).
+# Usage on the device: bash benchmarks/gpu_all.sh DATA_ZIP OUT_DIR
+# Copy ../shared/data/cifar10-jpeg.zip into a git-ignored folder first (e.g. .data/) and carry it.
+set -euo pipefail
+DATA=${1:-.data/cifar10-jpeg.zip}
+OUT=${2:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+# 1. overhead: CIFAR ResNet-20 @32 b128 and resnet50 @224 b128, bf16 (about 2 minutes)
+python benchmarks/overhead.py --device cuda --repeats 3 --steps 30 --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.log"
+# 2. quality: full CIFAR-10, ResNet-20, the key variants, 3 seeds (sized for < 8 minutes on an H100)
+python benchmarks/quality.py --size gpu --data "$DATA" --variants plain,dnq_wa,sam,dnq_wa_trap \
+  --epochs 30 --out "$OUT/quality" 2>&1 | tee "$OUT/quality.log"

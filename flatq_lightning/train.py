@@ -42,6 +42,7 @@ __all__ = [
     "group_options",
     "instantiate_callbacks",
     "main",
+    "model_kwargs",
     "run",
     "validate_config",
 ]
@@ -148,6 +149,13 @@ def instantiate_callbacks(cfg_callbacks: DictConfig | None, checkpoint_dir: Path
     return out
 
 
+def model_kwargs(cfg: DictConfig, dm: Any) -> dict[str, Any]:
+    """``model.kwargs`` as a dict, with ``in_chans`` from the data module unless set there."""
+    kw = cfg.model.get("kwargs")
+    extra = OmegaConf.to_container(kw, resolve=True) if isinstance(kw, DictConfig) else dict(kw or {})
+    return {"in_chans": dm.in_chans, **extra}
+
+
 def _output_dir(output_dir: str | os.PathLike[str] | None) -> Path:
     if output_dir is not None:
         return Path(output_dir)
@@ -219,8 +227,9 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(int(cfg.seed), workers=True)
-    model_kwargs = {"in_chans": dm.in_chans, **OmegaConf.to_container(cfg.model.kwargs or {}, resolve=True)}
-    module = _instantiate(cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs)
+    module = _instantiate(
+        cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs(cfg, dm)
+    )
     callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints")
     extra: dict[str, Any] = {}
     if "logger" not in cfg.trainer:  # CSV logs beside the results (set trainer.logger to change)

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
 from flatq_lightning import ptq_cli
 from flatq_lightning.train import (
@@ -25,6 +24,7 @@ from flatq_lightning.train import (
     comparison_table,
     group_options,
     instantiate_callbacks,
+    model_kwargs,
     run,
     summarize_sweep,
     validate_config,
@@ -132,7 +132,8 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     validate_config(cfg)
     dm = _instantiate(cfg.data, "data")  # paths are checked in prepare_data/setup, not here
     for _name, vcfg in _variants(cfg):
-        kwargs = {"in_chans": dm.in_chans, **OmegaConf.to_container(vcfg.model.kwargs, resolve=True)}
+        kwargs = model_kwargs(vcfg, dm)
+        assert kwargs["in_chans"] == dm.in_chans
         if vcfg.model.name.startswith("vit_base"):
             kwargs.update(img_size=32, depth=1)  # keep the test light: the same class, one block
         module = _instantiate(vcfg.module, "module", num_classes=dm.num_classes, model_kwargs=kwargs)
@@ -269,6 +270,29 @@ def test_quickstart_fast_dev_run(tmp_path):
     assert "| bits | plain | dnq |" in md and "| W2A4 |" in md
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["plain", "dnq"] and "w4a4_top1" in rows[0]
+
+
+def test_cifar_experiment_fast_dev_run_on_synthetic_data(tmp_path):
+    # the cifar10_resnet20_dnq recipe (empty model.kwargs, cosine schedule, DNQ + MSE) on 32x32 synthetic data
+    cfg = _compose(
+        [
+            "experiment=cifar10_resnet20_dnq",
+            "trainer=cpu",
+            "data=synthetic",
+            "data.num_samples=32",
+            "data.val_samples=16",
+            "data.batch_size=8",
+            "++trainer.fast_dev_run=true",
+            "callbacks=[dnq]",
+            "ptq.bits=[w4a4]",
+            "ptq.calib_batches=1",
+            "print_table=false",
+        ]
+    )
+    assert cfg.model.kwargs == {}
+    res = run(cfg, tmp_path)
+    main = res["variants"]["main"]
+    assert main["model"] == "cifar_resnet20" and main["mse_weight"] == 0.1 and set(main["ptq"]) == {"w4a4"}
 
 
 def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):

@@ -105,11 +105,14 @@ def variant_setup(name: str, total_steps: int, seed: int) -> tuple[list[pl.Callb
 
 
 class _Timer(pl.Callback):
+    """Wall seconds of fit, and the process CPU seconds (steadier on a shared CPU machine)."""
+
     def on_train_start(self, trainer, pl_module):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def on_train_end(self, trainer, pl_module):
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.c0
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +154,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
         "variant": name,
         "seed": seed,
         "train_s": timer.seconds,
+        "train_cpu_s": timer.cpu_seconds,
         "steps": trainer.global_step,
         "peak_mem_mb": peak,
         "fp_top1": report.fp_top1,

@@ -294,6 +294,11 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
     import lightning as L
 
     validate_config(cfg)
+    threads = cfg.get("torch_threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     out = _output_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)

@@ -56,6 +56,8 @@ from flatq_lightning.sam import SAM  # noqa: E402
 from flatq_lightning.schedules import trapezoid  # noqa: E402
 
 BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
+#: λ of the MSE variant (λ = 1 destabilised DNQ training on the digits quickstart; --mse-weight sets it)
+MSE_WEIGHT = 0.1
 VARIANTS = ("plain", "dnq_wa", "sam", "dnq_w", "dnq_wa_trap", "dnq_wa_mse", "dnq_uniform", "dnq_wa_addrem")
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"train_subset": 10_000, "epochs": 10, "batch_size": 128, "precision": "32-true", "seeds": [0], "accelerator": "cpu"},
@@ -93,7 +95,7 @@ def variant_setup(name: str, total_steps: int, seed: int) -> tuple[list[pl.Callb
     if name == "dnq_wa":
         return dnq_callbacks("w4a4", **common), {}, False
     if name == "dnq_wa_mse":
-        return dnq_callbacks("w4a4", **common), {"mse_weight": 1.0, "mse_every": 1}, False
+        return dnq_callbacks("w4a4", **common), {"mse_weight": MSE_WEIGHT, "mse_every": 1}, False
     if name == "dnq_wa_addrem":
         return dnq_callbacks("w4a4", mode="add_remove", **common), {}, False
     if name == "dnq_uniform":
@@ -239,6 +241,7 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--rho", type=float, default=0.05)
+    ap.add_argument("--mse-weight", type=float, default=MSE_WEIGHT, help="λ of the dnq_wa_mse variant")
     ap.add_argument("--bits", default=",".join(BITS))
     ap.add_argument("--out", default="benchmarks/results/quality_cpu")
     ap.add_argument("--flat-batches", type=int, default=1, help="training batches for the Hessian measures")
@@ -249,6 +252,8 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     args.bits = tuple(args.bits.split(","))
+    global MSE_WEIGHT
+    MSE_WEIGHT = args.mse_weight
     if args.threads:
         torch.set_num_threads(args.threads)
     size = dict(SIZES[args.size])

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tests use tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core machines
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

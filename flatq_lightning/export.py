@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .quant import QuantizedLayer, QuantSpec, attach_attention_points, fold_batchnorm, quantized_layers
-from .quant.ops import _bcast
+from .quant.ops import dequantize_int, quantize_int
 from .quant.ptq import _set_submodule
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_quantized", "load_quantized", "read_metadata"]
@@ -37,9 +37,8 @@ def _int_dtype(spec: QuantSpec) -> torch.dtype:
 
 
 def _dequantize(q: Tensor, scale: Tensor, spec: QuantSpec, dtype: torch.dtype) -> Tensor:
-    """``q · s`` in float32, cast to ``dtype``: the last step of ``fake_quantize`` (same operands, same op)."""
-    s = _bcast(scale.float(), q, spec)
-    return (q.float() * s).to(dtype)
+    """``q · s`` in float32, cast to ``dtype``: the last step of ``fake_quantize`` (same function)."""
+    return dequantize_int(q, spec, scale, None, dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -94,7 +93,7 @@ def save_quantized(
         if ws is not None:
             w = w.detach()
             scale = layer.weight_scale.detach().float()
-            q = torch.round(w.float() / _bcast(scale, w, ws)).clamp(ws.qmin, ws.qmax)
+            q = quantize_int(w, ws, scale)
             if not torch.equal(_dequantize(q, scale, ws, w.dtype), w):
                 raise ValueError(
                     f"save_quantized: the weight of layer {name!r} is not on its {ws.bits}-bit grid "

@@ -19,11 +19,13 @@ __all__ = [
     "SCALE_EPS",
     "check_finite",
     "compute_qparams",
+    "dequantize_int",
     "fake_quantize",
     "observe_range",
     "qparams_from_range",
     "quant_error",
     "quant_error_stats",
+    "quantize_int",
     "round_ste",
     "sqnr_db",
 ]
@@ -155,18 +157,46 @@ def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor 
         z = _bcast(zero_point.to(device=x.device, dtype=torch.float32), x, spec)
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
         # Inference path: the same arithmetic in place on one buffer (round_ste's value is exactly round).
-        q = torch.round(xf / s)
-        if z is None:
-            out = q.clamp_(spec.qmin, spec.qmax).mul_(s)
-        else:
-            out = q.add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s)
-        return out.to(x.dtype)
+        return _dequantize_(_quantize_int(xf, spec, s, z), spec, s, z).to(x.dtype)
     q = round_ste(xf / s)
     if z is None:
         out = q.clamp(spec.qmin, spec.qmax) * s
     else:
         out = ((q + z).clamp(spec.qmin, spec.qmax) - z) * s
     return out.to(x.dtype)
+
+
+def _quantize_int(xf: Tensor, spec: QuantSpec, s: Tensor, z: Tensor | None) -> Tensor:
+    q = torch.round(xf / s)
+    if z is not None:
+        q.add_(z)
+    return q.clamp_(spec.qmin, spec.qmax)
+
+
+def _dequantize_(q: Tensor, spec: QuantSpec, s: Tensor, z: Tensor | None) -> Tensor:
+    """``(q − z)·s`` in place on ``q`` (float32)."""
+    if z is not None:
+        q.sub_(z)
+    return q.mul_(s)
+
+
+def quantize_int(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
+    """The integer codes ``clamp(round(x/s) + z, qmin, qmax)`` (float32 holding integers; no gradient).
+
+    ``dequantize_int(quantize_int(x)) == fake_quantize(x)`` bit for bit.
+    """
+    s = _bcast(scale.to(device=x.device, dtype=torch.float32), x, spec)
+    z = None if (zero_point is None or spec.symmetric) else _bcast(zero_point.to(device=x.device, dtype=torch.float32), x, spec)
+    return _quantize_int(x.detach().float(), spec, s, z)
+
+
+def dequantize_int(
+    q: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``(q − z)·s`` from integer codes, computed in float32 and cast to ``dtype``."""
+    s = _bcast(scale.to(device=q.device, dtype=torch.float32), q, spec)
+    z = None if (zero_point is None or spec.symmetric) else _bcast(zero_point.to(device=q.device, dtype=torch.float32), q, spec)
+    return _dequantize_(q.float().clone(), spec, s, z).to(dtype)
 
 
 def quant_error(x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero_point: Tensor | None = None) -> Tensor:

@@ -194,3 +194,14 @@ def test_inference_path_equals_ste_path_bit_for_bit(spec):
         a = fake_quantize(ties.reshape(-1, 1).expand(-1, 1) if spec.per_channel else ties, spec, s.reshape(-1)[:1] if spec.per_channel else s, z.reshape(-1)[:1] if spec.per_channel else z)
     b = fake_quantize((ties.reshape(-1, 1) if spec.per_channel else ties).requires_grad_(True), spec, s.reshape(-1)[:1] if spec.per_channel else s, z.reshape(-1)[:1] if spec.per_channel else z)
     assert torch.equal(a, b.detach())
+
+
+def test_integer_codes_round_trip_to_fake_quant():
+    from flatq_lightning.quant import dequantize_int, quantize_int
+
+    for spec in (QuantSpec.weight(4), QuantSpec.activation(3)):
+        x = torch.randn(6, 20) * 2
+        s, z = compute_qparams(x, spec)
+        q = quantize_int(x, spec, s, z)
+        assert torch.equal(q, torch.round(q)) and q.min() >= spec.qmin and q.max() <= spec.qmax
+        assert torch.equal(dequantize_int(q, spec, s, z), fake_quantize(x, spec, s, z))

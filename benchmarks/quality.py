@@ -83,7 +83,9 @@ class SAMClassifier(ImageClassifier):
         return {"optimizer": sam, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def variant_setup(name: str, total_steps: int, seed: int) -> tuple[list[pl.Callback], dict[str, Any], bool]:
+def variant_setup(
+    name: str, total_steps: int, seed: int, mse_weight: float = MSE_WEIGHT
+) -> tuple[list[pl.Callback], dict[str, Any], bool]:
     """Callbacks, extra classifier kwargs, and whether SAM is used."""
     if name == "plain":
         return [], {}, False
@@ -95,7 +97,7 @@ def variant_setup(name: str, total_steps: int, seed: int) -> tuple[list[pl.Callb
     if name == "dnq_wa":
         return dnq_callbacks("w4a4", **common), {}, False
     if name == "dnq_wa_mse":
-        return dnq_callbacks("w4a4", **common), {"mse_weight": MSE_WEIGHT, "mse_every": 1}, False
+        return dnq_callbacks("w4a4", **common), {"mse_weight": mse_weight, "mse_every": 1}, False
     if name == "dnq_wa_addrem":
         return dnq_callbacks("w4a4", mode="add_remove", **common), {}, False
     if name == "dnq_uniform":
@@ -124,7 +126,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
     )
     dm.setup("fit")
     steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
-    cbs, extra, use_sam = variant_setup(name, steps, seed)
+    cbs, extra, use_sam = variant_setup(name, steps, seed, args.mse_weight)
     kwargs = dict(
         model=args.model, num_classes=10, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
         weight_decay=5e-4, scheduler="onecycle", warmup_fraction=0.15, **extra,
@@ -252,8 +254,6 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     args.bits = tuple(args.bits.split(","))
-    global MSE_WEIGHT
-    MSE_WEIGHT = args.mse_weight
     if args.threads:
         torch.set_num_threads(args.threads)
     size = dict(SIZES[args.size])

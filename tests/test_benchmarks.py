@@ -1,0 +1,69 @@
+"""The benchmark scripts import, parse their arguments and build every variant (no training here)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flatq_lightning import ActivationNoiseInjection, DifferentialNoiseInjection, QuantErrorRecorder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["quality", "overhead", "vit_attention", "ptq_timing"])
+def test_help(script):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout
+
+
+def test_quality_variants_build_the_right_callbacks():
+    q = _load("quality")
+    kinds = {}
+    for v in q.VARIANTS:
+        cbs, extra, sam = q.variant_setup(v, total_steps=100, seed=0, mse_weight=0.3)
+        kinds[v] = ({type(c).__name__ for c in cbs}, extra, sam)
+    assert kinds["plain"] == (set(), {}, False)
+    assert kinds["sam"] == (set(), {}, True)
+    assert kinds["dnq_w"][0] == {"QuantErrorRecorder", "DifferentialNoiseInjection"}
+    assert kinds["dnq_wa"][0] == {"QuantErrorRecorder", "DifferentialNoiseInjection", "ActivationNoiseInjection"}
+    assert kinds["dnq_wa_mse"][1] == {"mse_weight": 0.3, "mse_every": 1}
+    cbs, _, _ = q.variant_setup("dnq_wa_addrem", 100, 0)
+    assert next(c for c in cbs if isinstance(c, DifferentialNoiseInjection)).mode == "add_remove"
+    cbs, _, _ = q.variant_setup("dnq_uniform", 100, 0)
+    assert next(c for c in cbs if isinstance(c, DifferentialNoiseInjection)).mode == "uniform"
+    cbs, _, _ = q.variant_setup("dnq_wa_trap", 100, 0)
+    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
+    act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
+    assert noise.kappa(0) == 0.0 and noise.kappa(50) == 1.0 and noise.kappa(100) == 0.0
+    assert act.noise_scale(50) == 1.0
+    with pytest.raises(ValueError, match="unknown variant"):
+        q.variant_setup("nope", 100, 0)
+
+
+def test_quality_summary_table():
+    q = _load("quality")
+    rows = [
+        {"variant": v, "seed": s, "train_s": 10.0 * (i + 1), "fp_top1": 70.0 + s, "ptq": {"w4a4": 60.0 + s},
+         "flatness": {"hessian_trace": 5.0, "top_eig": 1.0}}
+        for i, v in enumerate(("plain", "dnq_wa")) for s in (0, 1)
+    ]
+    table = q.summarize(rows, ("w4a4",))
+    lines = table.splitlines()
+    assert lines[0].startswith("| training | seeds |") and len(lines) == 4
+    assert "70.50 ± 0.71" in lines[2] and "2.00x" in lines[3]
+
+
+def test_overhead_callback_bytes_counts_the_pool_not_weights():
+    o = _load("overhead")
+    rec = QuantErrorRecorder("w4a4")
+    assert o.callback_bytes([rec]) == {"weight_side": 0, "act_side": 0}

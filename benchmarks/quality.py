@@ -272,14 +272,15 @@ def main() -> None:
     store = out / "quality.json"
     doc: dict[str, Any] = json.loads(store.read_text()) if store.exists() and not args.fresh else {}
     doc.setdefault("results", [])
-    doc.update(
+    if not args.report_only:
+        doc.update(
         {
             "command": "python " + " ".join(sys.argv),
             "size": args.size,
             "settings": {**size, "model": args.model, "lr": args.lr, "rho": args.rho, "bits": list(args.bits)},
             "machine": torch.cuda.get_device_name() if size["accelerator"] == "gpu" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
         }
-    )
+        )
     for other in args.merge:
         have = {(r["variant"], r["seed"]) for r in doc["results"]}
         extra = json.loads((Path(other) / "quality.json").read_text())["results"]

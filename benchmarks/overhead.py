@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from flatq_lightning import dnq_callbacks  # noqa: E402
 from flatq_lightning.models import create_model  # noqa: E402
+from flatq_lightning.sam import SAM  # noqa: E402
 
 
 class StepTimer(Callback):
@@ -78,16 +79,20 @@ class _End(Callback):
 
 
 class LM(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, sam: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.sam = sam
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.model(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        kw = dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        if self.sam:  # the SAM baseline: two forward/backward passes per step
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, **kw)
+        return torch.optim.SGD(self.parameters(), **kw)
 
 
 class DeviceBatches(torch.utils.data.IterableDataset):
@@ -130,7 +135,7 @@ def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
 
 def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, stats_every, timer_sync):
     torch.manual_seed(0)
-    lm = LM(make_model())
+    lm = LM(make_model(), sam=variant == "sam")
     timer = StepTimer(timer_sync)
     cbs: list[Callback] = []
     if variant == "recorder":
@@ -168,7 +173,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stats-every", type=int, default=16)
-    ap.add_argument("--variants", default="plain,recorder,weight,dnq")
+    ap.add_argument("--variants", default="plain,recorder,weight,dnq", help="any of plain,recorder,weight,dnq,sam")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU default 1: CPU time per step is then meaningful)")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
@@ -232,6 +237,7 @@ def main() -> None:
             "ratio": round(med.get("dnq", float("nan")) / med["plain"], 3),
             "ratio_recorder": round(med["recorder"] / med["plain"], 3) if "recorder" in med else None,
             "ratio_weight_noise": round(med["weight"] / med["plain"], 3) if "weight" in med else None,
+            "ratio_sam": round(med["sam"] / med["plain"], 3) if "sam" in med else None,
             "extra_mem_mb": round(mem.get("weight", mem.get("dnq", {"weight_side": 0}))["weight_side"] / 2**20, 3),
             "extra_mem_pct_of_params": round(100 * mem.get("weight", mem.get("dnq", {"weight_side": 0}))["weight_side"] / param_bytes, 2),
             "act_noise_mem_mb": round(mem.get("dnq", {"act_side": 0})["act_side"] / 2**20, 3),

@@ -338,3 +338,25 @@ def test_quant_mse_term_logged_and_uses_recorder_ranges():
     model, t = _fit(cbs, epochs=1, lm_kw={"mse_weight": 1.0})
     assert "train/quant_mse" in t.callback_metrics
     assert float(t.callback_metrics["train/quant_mse"]) > 0
+
+
+def test_clean_weight_inside_training_step_is_the_clean_weight():
+    # lr = 0: the clean weight stays W0 while the parameter holds W0 + δ_t
+    seen = []
+
+    class Probe(TinyLM):
+        def training_step(self, batch, batch_idx):
+            noise = next(c for c in self.trainer.callbacks if isinstance(c, DifferentialNoiseInjection))
+            seen.append((self.model.conv2.weight.detach().clone(), noise.clean_weight("model.conv2").detach().clone()))
+            return super().training_step(batch, batch_idx)
+
+    seed_everything(0)
+    model = Probe(lr=0.0)
+    w0 = model.model.conv2.weight.detach().clone()
+    train, val = loaders()
+    t = trainer(max_epochs=1, callbacks=dnq_callbacks("w4a4", stats_every=3))
+    t.fit(model, train, val)
+    assert len(seen) == 8
+    for noisy, clean in seen:
+        assert (noisy - w0).abs().max() > 1e-3
+        torch.testing.assert_close(clean, w0, rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..quant.attention import attach_attention_points, detach_attention_points
-from ..quant.ops import compute_qparams, fake_quantize, qparams_from_range
+from ..quant.ops import compute_qparams, qparams_from_range, quant_error_stats
 from ..quant.spec import QuantSpec, preset_name
 from ..quant.targets import has_weight, layer_specs, select_modules
 from ._common import hooks_are_suspended
@@ -191,10 +191,10 @@ class QuantErrorRecorder(Callback):
             w = (weights or {}).get(n, self.modules[n].weight).detach()
             spec = self.specs[n][0]
             scale, zp = compute_qparams(w, spec, check=False)
-            wf = w.float()
-            e = (fake_quantize(wf, spec, scale, zp) - wf).reshape(wf.shape[0], -1)
-            var, mean = torch.var_mean(e, dim=1, unbiased=False)
-            sqnr = 10.0 * torch.log10(wf.square().sum() / e.square().sum().clamp_min(1e-30))
+            mean, var = quant_error_stats(w, spec, scale, zp)
+            # channels have equal size, so the mean over channels of E[e²] is the tensor's E[e²]
+            noise_power = (var + mean.square()).mean()
+            sqnr = 10.0 * torch.log10(w.float().square().mean() / noise_power.clamp_min(1e-30))
             if first or n not in self.weight_mean:
                 self.weight_mean[n], self.weight_var[n], self.weight_scale[n] = mean, var, scale
             else:
@@ -228,8 +228,7 @@ class QuantErrorRecorder(Callback):
             m = self.momentum
             lo, hi = m * self.act_lo[name] + (1 - m) * lo, m * self.act_hi[name] + (1 - m) * hi
         scale, zp = qparams_from_range(lo, hi, spec)
-        e = fake_quantize(xf, spec, scale, zp) - xf
-        var, mean = torch.var_mean(e.reshape(-1), unbiased=False)
+        mean, var = quant_error_stats(xf, spec, scale, zp)
         sig = xf.square().mean()
         return lo, hi, mean, var, sig
 

@@ -67,3 +67,21 @@ def test_overhead_callback_bytes_counts_the_pool_not_weights():
     o = _load("overhead")
     rec = QuantErrorRecorder("w4a4")
     assert o.callback_bytes([rec]) == {"weight_side": 0, "act_side": 0}
+
+
+@pytest.mark.slow
+def test_overhead_runs_and_reports_paired_ratios(tmp_path):
+    out = tmp_path / "o.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--models", "cifar_resnet20:8:4", "--steps", "2",
+           "--warmup", "1", "--repeats", "2", "--variants", "plain,dnq", "--stats-every", "2", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    row = json.loads(out.read_text())["results"][0]
+    times = row["all_ms"]
+    assert len(times["plain"]) == len(times["dnq"]) == 2
+    paired = sorted(d / p for d, p in zip(times["dnq"], times["plain"]))
+    assert row["ratio"] == pytest.approx(sum(paired) / 2, abs=2e-3)  # the median of two paired ratios
+    assert row["ratio_min"] == pytest.approx(min(times["dnq"]) / min(times["plain"]), abs=2e-3)
+    assert row["ratio_sam"] is None and row["extra_mem_mb"] > 0

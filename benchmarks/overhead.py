@@ -19,6 +19,7 @@ model is printed and all results are written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -171,6 +172,17 @@ def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, s
     return sum(window) / len(window), mem, param_bytes, peak
 
 
+def paired_ratio(times: dict[str, list[float]], v: str) -> float | None:
+    """Median over repeats of ``times[v][r] / times["plain"][r]``: the fits that ran side by side in time."""
+    if v not in times:
+        return None
+    return round(statistics.median(t / p for t, p in zip(times[v], times["plain"])), 3)
+
+
+def fastest_ratio(times: dict[str, list[float]], v: str) -> float | None:
+    return round(min(times[v]) / min(times["plain"]), 3) if v in times else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -228,15 +240,8 @@ def main() -> None:
                 peaks[v] = peak
                 print(f"  {name} repeat {r} {v:<9} {t * 1000:8.1f} ms/step", file=sys.stderr, flush=True)
         med = {v: statistics.median(ts) for v, ts in times.items()}
-
-        def paired(v: str) -> float | None:  # median over repeats of the ratio of the fits run side by side
-            if v not in times:
-                return None
-            return round(statistics.median(t / p for t, p in zip(times[v], times["plain"])), 3)
-
-        def fastest(v: str) -> float | None:
-            return round(min(times[v]) / min(times["plain"]), 3) if v in times else None
-
+        paired = functools.partial(paired_ratio, times)
+        fastest = functools.partial(fastest_ratio, times)
         row = {
             "model": name,
             "resolution": res,

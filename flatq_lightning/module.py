@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .models import create_model
 from .mse import QuantMSEMixin
 from .quant.spec import parse_bits
+from .sam import SAM
 
 __all__ = ["ImageClassifier", "OPTIMIZERS", "SCHEDULERS"]
 
@@ -40,6 +41,10 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
         model_kwargs: extra keyword arguments for :func:`create_model` (``in_chans``, ``img_size``, …).
         optimizer: ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"``.
         lr, momentum, nesterov, weight_decay, betas: optimizer settings.
+        sam_rho: when > 0, the optimizer is wrapped in :class:`~flatq_lightning.sam.SAM` with this radius
+            (the SAM baseline from the same configs: ``module.sam_rho=0.05``); two forward/backward passes
+            per step, running BN statistics updated once.
+        sam_adaptive: ASAM (scale-invariant radius) instead of SAM.
         decay_norm_and_bias: apply weight decay to 1-d parameters (norm scales, biases) too.
         scheduler: ``"onecycle"``, ``"cosine"`` (linear warmup then cosine to ``min_lr_ratio·lr``) or
             ``"none"``; stepped every optimizer step.
@@ -68,6 +73,8 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
         nesterov: bool = True,
         weight_decay: float = 5e-4,
         betas: tuple[float, float] = (0.9, 0.999),
+        sam_rho: float = 0.0,
+        sam_adaptive: bool = False,
         decay_norm_and_bias: bool = False,
         scheduler: str = "onecycle",
         warmup_fraction: float = 0.05,
@@ -82,6 +89,8 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if isinstance(sam_rho, bool) or not isinstance(sam_rho, (int, float)) or not 0.0 <= float(sam_rho) < math.inf:
+            raise ValueError(f"sam_rho must be a finite number >= 0 (0 = no SAM), got {sam_rho!r}")
         if not float(lr) > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not 0.0 <= float(warmup_fraction) < 1.0:
@@ -186,12 +195,17 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self._param_groups()
+        base: type[torch.optim.Optimizer]
         if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, nesterov=bool(hp.nesterov and hp.momentum > 0)
-            )
+            base = torch.optim.SGD
+            kw: dict[str, Any] = dict(lr=hp.lr, momentum=hp.momentum, nesterov=bool(hp.nesterov and hp.momentum > 0))
         else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+            base, kw = torch.optim.AdamW, dict(lr=hp.lr, betas=tuple(hp.betas))
+        rho = float(hp.get("sam_rho", 0.0))
+        if rho > 0:
+            opt: torch.optim.Optimizer = SAM(groups, base, rho=rho, adaptive=bool(hp.get("sam_adaptive", False)), **kw)
+        else:
+            opt = base(groups, **kw)
         if hp.scheduler == "none":
             return opt
         total = self._total_steps()

@@ -169,6 +169,30 @@ def test_onecycle_schedule():
     assert max(lrs) == pytest.approx(0.2, rel=1e-3) and lrs.index(max(lrs)) == 9
 
 
+def test_sam_rho_wraps_the_optimizer_and_runs_two_passes_per_step(tmp_path):
+    from flatq_lightning.sam import SAM
+
+    out = _optimizers(_clf(scheduler="none", sam_rho=0.05, weight_decay=1e-3))
+    assert isinstance(out, SAM) and isinstance(out.base_optimizer, torch.optim.SGD)
+    assert out.defaults["rho"] == 0.05 and out.base_optimizer.defaults["nesterov"]
+    assert [g["weight_decay"] for g in out.param_groups] == [1e-3, 0.0]  # the same groups as plain SGD
+    out = _optimizers(_clf(optimizer="adamw", scheduler="cosine", sam_rho=0.1, sam_adaptive=True), total=10)
+    assert isinstance(out["optimizer"], SAM) and isinstance(out["optimizer"].base_optimizer, torch.optim.AdamW)
+    assert out["optimizer"].defaults["adaptive"] is True
+
+    finals = {}
+    for rho in (0.0, 0.05):
+        torch.manual_seed(0)
+        clf = _clf(scheduler="none", sam_rho=rho)
+        calls = []
+        step = clf.training_step
+        clf.training_step = lambda *a, _s=step, _c=calls, **k: _c.append(1) or _s(*a, **k)
+        _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(clf, datamodule=_dm())
+        assert len(calls) == (6 if rho else 3)
+        finals[rho] = torch.cat([p.detach().flatten() for p in clf.parameters()])
+    assert not torch.allclose(finals[0.0], finals[0.05])
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -179,6 +203,8 @@ def test_onecycle_schedule():
         ({"mse_weight": -1.0}, "mse_weight"),
         ({"lr": 0.0}, "lr must be"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"sam_rho": -0.1}, "sam_rho"),
+        ({"sam_rho": float("nan")}, "sam_rho"),
         ({"model": "nonexistent_net"}, "unknown model"),
     ],
 )

@@ -45,6 +45,7 @@ EXPERIMENTS = [
     "quickstart",
     "cifar10_resnet20_plain",
     "cifar10_resnet20_dnq",
+    "cifar10_resnet20_sam",
     "imagenet_resnet50_dnq",
     "imagenet_vit_b16_dnq",
 ]
@@ -381,3 +382,12 @@ def test_summarize_sweep_and_comparison_table(tmp_path):
         {"bits": ["w4a4"], "variants": {"a": {"fp_top1": 1.0, "ptq": {}, "fit_seconds": 1}}}
     )
     assert "| W4A4 | — |" in table
+
+
+def test_sam_experiment_is_the_plain_recipe_with_sam():
+    sam, plain = _compose(["experiment=cifar10_resnet20_sam"]), _compose(["experiment=cifar10_resnet20_plain"])
+    assert sam.module.sam_rho == 0.05 and plain.module.sam_rho == 0.0
+    for key in ("model", "data", "trainer", "quant", "ptq"):
+        assert sam[key] == plain[key], key
+    assert {k: v for k, v in sam.module.items() if k != "sam_rho"} == {k: v for k, v in plain.module.items() if k != "sam_rho"}
+    assert "dnq" not in (sam.get("callbacks") or {})

@@ -52,7 +52,6 @@ from flatq_lightning.flatness import (  # noqa: E402
 )
 from flatq_lightning.module import ImageClassifier  # noqa: E402
 from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
-from flatq_lightning.sam import SAM  # noqa: E402
 from flatq_lightning.schedules import trapezoid  # noqa: E402
 
 BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
@@ -63,24 +62,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"train_subset": 10_000, "epochs": 10, "batch_size": 128, "precision": "32-true", "seeds": [0], "accelerator": "cpu"},
     "gpu": {"train_subset": None, "epochs": 30, "batch_size": 256, "precision": "bf16-mixed", "seeds": [0, 1, 2], "accelerator": "gpu"},
 }
-
-
-class SAMClassifier(ImageClassifier):
-    """The same classifier and schedule with SAM wrapped around its SGD."""
-
-    def __init__(self, *args: Any, rho: float = 0.05, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rho = rho
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        sam = SAM(self._param_groups(), torch.optim.SGD, rho=self.rho, lr=hp.lr, momentum=hp.momentum, nesterov=bool(hp.nesterov))
-        total = self._total_steps()
-        sched = torch.optim.lr_scheduler.OneCycleLR(  # the same schedule as ImageClassifier's one-cycle
-            sam, max_lr=hp.lr, total_steps=total, pct_start=max(hp.warmup_fraction, 1.0 / total),
-            anneal_strategy="cos", cycle_momentum=True,
-        )
-        return {"optimizer": sam, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def variant_setup(
@@ -131,7 +112,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
         model=args.model, num_classes=10, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
         weight_decay=5e-4, scheduler="onecycle", warmup_fraction=0.15, **extra,
     )
-    module = SAMClassifier(rho=args.rho, **kwargs) if use_sam else ImageClassifier(**kwargs)
+    module = ImageClassifier(sam_rho=args.rho if use_sam else 0.0, **kwargs)  # SAM wraps the same SGD
     timer = _Timer()
     trainer = pl.Trainer(
         accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],

@@ -50,6 +50,7 @@ from flatq_lightning.flatness import (  # noqa: E402
     plot_landscape_1d,
     top_eigenvalue,
 )
+from flatq_lightning.models import create_model  # noqa: E402
 from flatq_lightning.module import ImageClassifier  # noqa: E402
 from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
 from flatq_lightning.schedules import trapezoid  # noqa: E402
@@ -129,11 +130,11 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
         progress=args.progress,
     )
     device = next(net.parameters()).device
+    models = Path(args.out) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, models / f"{name}_seed{seed}.pt")
     probe = [b for _, b in zip(range(args.flat_batches), dm.train_dataloader())]
-    flat = {
-        "hessian_trace": hessian_trace(net, classification_loss, probe, n_probes=4, seed=0),
-        "top_eig": top_eigenvalue(net, classification_loss, probe, iters=8, seed=0),
-    }
+    flat = measure_flatness(net, probe, n_probes=4)
     alphas, losses = loss_landscape_1d(net, classification_loss, probe[:1], steps=21, span=1.0, seed=0)
     return {
         "variant": name,
@@ -148,6 +149,35 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
         "landscape": {"alphas": [float(a) for a in alphas], "losses": [float(v) for v in losses]},
         "device": str(device),
     }
+
+
+def measure_flatness(net: torch.nn.Module, probe: list[Any], n_probes: int) -> dict[str, Any]:
+    return {
+        "hessian_trace": hessian_trace(net, classification_loss, probe, n_probes=n_probes, seed=0),
+        "top_eig": top_eigenvalue(net, classification_loss, probe, iters=8, seed=0),
+        "batches": len(probe),
+        "probes": n_probes,
+    }
+
+
+def remeasure(args: argparse.Namespace, size: dict[str, Any], doc: dict[str, Any], out: Path) -> None:
+    """Flatness again on the saved models, with more batches and probes: ``doc["flatness_remeasured"]``."""
+    dm = CIFAR10DataModule(args.data, batch_size=size["batch_size"], train_subset=size["train_subset"], seed=0, num_workers=0)
+    dm.setup("fit")
+    pl.seed_everything(0)
+    probe = [b for _, b in zip(range(args.flat_batches), dm.train_dataloader())]
+    rows = doc.setdefault("flatness_remeasured", [])
+    for path in sorted((out / "models").glob("*_seed*.pt")):
+        variant, seed = path.stem.rsplit("_seed", 1)
+        net = create_model(args.model, num_classes=10)
+        net.load_state_dict(torch.load(path, map_location="cpu"))
+        net.eval()
+        flat = measure_flatness(net, probe, n_probes=args.flat_probes)
+        rows[:] = [r for r in rows if (r["variant"], r["seed"]) != (variant, int(seed))]
+        rows.append({"variant": variant, "seed": int(seed), **flat, "date": time.strftime("%Y-%m-%d")})
+        print(f"[{variant} seed {seed}] trace {flat['hessian_trace']:.1f}  eig {flat['top_eig']:.2f}  "
+              f"({flat['batches']} batches, {flat['probes']} probes)", flush=True)
+        (out / "quality.json").write_text(json.dumps(doc, indent=1))
 
 
 def summarize(results: list[dict[str, Any]], bits: tuple[str, ...]) -> str:
@@ -233,6 +263,10 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], help="another run's out dir whose results to merge in")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plots from the JSON, train nothing")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--remeasure-flatness", action="store_true",
+                    help="train nothing: measure Hessian trace and top eigenvalue again on <out>/models/*.pt "
+                         "with --flat-batches and --flat-probes")
+    ap.add_argument("--flat-probes", type=int, default=16, help="Hutchinson probes for --remeasure-flatness")
     args = ap.parse_args()
     args.bits = tuple(args.bits.split(","))
     if args.threads:
@@ -267,6 +301,9 @@ def main() -> None:
         extra = json.loads((Path(other) / "quality.json").read_text())["results"]
         doc["results"].extend(r for r in extra if (r["variant"], r["seed"]) not in have)
         store.write_text(json.dumps(doc, indent=1))
+    if args.remeasure_flatness:
+        remeasure(args, size, doc, out)
+        return
     done = {(r["variant"], r["seed"]) for r in doc["results"]}
     for seed in [] if args.report_only else size["seeds"]:
         for v in args.variants.split(","):
@@ -284,8 +321,15 @@ def main() -> None:
                 flush=True,
             )
     table = summarize(doc["results"], args.bits)
+    remeasured = ""
+    if doc.get("flatness_remeasured"):
+        remeasured = "\n\nFlatness measured again on the saved models (`--remeasure-flatness`):\n\n" + "\n".join(
+            ["| training | seed | Hessian trace | top eig | batches | probes | date |", "|---|---|---|---|---|---|---|"]
+            + [f"| {r['variant']} | {r['seed']} | {r['hessian_trace']:.1f} | {r['top_eig']:.1f} | {r['batches']} | "
+               f"{r['probes']} | {r['date']} |" for r in sorted(doc["flatness_remeasured"], key=lambda r: (r["variant"], r["seed"]))]
+        )
     (out / "quality.md").write_text(
-        f"Command: `{doc['command']}`\n\nMachine: {doc['machine']}; date {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+        f"Command: `{doc['command']}`\n\nMachine: {doc['machine']}; date {time.strftime('%Y-%m-%d')}\n\n{table}{remeasured}\n"
     )
     plots(doc["results"], args.bits, out)
     print(table)

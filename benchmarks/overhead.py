@@ -139,6 +139,52 @@ def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
     return {"weight_side": weight, "act_side": act}
 
 
+class HookProfile:
+    """CPU time spent inside the DNQ callbacks' hooks, per optimizer step (CPU runs only: on a GPU the hooks
+    only enqueue kernels). Keys: ``weight_update`` (the noise callback's batch-end: the differential swap, and
+    the weight-statistics refresh every ``stats_every`` steps), ``act_stats`` (the recorder's input hooks and
+    batch-end: input statistics on refresh steps), ``act_noise`` (the activation-noise pre-hooks' forward work).
+    What the callbacks add outside their hooks (the backward through the noisy inputs, memory traffic) is the
+    rest of the measured overhead."""
+
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+        self.bins: dict[str, dict[int, float]] = {}
+
+    def wrap(self, fn, key: str):
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                step = len(self.timer.times)
+                d = self.bins.setdefault(key, {})
+                d[step] = d.get(step, 0.0) + time.process_time() - t0
+
+        return timed
+
+    def instrument(self, cbs: list[Callback]) -> None:
+        from flatq_lightning.callbacks import (
+            ActivationNoiseInjection,
+            DifferentialNoiseInjection,
+            QuantErrorRecorder,
+        )
+
+        for c in cbs:
+            if isinstance(c, DifferentialNoiseInjection):
+                c.on_train_batch_end = self.wrap(c.on_train_batch_end, "weight_update")
+            elif isinstance(c, QuantErrorRecorder):
+                c.on_train_batch_end = self.wrap(c.on_train_batch_end, "act_stats")
+                make = c._make_hook
+                c._make_hook = lambda n, _m=make: self.wrap(_m(n), "act_stats")
+            elif isinstance(c, ActivationNoiseInjection):
+                make = c._make_hook
+                c._make_hook = lambda n, _m=make: self.wrap(_m(n), "act_noise")
+
+    def per_step(self, warmup: int, steps: int) -> dict[str, float]:
+        return {k: sum(v for s, v in d.items() if warmup <= s < warmup + steps) / steps for k, d in self.bins.items()}
+
+
 def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, stats_every, timer_sync):
     torch.manual_seed(0)
     lm = LM(make_model(), sam=variant == "sam")
@@ -150,6 +196,9 @@ def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, s
         cbs = dnq_callbacks("w4a4", stats_every=stats_every, act_noise=False)
     elif variant == "dnq":
         cbs = dnq_callbacks("w4a4", stats_every=stats_every)
+    profile = HookProfile(timer)
+    if device == "cpu":
+        profile.instrument(cbs)
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
@@ -169,7 +218,7 @@ def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, s
     mem = callback_bytes(cbs)
     param_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     window = timer.times[warmup:]
-    return sum(window) / len(window), mem, param_bytes, peak
+    return sum(window) / len(window), mem, param_bytes, peak, profile.per_step(warmup, len(window))
 
 
 def paired_ratio(times: dict[str, list[float]], v: str) -> float | None:
@@ -226,16 +275,19 @@ def main() -> None:
             return create_model(name, num_classes=nc)
 
         times: dict[str, list[float]] = {v: [] for v in variants}
+        profiles: dict[str, dict[str, list[float]]] = {}
         mem: dict[str, dict[str, int]] = {}
         peaks: dict[str, int | None] = {}
         param_bytes = 0
         for r in range(args.repeats):
             order = variants if r % 2 == 0 else list(reversed(variants))
             for v in order:
-                t, m, param_bytes, peak = run_fit(
+                t, m, param_bytes, peak, prof = run_fit(
                     name, make_model, x, y, v, steps, args.warmup, precision, args.device, args.stats_every, cuda
                 )
                 times[v].append(t)
+                for k, sec in prof.items():
+                    profiles.setdefault(v, {}).setdefault(k, []).append(sec)
                 mem[v] = m
                 peaks[v] = peak
                 print(f"  {name} repeat {r} {v:<9} {t * 1000:8.1f} ms/step", file=sys.stderr, flush=True)
@@ -267,6 +319,8 @@ def main() -> None:
             "param_mb": round(param_bytes / 2**20, 2),
             "peak_mem_mb": {v: (round(p / 2**20, 1) if p else None) for v, p in peaks.items()},
             "all_ms": {v: [round(t * 1000, 2) for t in ts] for v, ts in times.items()},
+            # CPU ms per step inside the callbacks' hooks (median over repeats), see HookProfile
+            "hook_ms": {v: {k: round(statistics.median(ts) * 1000, 2) for k, ts in d.items()} for v, d in profiles.items()},
         }
         results.append(row)
         print(json.dumps({k: row[k] for k in ("model", "plain_ms", "dnq_ms", "ratio", "ratio_min", "extra_mem_mb")}), flush=True)
@@ -278,6 +332,10 @@ def main() -> None:
             f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['plain_ms']} | {r['ratio_recorder']}x | "
             f"{r['ratio_weight_noise']}x | {r['dnq_ms']} | {r['ratio']}x | {r['ratio_min']}x | {r['ratio_sam']}x | {r['extra_mem_mb']} ({r['extra_mem_pct_of_params']}%) | {r['device']} |"
         )
+    for r in results:
+        for v, d in r["hook_ms"].items():
+            parts = ", ".join(f"{k} {ms} ms ({100 * ms / r['plain_ms']:.1f}% of plain)" for k, ms in d.items())
+            print(f"  {r['model']} {v}: inside the hooks per step: {parts}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}, indent=2))

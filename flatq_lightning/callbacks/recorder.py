@@ -194,7 +194,7 @@ class QuantErrorRecorder(Callback):
             mean, var = quant_error_stats(w, spec, scale, zp)
             # channels have equal size, so the mean over channels of E[e²] is the tensor's E[e²]
             noise_power = (var + mean.square()).mean()
-            sqnr = 10.0 * torch.log10(w.float().square().mean() / noise_power.clamp_min(1e-30))
+            sqnr = 10.0 * torch.log10(_power(w) / noise_power.clamp_min(1e-30))
             if first or n not in self.weight_mean:
                 self.weight_mean[n], self.weight_var[n], self.weight_scale[n] = mean, var, scale
             else:
@@ -229,7 +229,7 @@ class QuantErrorRecorder(Callback):
             lo, hi = m * self.act_lo[name] + (1 - m) * lo, m * self.act_hi[name] + (1 - m) * hi
         scale, zp = qparams_from_range(lo, hi, spec)
         mean, var = quant_error_stats(xf, spec, scale, zp)
-        sig = xf.square().mean()
+        sig = _power(xf)
         return lo, hi, mean, var, sig
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -343,3 +343,8 @@ class QuantErrorRecorder(Callback):
             d.update(state_dict.get(k, {}))
         self.weight_refreshed_at = state_dict.get("weight_refreshed_at", -1)
         self.act_refreshed_at = state_dict.get("act_refreshed_at", -1)
+
+
+def _power(x: Tensor) -> Tensor:
+    """Mean square of ``x`` in float32, without a squared copy."""
+    return torch.linalg.vector_norm(x.float()).square() / max(1, x.numel())

@@ -79,7 +79,7 @@ def observe_range(x: Tensor, spec: QuantSpec, check: bool = True) -> tuple[Tenso
         else:
             lo, hi = _kth(v, 1.0 - p), _kth(v, p)
     else:
-        lo, hi = torch.aminmax(v, dim=1)
+        lo, hi = v.amin(1), v.amax(1)  # on the CPU 2-3x faster than aminmax(dim=1), same values
         if spec.observer == "mse":
             lo, hi = _mse_search(v, lo, hi, spec)
     if not spec.per_channel:
@@ -167,7 +167,7 @@ def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor 
 
 
 def _quantize_int(xf: Tensor, spec: QuantSpec, s: Tensor, z: Tensor | None) -> Tensor:
-    q = torch.round(xf / s)
+    q = torch.div(xf, s).round_()  # one buffer
     if z is not None:
         q.add_(z)
     return q.clamp_(spec.qmin, spec.qmax)
@@ -209,12 +209,23 @@ def quant_error(x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero_po
 def quant_error_stats(
     x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero_point: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Mean and (population) variance of ``Q(x) - x``: per channel, shape (C,), or per tensor, shape ()."""
-    e = quant_error(x, spec, scale, zero_point)
-    if spec.per_channel:
-        var, mean = torch.var_mean(_channel_view(e, spec), dim=1, unbiased=False)
-    else:
-        var, mean = torch.var_mean(e.reshape(-1), unbiased=False)
+    """Mean and (population) variance of ``Q(x) - x``: per channel, shape (C,), or per tensor, shape ().
+
+    One float32 buffer, worked in place (no autograd): the error, then the mean removed and the variance taken
+    as a squared norm, a two-pass variance several times faster on the CPU than ``torch.var_mean`` over rows.
+    """
+    if scale is None:
+        scale, zero_point = compute_qparams(x, spec)
+    with torch.no_grad():
+        xf = x.detach().float()
+        e = fake_quantize(xf, spec, scale, zero_point)  # the inference path: a new buffer
+        e.sub_(xf)
+        v = _channel_view(e, spec) if spec.per_channel else e.reshape(1, -1)
+        mean = v.mean(1)
+        v.sub_(mean[:, None])  # v is e itself or a copy of it: ours either way
+        var = torch.linalg.vector_norm(v, dim=1).square_().div_(v.shape[1])
+    if not spec.per_channel:
+        return mean[0], var[0]
     return mean, var
 
 

@@ -205,3 +205,22 @@ def test_integer_codes_round_trip_to_fake_quant():
         q = quantize_int(x, spec, s, z)
         assert torch.equal(q, torch.round(q)) and q.min() >= spec.qmin and q.max() <= spec.qmax
         assert torch.equal(dequantize_int(q, spec, s, z), fake_quantize(x, spec, s, z))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.weight(4), QuantSpec.activation(3), QuantSpec.weight(2, ch_axis=1)])
+def test_error_stats_match_var_mean_including_a_large_mean(spec):
+    # the fast two-pass variance must agree with torch.var_mean, also when the error has a large mean
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4, 4) * 3
+    x0 = x.clone()
+    s, z = compute_qparams(x, spec)
+    s = s * 0.5  # clip hard: errors with a large mean, the case a one-pass E[e²]−E[e]² gets wrong
+    mean, var = quant_error_stats(x, spec, s, z)
+    e = fake_quantize(x, spec, s, z) - x
+    ev = e.movedim(spec.ch_axis, 0).reshape(x.shape[spec.ch_axis], -1) if spec.per_channel else e.reshape(1, -1)
+    ref_var, ref_mean = torch.var_mean(ev, dim=1, unbiased=False)
+    if not spec.per_channel:
+        ref_var, ref_mean = ref_var[0], ref_mean[0]
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-6)
+    assert x.equal(x0)  # the input is not touched

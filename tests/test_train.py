@@ -293,7 +293,7 @@ def test_cifar_experiment_fast_dev_run_on_synthetic_data(tmp_path):
     assert cfg.model.kwargs == {}
     res = run(cfg, tmp_path)
     main = res["variants"]["main"]
-    assert main["model"] == "cifar_resnet20" and main["mse_weight"] == 0.1 and set(main["ptq"]) == {"w4a4"}
+    assert main["model"] == "cifar_resnet20" and main["mse_weight"] == 0.0 and set(main["ptq"]) == {"w4a4"}
 
 
 def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):

@@ -19,7 +19,7 @@ def _load(name: str):
     return mod
 
 
-@pytest.mark.parametrize("script", ["quality", "overhead", "vit_attention", "ptq_timing"])
+@pytest.mark.parametrize("script", ["quality", "overhead", "vit_attention", "ptq_timing", "calib_spread"])
 def test_help(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..quant.attention import attach_attention_points, detach_attention_points
-from ..quant.ops import compute_qparams, qparams_from_range, quant_error_stats
+from ..quant.ops import (
+    compute_qparams,
+    mean_square,
+    qparams_from_range,
+    quant_error_stats,
+    sqnr_db_from_error_stats,
+)
 from ..quant.spec import QuantSpec, preset_name
 from ..quant.targets import has_weight, layer_specs, select_modules
 from ._common import hooks_are_suspended
@@ -192,9 +198,7 @@ class QuantErrorRecorder(Callback):
             spec = self.specs[n][0]
             scale, zp = compute_qparams(w, spec, check=False)
             mean, var = quant_error_stats(w, spec, scale, zp)
-            # channels have equal size, so the mean over channels of E[e²] is the tensor's E[e²]
-            noise_power = (var + mean.square()).mean()
-            sqnr = 10.0 * torch.log10(_power(w) / noise_power.clamp_min(1e-30))
+            sqnr = sqnr_db_from_error_stats(mean_square(w), mean, var)
             if first or n not in self.weight_mean:
                 self.weight_mean[n], self.weight_var[n], self.weight_scale[n] = mean, var, scale
             else:
@@ -229,7 +233,7 @@ class QuantErrorRecorder(Callback):
             lo, hi = m * self.act_lo[name] + (1 - m) * lo, m * self.act_hi[name] + (1 - m) * hi
         scale, zp = qparams_from_range(lo, hi, spec)
         mean, var = quant_error_stats(xf, spec, scale, zp)
-        sig = _power(xf)
+        sig = mean_square(xf)
         return lo, hi, mean, var, sig
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -267,7 +271,7 @@ class QuantErrorRecorder(Callback):
                 mean = m * self.act_mean[n] + (1 - m) * mean
                 var = m * self.act_var[n] + (1 - m) * var
             self.act_mean[n], self.act_var[n] = mean, var
-            self.act_sqnr_db[n] = 10.0 * torch.log10(sig / (var + mean.square()).clamp_min(1e-30))
+            self.act_sqnr_db[n] = sqnr_db_from_error_stats(sig, mean, var)
         self.act_refreshed_at = trainer.global_step
         self.log_stats(trainer)
 
@@ -343,8 +347,3 @@ class QuantErrorRecorder(Callback):
             d.update(state_dict.get(k, {}))
         self.weight_refreshed_at = state_dict.get("weight_refreshed_at", -1)
         self.act_refreshed_at = state_dict.get("act_refreshed_at", -1)
-
-
-def _power(x: Tensor) -> Tensor:
-    """Mean square of ``x`` in float32, without a squared copy."""
-    return torch.linalg.vector_norm(x.float()).square() / max(1, x.numel())

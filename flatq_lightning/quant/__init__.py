@@ -14,6 +14,7 @@ from .ops import (
     compute_qparams,
     dequantize_int,
     fake_quantize,
+    mean_square,
     observe_range,
     qparams_from_range,
     quant_error,
@@ -21,6 +22,7 @@ from .ops import (
     quantize_int,
     round_ste,
     sqnr_db,
+    sqnr_db_from_error_stats,
 )
 from .ptq import QuantizedLayer, batch_inputs, calibrate, fold_batchnorm, quantize_model, quantized_layers
 from .spec import QuantSpec, parse_bits, preset_name
@@ -45,6 +47,7 @@ __all__ = [
     "dequantize_int",
     "detach_attention_points",
     "fake_quantize",
+    "mean_square",
     "first_last_names",
     "fold_batchnorm",
     "has_weight",
@@ -63,4 +66,5 @@ __all__ = [
     "round_ste",
     "select_modules",
     "sqnr_db",
+    "sqnr_db_from_error_stats",
 ]

@@ -25,9 +25,11 @@ __all__ = [
     "qparams_from_range",
     "quant_error",
     "quant_error_stats",
+    "mean_square",
     "quantize_int",
     "round_ste",
     "sqnr_db",
+    "sqnr_db_from_error_stats",
 ]
 
 
@@ -227,6 +229,20 @@ def quant_error_stats(
     if not spec.per_channel:
         return mean[0], var[0]
     return mean, var
+
+
+def mean_square(x: Tensor) -> Tensor:
+    """``E[x²]`` in float32 (the signal power of an SQNR), without a squared copy of ``x``."""
+    return torch.linalg.vector_norm(x.detach().float()).square() / max(1, x.numel())
+
+
+def sqnr_db_from_error_stats(signal_power: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """``10·log10(E[x²] / E[e²])`` from the error's mean and variance (:func:`quant_error_stats`).
+
+    ``E[e²] = var + mean²``; per-channel statistics are averaged over the channels, which is the tensor's
+    ``E[e²]`` because the channels have equal size.
+    """
+    return 10.0 * torch.log10(signal_power / (var + mean.square()).mean().clamp_min(1e-30))
 
 
 def sqnr_db(x: Tensor, xq: Tensor, dim: int | None = None) -> Tensor:

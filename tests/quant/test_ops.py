@@ -224,3 +224,17 @@ def test_error_stats_match_var_mean_including_a_large_mean(spec):
     torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-6)
     assert x.equal(x0)  # the input is not touched
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.weight(3), QuantSpec.activation(4)])
+def test_sqnr_from_error_stats_equals_sqnr_of_the_quantized_tensor(spec):
+    # the recorder's SQNR (from the EMA-able mean/var) must be the same quantity as sqnr_db(x, Q(x))
+    from flatq_lightning.quant import mean_square, sqnr_db_from_error_stats
+
+    torch.manual_seed(1)
+    x = torch.randn(8, 4, 3, 3)
+    s, z = compute_qparams(x, spec)
+    mean, var = quant_error_stats(x, spec, s, z)
+    assert mean_square(x).item() == pytest.approx(x.square().mean().item(), rel=1e-5)
+    ref = sqnr_db(x, fake_quantize(x, spec, s, z))
+    torch.testing.assert_close(sqnr_db_from_error_stats(mean_square(x), mean, var), ref, rtol=1e-4, atol=1e-4)

@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from quality import SIZES, calib_batches, load_saved, make_datamodule, saved_models  # noqa: E402
 
-from flatq_lightning.data import CIFAR10DataModule  # noqa: E402
-from flatq_lightning.models import create_model  # noqa: E402
 from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
 
 
@@ -37,8 +36,8 @@ def main() -> None:
     ap.add_argument("--model", default="cifar_resnet20")
     ap.add_argument("--bits", default="w4a4,w3a3")
     ap.add_argument("--draws", type=int, default=3)
-    ap.add_argument("--calib-images", type=int, default=1024)
-    ap.add_argument("--train-subset", type=int, default=10000)
+    ap.add_argument("--size", default="cpu", choices=sorted(SIZES), help="the quality.py size the models were trained at")
+    ap.add_argument("--train-subset", type=int, default=None, help="override the size's training subset (as quality.py)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma list of model file stems to use (default: all)")
     args = ap.parse_args()
@@ -46,26 +45,26 @@ def main() -> None:
         ap.error("--draws must be >= 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    paths = sorted((Path(args.dir) / "models").glob("*_seed*.pt"))
+    paths = saved_models(Path(args.dir))
     if args.only:
         keep = set(args.only.split(","))
         paths = [p for p in paths if p.stem in keep]
     if not paths:
         ap.error(f"no models/*_seed*.pt under {args.dir} (run benchmarks/quality.py first)")
     bits = args.bits.split(",")
-    dm = CIFAR10DataModule(args.data, batch_size=128, train_subset=args.train_subset, seed=0, num_workers=0)
-    dm.setup("fit")
+    size = dict(SIZES[args.size])
+    if args.train_subset:
+        size["train_subset"] = args.train_subset
+    dm = make_datamodule(args.data, size)  # the same training subset and calibration size as quality.py
     test = dm.test_dataloader()
     rows = []
     for path in paths:
-        net = create_model(args.model, num_classes=10)
-        net.load_state_dict(torch.load(path, map_location="cpu"))
-        net.eval()
+        net = load_saved(path, args.model)
         acc: dict[str, list[float]] = {b: [] for b in bits}
         fp = None
         for d in range(args.draws):
             pl.seed_everything(1000 + d, verbose=False)  # the shuffle and augmentation of this draw
-            report = run_ptq(net, dm.train_dataloader(), test, bits=bits, calib_batches=max(1, args.calib_images // 128), progress=False)
+            report = run_ptq(net, dm.train_dataloader(), test, bits=bits, calib_batches=calib_batches(size), progress=False)
             fp = report.fp_top1
             for r in report.rows:
                 acc[r.bits].append(r.top1)
@@ -77,7 +76,7 @@ def main() -> None:
             f"{b} {row['mean'][b]:.2f} ± {row['std'][b]:.2f} [{min(acc[b]):.2f}–{max(acc[b]):.2f}]" for b in bits), flush=True)
     out = Path(args.dir) / "calib_spread.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-                               "calib_images": args.calib_images, "rows": rows}, indent=1))
+                               "calib_batches": calib_batches(size), "batch_size": size["batch_size"], "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

@@ -65,6 +65,32 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+#: calibration images of the PTQ step (the reference's 1,024)
+CALIB_IMAGES = 1024
+
+
+def make_datamodule(data: str, size: dict[str, Any]) -> CIFAR10DataModule:
+    """The CIFAR-10 data of a size: its seeded training subset (the same for every variant), set up for fit."""
+    dm = CIFAR10DataModule(data, batch_size=size["batch_size"], train_subset=size["train_subset"], seed=0, num_workers=0)
+    dm.setup("fit")
+    return dm
+
+
+def calib_batches(size: dict[str, Any]) -> int:
+    return max(1, CALIB_IMAGES // size["batch_size"])
+
+
+def saved_models(out: Path) -> list[Path]:
+    """The models ``run_variant`` saved under ``<out>/models`` (``<variant>_seed<seed>.pt``)."""
+    return sorted((Path(out) / "models").glob("*_seed*.pt"))
+
+
+def load_saved(path: Path, model: str) -> torch.nn.Module:
+    net = create_model(model, num_classes=10)
+    net.load_state_dict(torch.load(path, map_location="cpu"))
+    return net.eval()
+
+
 def variant_setup(
     name: str, total_steps: int, seed: int, mse_weight: float = MSE_WEIGHT
 ) -> tuple[list[pl.Callback], dict[str, Any], bool]:
@@ -103,10 +129,7 @@ class _Timer(pl.Callback):
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
     pl.seed_everything(seed, workers=True)
-    dm = CIFAR10DataModule(
-        args.data, batch_size=size["batch_size"], train_subset=size["train_subset"], seed=0, num_workers=0
-    )
-    dm.setup("fit")
+    dm = make_datamodule(args.data, size)
     steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
     cbs, extra, use_sam = variant_setup(name, steps, seed, args.mse_weight)
     kwargs = dict(
@@ -126,13 +149,13 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
     peak = torch.cuda.max_memory_allocated() / 2**20 if size["accelerator"] == "gpu" else None
     net = module.model.eval()
     report = run_ptq(
-        net, dm.train_dataloader(), dm.test_dataloader(), bits=args.bits, calib_batches=max(1, 1024 // size["batch_size"]),
+        net, dm.train_dataloader(), dm.test_dataloader(), bits=args.bits, calib_batches=calib_batches(size),
         progress=args.progress,
     )
     device = next(net.parameters()).device
     models = Path(args.out) / "models"
     models.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, models / f"{name}_seed{seed}.pt")
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, models / f"{name}_seed{seed}.pt")  # see load_saved
     probe = [b for _, b in zip(range(args.flat_batches), dm.train_dataloader())]
     flat = measure_flatness(net, probe, n_probes=4)
     alphas, losses = loss_landscape_1d(net, classification_loss, probe[:1], steps=21, span=1.0, seed=0)
@@ -162,16 +185,13 @@ def measure_flatness(net: torch.nn.Module, probe: list[Any], n_probes: int) -> d
 
 def remeasure(args: argparse.Namespace, size: dict[str, Any], doc: dict[str, Any], out: Path) -> None:
     """Flatness again on the saved models, with more batches and probes: ``doc["flatness_remeasured"]``."""
-    dm = CIFAR10DataModule(args.data, batch_size=size["batch_size"], train_subset=size["train_subset"], seed=0, num_workers=0)
-    dm.setup("fit")
+    dm = make_datamodule(args.data, size)
     pl.seed_everything(0)
     probe = [b for _, b in zip(range(args.flat_batches), dm.train_dataloader())]
     rows = doc.setdefault("flatness_remeasured", [])
-    for path in sorted((out / "models").glob("*_seed*.pt")):
+    for path in saved_models(out):
         variant, seed = path.stem.rsplit("_seed", 1)
-        net = create_model(args.model, num_classes=10)
-        net.load_state_dict(torch.load(path, map_location="cpu"))
-        net.eval()
+        net = load_saved(path, args.model)
         flat = measure_flatness(net, probe, n_probes=args.flat_probes)
         rows[:] = [r for r in rows if (r["variant"], r["seed"]) != (variant, int(seed))]
         rows.append({"variant": variant, "seed": int(seed), **flat, "date": time.strftime("%Y-%m-%d")})

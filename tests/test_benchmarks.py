@@ -85,3 +85,45 @@ def test_overhead_runs_and_reports_paired_ratios(tmp_path):
     assert row["ratio"] == pytest.approx(sum(paired) / 2, abs=2e-3)  # the median of two paired ratios
     assert row["ratio_min"] == pytest.approx(min(times["dnq"]) / min(times["plain"]), abs=2e-3)
     assert row["ratio_sam"] is None and row["extra_mem_mb"] > 0
+
+
+@pytest.mark.slow
+def test_saved_models_remeasure_and_calibration_spread(tmp_path):
+    """quality.py --remeasure-flatness and calib_spread.py both read the models quality.py saves."""
+    import json
+    import zipfile
+
+    import torch
+
+    from flatq_lightning.models import create_model
+    from tests.data.conftest import CLASSES, N_TEST, N_TRAIN, _image, _jpeg
+
+    data = tmp_path / "cifar10-jpeg.zip"
+    with zipfile.ZipFile(data, "w") as zf:
+        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+            for c, name in enumerate(CLASSES):
+                for i in range(n):
+                    zf.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", _jpeg(_image(c, i)))
+    out = tmp_path / "run"
+    (out / "models").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), out / "models" / "plain_seed3.pt")
+    env = {**__import__("os").environ, "FLATQ_CACHE": str(tmp_path / "cache")}
+    common = ["--data", str(data), "--train-subset", "32"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *common, "--out", str(out), "--remeasure-flatness",
+         "--flat-batches", "1", "--flat-probes", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = json.loads((out / "quality.json").read_text())["flatness_remeasured"]
+    assert (row["variant"], row["seed"], row["probes"], row["batches"]) == ("plain", 3, 2, 1)
+    assert row["hessian_trace"] != 0 and row["top_eig"] > 0
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "calib_spread.py"), *common, "--dir", str(out), "--bits", "w8a8",
+         "--draws", "2"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (spread,) = json.loads((out / "calib_spread.json").read_text())["rows"]
+    assert spread["model"] == "plain_seed3" and len(spread["top1"]["w8a8"]) == 2

@@ -143,7 +143,8 @@ class HookProfile:
     """CPU time spent inside the DNQ callbacks' hooks, per optimizer step (CPU runs only: on a GPU the hooks
     only enqueue kernels). Keys: ``weight_update`` (the noise callback's batch-end: the differential swap, and
     the weight-statistics refresh every ``stats_every`` steps), ``act_stats`` (the recorder's input hooks and
-    batch-end: input statistics on refresh steps), ``act_noise`` (the activation-noise pre-hooks' forward work).
+    batch-end: input statistics on refresh steps; in the ``recorder`` variant, where no noise callback owns the
+    weight refresh, the weight statistics too), ``act_noise`` (the activation-noise pre-hooks' forward work).
     What the callbacks add outside their hooks (the backward through the noisy inputs, memory traffic) is the
     rest of the measured overhead."""
 

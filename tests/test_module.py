@@ -211,3 +211,22 @@ def test_sam_rho_wraps_the_optimizer_and_runs_two_passes_per_step(tmp_path):
 def test_argument_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         _clf(**kw)
+
+
+@pytest.mark.slow
+def test_readme_add_dnq_to_any_trainer_snippet_runs(tmp_path, monkeypatch):
+    """The README's "Add DNQ to any Trainer" block, run as written on a tiny model and data."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Add DNQ to any Trainer\s+```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its 'Add DNQ to any Trainer' example"
+    code = block.group(1).replace("max_epochs=30", "max_epochs=1, enable_progress_bar=False, logger=False")
+    monkeypatch.chdir(tmp_path)
+    ns = {"model": _clf(scheduler="none"), "dm": _dm()}
+    exec(compile(code, "README.md", "exec"), ns)
+    trainer = ns["trainer"]
+    assert trainer.global_step > 0
+    ptq = next(c for c in trainer.callbacks if type(c).__name__ == "PostTrainingQuantization")
+    assert {r.bits for r in ptq.report.rows} == {"w8a8", "w4a4", "w3a3", "w2a4"}

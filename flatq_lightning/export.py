@@ -36,11 +36,6 @@ def _int_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.bits <= 8 else torch.int16
 
 
-def _dequantize(q: Tensor, scale: Tensor, spec: QuantSpec, dtype: torch.dtype) -> Tensor:
-    """``q · s`` in float32, cast to ``dtype``: the last step of ``fake_quantize`` (same function)."""
-    return dequantize_int(q, spec, scale, None, dtype)
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -94,7 +89,7 @@ def save_quantized(
             w = w.detach()
             scale = layer.weight_scale.detach().float()
             q = quantize_int(w, ws, scale)
-            if not torch.equal(_dequantize(q, scale, ws, w.dtype), w):
+            if not torch.equal(dequantize_int(q, ws, scale, None, w.dtype), w):
                 raise ValueError(
                     f"save_quantized: the weight of layer {name!r} is not on its {ws.bits}-bit grid "
                     "(was it modified after quantize_model?); cannot store it as integers"
@@ -200,7 +195,7 @@ def load_quantized(
         if layer.weight_spec is not None:
             q = tensors.pop(f"{name}.weight_int")
             dtype = getattr(torch, info["weight_dtype"])
-            tensors[f"{name}.module.weight"] = _dequantize(q, tensors[f"{name}.weight_scale"], layer.weight_spec, dtype)
+            tensors[f"{name}.module.weight"] = dequantize_int(q, layer.weight_spec, tensors[f"{name}.weight_scale"], None, dtype)
         _set_submodule(qm, name, layer)
     try:
         qm.load_state_dict(tensors, strict=True)

@@ -14,6 +14,10 @@ a 1-D filter-normalised loss slice) on clean weights. Variants:
     dnq_uniform      DiffQ-style uniform pseudo-quantization weight noise
     dnq_wa_trap      dnq_wa with the noise ramped in over the first 20% of the steps and cooled down over the last 20%
 
+A DNQ variant takes its noise statistics from the W4A4 quantizer unless a target follows an ``@``:
+``dnq_wa@w3a3`` trains with the statistics of the W3A3 quantizer it will meet (what a user sweeping bit-widths
+does: one run per target).
+
 Sizes: ``--size cpu`` (CIFAR ResNet-20 on a 10,000-image subset, 10 epochs, batch 128, float32, one seed) and
 ``--size gpu`` (full CIFAR-10, 30 epochs, batch 256, bf16, 3 seeds). Each finished variant is appended to
 ``<out>/quality.json`` at once, and a rerun skips what is there (``--fresh`` to start over); the Markdown table
@@ -52,6 +56,7 @@ from flatq_lightning.flatness import (  # noqa: E402
 )
 from flatq_lightning.models import create_model  # noqa: E402
 from flatq_lightning.module import ImageClassifier  # noqa: E402
+from flatq_lightning.quant import QuantSpec  # noqa: E402
 from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
 from flatq_lightning.schedules import trapezoid  # noqa: E402
 
@@ -99,20 +104,23 @@ def variant_setup(
         return [], {}, False
     if name == "sam":
         return [], {}, True
+    base, _, target = name.partition("@")
+    target = target or "w4a4"
+    QuantSpec.parse(target)  # a clear error for a bad target before any training
     common = {"stats_every": 16, "seed": seed}
-    if name == "dnq_w":
-        return dnq_callbacks("w4a4", act_noise=False, **common), {}, False
-    if name == "dnq_wa":
-        return dnq_callbacks("w4a4", **common), {}, False
-    if name == "dnq_wa_mse":
-        return dnq_callbacks("w4a4", **common), {"mse_weight": mse_weight, "mse_every": 1}, False
-    if name == "dnq_wa_addrem":
-        return dnq_callbacks("w4a4", mode="add_remove", **common), {}, False
-    if name == "dnq_uniform":
-        return dnq_callbacks("w4a4", mode="uniform", act_noise=False, **common), {}, False
-    if name == "dnq_wa_trap":
+    if base == "dnq_w":
+        return dnq_callbacks(target, act_noise=False, **common), {}, False
+    if base == "dnq_wa":
+        return dnq_callbacks(target, **common), {}, False
+    if base == "dnq_wa_mse":
+        return dnq_callbacks(target, **common), {"mse_weight": mse_weight, "mse_every": 1}, False
+    if base == "dnq_wa_addrem":
+        return dnq_callbacks(target, mode="add_remove", **common), {}, False
+    if base == "dnq_uniform":
+        return dnq_callbacks(target, mode="uniform", act_noise=False, **common), {}, False
+    if base == "dnq_wa_trap":
         kappa = trapezoid(total_steps, up=0.2, down=0.2)
-        return dnq_callbacks("w4a4", noise_scale=kappa, act_noise_scale=kappa, **common), {}, False
+        return dnq_callbacks(target, noise_scale=kappa, act_noise_scale=kappa, **common), {}, False
     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
 
 

@@ -50,6 +50,22 @@ def test_quality_variants_build_the_right_callbacks():
         q.variant_setup("nope", 100, 0)
 
 
+def test_quality_variant_target_sets_the_noise_statistics_quantizer():
+    q = _load("quality")
+    default = next(c for c in q.variant_setup("dnq_wa", 100, 0)[0] if isinstance(c, QuantErrorRecorder))
+    assert (default.weight_spec.bits, default.act_spec.bits) == (4, 4)
+    cbs, _, _ = q.variant_setup("dnq_wa@w3a3", 100, 0)
+    rec = next(c for c in cbs if isinstance(c, QuantErrorRecorder))
+    assert (rec.weight_spec.bits, rec.act_spec.bits) == (3, 3)
+    assert any(isinstance(c, ActivationNoiseInjection) for c in cbs)
+    rec = next(c for c in q.variant_setup("dnq_w@w2a4", 100, 0)[0] if isinstance(c, QuantErrorRecorder))
+    assert rec.weight_spec.bits == 2
+    with pytest.raises(ValueError, match="preset"):
+        q.variant_setup("dnq_wa@foo", 100, 0)
+    with pytest.raises(ValueError, match="unknown variant"):
+        q.variant_setup("nope@w3a3", 100, 0)
+
+
 def test_quality_summary_table():
     q = _load("quality")
     rows = [

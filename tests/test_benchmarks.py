@@ -46,6 +46,10 @@ def test_quality_variants_build_the_right_callbacks():
     act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
     assert noise.kappa(0) == 0.0 and noise.kappa(50) == 1.0 and noise.kappa(100) == 0.0
     assert act.noise_scale(50) == 1.0
+    cbs, _, _ = q.variant_setup("dnq_wa_late", 100, 0)
+    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
+    act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
+    assert noise.warmup_steps == act.warmup_steps == 50
     with pytest.raises(ValueError, match="unknown variant"):
         q.variant_setup("nope", 100, 0)
 

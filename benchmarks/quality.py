@@ -120,7 +120,7 @@ def variant_setup(
     if base == "dnq_uniform":
         return dnq_callbacks(target, mode="uniform", act_noise=False, **common), {}, False
     if base == "dnq_wa_late":
-        return dnq_callbacks(target, warmup_steps=total_steps // 2, **common), {}, False
+        return dnq_callbacks(target, warmup_fraction=0.5, **common), {}, False
     if base == "dnq_wa_trap":
         kappa = trapezoid(total_steps, up=0.2, down=0.2)
         return dnq_callbacks(target, noise_scale=kappa, act_noise_scale=kappa, **common), {}, False

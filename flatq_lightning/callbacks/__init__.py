@@ -31,6 +31,7 @@ def dnq_callbacks(
     stats_every: int = 16,
     momentum: float = 0.9,
     warmup_steps: int = 0,
+    warmup_fraction: float = 0.0,
     seed: int = 0,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -40,7 +41,8 @@ def dnq_callbacks(
 ) -> list[Callback]:
     """The DNQ callbacks wired together: recorder, differential weight noise, activation noise.
 
-    ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm attention modules
+    ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
+    (clean training first, then DNQ). ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm attention modules
     during fit (see :class:`QuantErrorRecorder`).
 
     Example:
@@ -64,13 +66,15 @@ def dnq_callbacks(
     if weight_noise:
         cbs.append(
             DifferentialNoiseInjection(
-                recorder, noise_scale=noise_scale, mode=mode, warmup_steps=warmup_steps, seed=seed, noise_source=noise_source
+                recorder, noise_scale=noise_scale, mode=mode, warmup_steps=warmup_steps, seed=seed,
+                warmup_fraction=warmup_fraction, noise_source=noise_source
             )
         )
     if act_noise:
         cbs.append(
             ActivationNoiseInjection(
-                recorder, p=p, noise_scale=act_noise_scale, seed=seed, warmup_steps=warmup_steps, noise_source=noise_source
+                recorder, p=p, noise_scale=act_noise_scale, seed=seed, warmup_steps=warmup_steps, noise_source=noise_source,
+                warmup_fraction=warmup_fraction,
             )
         )
     return cbs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -138,6 +139,25 @@ class _Snapshot:
         return _Snapshot(self.step, self.kappa, [None if t is None else t.to(device) for t in self.a], [t.to(device) for t in self.b])
 
 
+def _check_warmup(warmup_steps: int, warmup_fraction: float) -> None:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)) or not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction must be a float in [0, 1), got {warmup_fraction!r}")
+    if warmup_steps and warmup_fraction:
+        raise ValueError(f"give warmup_steps ({warmup_steps}) or warmup_fraction ({warmup_fraction}), not both")
+
+
+def _resolve_warmup(warmup_steps: int, warmup_fraction: float, trainer: pl.Trainer) -> int:
+    """The noise-free steps: ``warmup_steps``, or ``warmup_fraction`` of the fit's optimizer steps."""
+    if not warmup_fraction:
+        return warmup_steps
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("warmup_fraction needs a finite run (max_epochs or max_steps); give warmup_steps instead")
+    return int(warmup_fraction * total)
+
+
 def _kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, step: int) -> float:
     if step < warmup_steps:
         return 0.0
@@ -161,7 +181,8 @@ class DifferentialNoiseInjection(Callback):
     (e.g. :class:`Ramp`). ``noise_source`` picks exact generator noise or a fast pool of noise
     (``auto``: the pool for large models on the CPU, the generator elsewhere). Only the recorder's layers with
     a weight (``recorder.weight_layers``) are perturbed; weightless points (attention operands) get activation
-    noise only. Noise is keyed by the layer's index among those weighted layers.
+    noise only. Noise is keyed by the layer's index among those weighted layers. No noise for the first
+    ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (clean training first).
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4")
@@ -176,6 +197,7 @@ class DifferentialNoiseInjection(Callback):
         mode: str = "differential",
         warmup_steps: int = 0,
         seed: int = 0,
+        warmup_fraction: float = 0.0,
         noise_source: str = "auto",
         pool_fraction: float = 1 / 32,
     ) -> None:
@@ -186,8 +208,7 @@ class DifferentialNoiseInjection(Callback):
         if not callable(noise_scale):
             if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or noise_scale < 0:
                 raise ValueError(f"noise_scale must be a float >= 0 or a callable of the step, got {noise_scale!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        _check_warmup(warmup_steps, warmup_fraction)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
         if not 0.0 < pool_fraction <= 1.0:
@@ -199,6 +220,7 @@ class DifferentialNoiseInjection(Callback):
         self.noise_scale = noise_scale
         self.mode = mode
         self.warmup_steps = warmup_steps
+        self.warmup_fraction = float(warmup_fraction)
         self.seed = int(seed)
         self.noise_source = noise_source
         self.pool_fraction = float(pool_fraction)
@@ -362,6 +384,7 @@ class DifferentialNoiseInjection(Callback):
 
     # Lightning hooks ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
         self._prepare(pl_module)
         rec = self.recorder
         if not rec.weight_mean:
@@ -456,7 +479,8 @@ class ActivationNoiseInjection(Callback):
     """Stochastic activation noise: on training forwards, each selected layer input ``x`` becomes
     ``x + κ_a·ε`` with ``ε ~ N(μ_a, σ_a²)`` from the recorder's activation-error statistics, with
     probability ``p`` per layer and step (QDrop-style random dropping). Layers without statistics yet are
-    left alone. The choice of layers and the noise are seeded from ``(seed, step, batch_idx)``.
+    left alone. The choice of layers and the noise are seeded from ``(seed, step, batch_idx)``. No noise for the
+    first ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps.
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4")
@@ -473,6 +497,7 @@ class ActivationNoiseInjection(Callback):
         warmup_steps: int = 0,
         noise_source: str = "auto",
         pool_numel: int = 1 << 22,
+        warmup_fraction: float = 0.0,
     ) -> None:
         if not isinstance(recorder, QuantErrorRecorder):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
@@ -483,8 +508,7 @@ class ActivationNoiseInjection(Callback):
                 raise ValueError(f"noise_scale must be a float >= 0 or a callable of the step, got {noise_scale!r}")
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        _check_warmup(warmup_steps, warmup_fraction)
         if not recorder.record_activations:
             raise ValueError("the recorder was built with record_activations=False: activation noise needs its statistics")
         self.recorder = recorder
@@ -492,6 +516,7 @@ class ActivationNoiseInjection(Callback):
         self.noise_scale = noise_scale
         self.seed = int(seed)
         self.warmup_steps = warmup_steps
+        self.warmup_fraction = float(warmup_fraction)
         self.noise_source = noise_source
         self.pool_numel = int(pool_numel)
         self._handles: list[RemovableHandle] = []
@@ -506,6 +531,7 @@ class ActivationNoiseInjection(Callback):
         return self._generate_state_key(recorder=self.recorder.name, p=self.p)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
         kind = self.noise_source
         if kind == "auto":
             kind = "pool" if pl_module.device.type == "cpu" else "generator"

@@ -252,6 +252,32 @@ def test_ramp_schedule_and_warmup():
     assert noise.kappa(5) == pytest.approx(1.0) and noise.kappa(100) == 2.0
 
 
+def test_warmup_fraction_keeps_the_first_part_of_the_fit_clean():
+    """warmup_fraction = 0.5 of a 16-step fit: both noises off for steps 0-7, on from step 8."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Spy(Callback):
+        def __init__(self, noise, act):
+            self.noise, self.act, self.seen = noise, act, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            self.seen.append((step, self.noise.kappa(step), self.act._kappa))
+
+    cbs = dnq_callbacks("w4a4", warmup_fraction=0.5, stats_every=2)
+    noise, act = cbs[1], cbs[2]
+    spy = Spy(noise, act)
+    _, t = _fit([*cbs, spy], epochs=2)  # 8 batches per epoch
+    assert t.global_step == 16 and noise.warmup_steps == act.warmup_steps == 8
+    assert [(k, a) for s, k, a in spy.seen if s < 8] == [(0.0, 0.0)] * 8
+    assert all(k == 1.0 and a == 1.0 for s, k, a in spy.seen if s >= 8)
+    # a run with no finite length cannot resolve a fraction
+    rec = QuantErrorRecorder("w4a4")
+    late = DifferentialNoiseInjection(rec, warmup_fraction=0.5)
+    with pytest.raises(ValueError, match="warmup_fraction needs a finite run"):
+        _fit([rec, late], epochs=-1, max_steps=-1)
+
+
 def test_activation_noise_is_applied_with_probability_p():
     seed_everything(0)
     model = TinyLM()
@@ -295,6 +321,8 @@ def test_activation_noise_is_applied_with_probability_p():
         (lambda r: DifferentialNoiseInjection(r, noise_scale=-1.0), "noise_scale must be a float >= 0"),
         (lambda r: DifferentialNoiseInjection(r, noise_source="disk"), "noise_source must be one of"),
         (lambda r: DifferentialNoiseInjection(r, warmup_steps=-1), "warmup_steps must be an int >= 0"),
+        (lambda r: DifferentialNoiseInjection(r, warmup_fraction=1.0), r"warmup_fraction must be a float in \[0, 1\)"),
+        (lambda r: ActivationNoiseInjection(r, warmup_steps=4, warmup_fraction=0.5), "not both"),
         (lambda r: ActivationNoiseInjection(r, p=1.5), r"p must be a probability in \[0, 1\]"),
         (lambda r: ActivationNoiseInjection(r, p=-0.1), r"p must be a probability in \[0, 1\]"),
         (lambda r: ActivationNoiseInjection(r, noise_scale=-2), "noise_scale must be a float >= 0"),

@@ -45,6 +45,7 @@ EXPERIMENTS = [
     "quickstart",
     "cifar10_resnet20_plain",
     "cifar10_resnet20_dnq",
+    "cifar10_resnet20_dnq_w3a3",
     "cifar10_resnet20_sam",
     "imagenet_resnet50_dnq",
     "imagenet_vit_b16_dnq",
@@ -382,6 +383,19 @@ def test_summarize_sweep_and_comparison_table(tmp_path):
         {"bits": ["w4a4"], "variants": {"a": {"fp_top1": 1.0, "ptq": {}, "fit_seconds": 1}}}
     )
     assert "| W4A4 | — |" in table
+
+
+def test_w3a3_experiment_is_the_dnq_recipe_aimed_at_w3a3_with_a_clean_first_half(tmp_path):
+    w3, dnq = _compose(["experiment=cifar10_resnet20_dnq_w3a3"]), _compose(["experiment=cifar10_resnet20_dnq"])
+    assert w3.quant.preset == "w3a3" and dnq.quant.preset == "w4a4"
+    assert w3.callbacks.dnq.preset == "w3a3" and w3.callbacks.dnq.warmup_fraction == 0.5
+    for key in ("model", "data", "trainer", "ptq"):
+        assert w3[key] == dnq[key], key
+    assert w3.module.mse_preset == "w3a3"  # the MSE term (off by default) follows the target too
+    assert {k: v for k, v in w3.module.items() if k != "mse_preset"} == {k: v for k, v in dnq.module.items() if k != "mse_preset"}
+    rec, noise, act = instantiate_callbacks(w3.callbacks, checkpoint_dir=tmp_path)[:3]
+    assert (rec.weight_spec.bits, rec.act_spec.bits) == (3, 3)
+    assert noise.warmup_fraction == act.warmup_fraction == 0.5
 
 
 def test_sam_experiment_is_the_plain_recipe_with_sam():

@@ -245,14 +245,19 @@ def plots(results: list[dict[str, Any]], bits: tuple[str, ...], out: Path) -> No
     by: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by.setdefault(r["variant"], []).append(r)
+    # the methods run on several seeds (mean ± std as error bars); all of them when none has several
+    multi = {v: rs for v, rs in by.items() if len(rs) > 1} or by
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = list(range(len(bits) + 1))
-    for v, rs in by.items():
-        ys = [statistics.mean(r["fp_top1"] for r in rs)] + [statistics.mean(r["ptq"][b] for r in rs) for b in bits]
-        ax.plot(xs, ys, marker="o", label=v)
+    colors = plt.get_cmap("tab20").colors
+    for i, (v, rs) in enumerate(multi.items()):
+        cols = [[r["fp_top1"] for r in rs]] + [[r["ptq"][b] for r in rs] for b in bits]
+        ys = [statistics.mean(c) for c in cols]
+        err = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[i % len(colors)], label=f"{v} ({len(rs)} seeds)")
     ax.set_xticks(xs, ["FP", *[b.upper() for b in bits]])
     ax.set_ylabel("top-1 (%)")
-    ax.set_title("PTQ accuracy per training method")
+    ax.set_title("PTQ accuracy per training method (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -14,6 +14,7 @@ a 1-D filter-normalised loss slice) on clean weights. Variants:
     dnq_uniform      DiffQ-style uniform pseudo-quantization weight noise
     dnq_wa_trap      dnq_wa with the noise ramped in over the first 20% of the steps and cooled down over the last 20%
     dnq_wa_late      dnq_wa with no noise in the first half of the steps (clean training first, then DNQ)
+    dnq_wa_late_k05  dnq_wa_late at half the noise scale (κ = 0.5 for weights and activations)
 
 A DNQ variant takes its noise statistics from the W4A4 quantizer unless a target follows an ``@``:
 ``dnq_wa@w3a3`` trains with the statistics of the W3A3 quantizer it will meet (what a user sweeping bit-widths
@@ -64,7 +65,7 @@ from flatq_lightning.schedules import trapezoid  # noqa: E402
 BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 #: λ of the MSE variant (λ = 1 destabilised DNQ training on the digits quickstart; --mse-weight sets it)
 MSE_WEIGHT = 0.1
-VARIANTS = ("plain", "dnq_wa", "sam", "dnq_w", "dnq_wa_trap", "dnq_wa_mse", "dnq_uniform", "dnq_wa_addrem", "dnq_wa_late")
+VARIANTS = ("plain", "dnq_wa", "sam", "dnq_w", "dnq_wa_trap", "dnq_wa_mse", "dnq_uniform", "dnq_wa_addrem", "dnq_wa_late", "dnq_wa_late_k05")
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"train_subset": 10_000, "epochs": 10, "batch_size": 128, "precision": "32-true", "seeds": [0], "accelerator": "cpu"},
     "gpu": {"train_subset": None, "epochs": 30, "batch_size": 256, "precision": "bf16-mixed", "seeds": [0, 1, 2], "accelerator": "gpu"},
@@ -121,6 +122,8 @@ def variant_setup(
         return dnq_callbacks(target, mode="uniform", act_noise=False, **common), {}, False
     if base == "dnq_wa_late":
         return dnq_callbacks(target, warmup_fraction=0.5, **common), {}, False
+    if base == "dnq_wa_late_k05":
+        return dnq_callbacks(target, warmup_fraction=0.5, noise_scale=0.5, act_noise_scale=0.5, **common), {}, False
     if base == "dnq_wa_trap":
         kappa = trapezoid(total_steps, up=0.2, down=0.2)
         return dnq_callbacks(target, noise_scale=kappa, act_noise_scale=kappa, **common), {}, False

@@ -50,6 +50,10 @@ def test_quality_variants_build_the_right_callbacks():
     noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
     act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
     assert noise.warmup_fraction == act.warmup_fraction == 0.5 and noise.warmup_steps == act.warmup_steps == 0
+    cbs, _, _ = q.variant_setup("dnq_wa_late_k05", 100, 0)
+    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
+    act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
+    assert noise.warmup_fraction == act.warmup_fraction == 0.5 and noise.kappa(60) == act.noise_scale == 0.5
     with pytest.raises(ValueError, match="unknown variant"):
         q.variant_setup("nope", 100, 0)
 

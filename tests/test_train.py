@@ -396,6 +396,23 @@ def test_w3a3_experiment_is_the_dnq_recipe_aimed_at_w3a3_with_a_clean_first_half
     rec, noise, act = instantiate_callbacks(w3.callbacks, checkpoint_dir=tmp_path)[:3]
     assert (rec.weight_spec.bits, rec.act_spec.bits) == (3, 3)
     assert noise.warmup_fraction == act.warmup_fraction == 0.5
+    # the docs report this experiment's DNQ settings through the quality benchmark's dnq_wa_late@w3a3 variant:
+    # the callbacks must be configured alike (the benchmark's training schedule is its own, shorter one)
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    )
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    b_rec, b_noise, b_act = quality.variant_setup("dnq_wa_late@w3a3", total_steps=100, seed=0)[0]
+
+    def settings(rec, noise, act):
+        return (
+            (rec.weight_spec, rec.act_spec, rec.stats_every, rec.momentum, rec.keep_first_last_8bit),
+            (noise.mode, noise.noise_scale, noise.warmup_steps, noise.warmup_fraction, noise.noise_source),
+            (act.p, act.noise_scale, act.warmup_steps, act.warmup_fraction, act.noise_source),
+        )
+
+    assert settings(rec, noise, act) == settings(b_rec, b_noise, b_act)
 
 
 def test_sam_experiment_is_the_plain_recipe_with_sam():

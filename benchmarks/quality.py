@@ -58,8 +58,8 @@ from flatq_lightning.flatness import (  # noqa: E402
 )
 from flatq_lightning.models import create_model  # noqa: E402
 from flatq_lightning.module import ImageClassifier  # noqa: E402
-from flatq_lightning.quant import QuantSpec  # noqa: E402
 from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
+from flatq_lightning.quant import QuantSpec  # noqa: E402
 from flatq_lightning.schedules import trapezoid  # noqa: E402
 
 BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")

@@ -257,7 +257,7 @@ def plots(results: list[dict[str, Any]], bits: tuple[str, ...], out: Path) -> No
         cols = [[r["fp_top1"] for r in rs]] + [[r["ptq"][b] for r in rs] for b in bits]
         ys = [statistics.mean(c) for c in cols]
         err = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[i % len(colors)], label=f"{v} ({len(rs)} seeds)")
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[i % len(colors)], label=f"{v} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
     ax.set_xticks(xs, ["FP", *[b.upper() for b in bits]])
     ax.set_ylabel("top-1 (%)")
     ax.set_title("PTQ accuracy per training method (mean ± std over seeds)")

@@ -87,6 +87,31 @@ def test_quality_summary_table():
     assert "70.50 ± 0.71" in lines[2] and "2.00x" in lines[3]
 
 
+def test_quality_accuracy_plot_shows_the_multi_seed_methods_with_error_bars(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    q = _load("quality")
+    rows = [
+        {"variant": v, "seed": s, "fp_top1": 70.0 + s, "ptq": {"w4a4": 60.0 + 2 * s},
+         "flatness": {"hessian_trace": 5.0, "top_eig": 1.0}, "landscape": {"alphas": [-1.0, 0.0, 1.0], "losses": [2.0, 1.0, 2.0]}}
+        for v, seeds in (("plain", (0, 1)), ("dnq_wa", (0, 1)), ("sam", (0,))) for s in seeds
+    ]
+    calls, errorbar = [], matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kw):
+        calls.append((kw["label"], list(yerr)))
+        return errorbar(self, x, y, yerr=yerr, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    q.plots(rows, ("w4a4",), tmp_path)
+    assert [c[0] for c in calls] == ["plain (2 seeds)", "dnq_wa (2 seeds)"]  # the one-seed SAM run is left out
+    assert calls[0][1] == pytest.approx([0.7071, 1.4142], abs=1e-4)  # std over seeds of FP and W4A4
+    assert (tmp_path / "quality_accuracy_vs_bits.png").stat().st_size > 0
+    calls.clear()
+    q.plots(rows[-1:], ("w4a4",), tmp_path)  # no method with several seeds: all of them, without bars
+    assert calls == [("sam (1 seed)", [0.0, 0.0])]
+
+
 def test_overhead_callback_bytes_counts_the_pool_not_weights():
     o = _load("overhead")
     rec = QuantErrorRecorder("w4a4")

@@ -182,7 +182,8 @@ class DifferentialNoiseInjection(Callback):
     (``auto``: the pool for large models on the CPU, the generator elsewhere). Only the recorder's layers with
     a weight (``recorder.weight_layers``) are perturbed; weightless points (attention operands) get activation
     noise only. Noise is keyed by the layer's index among those weighted layers. No noise for the first
-    ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (clean training first).
+    ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (clean training first;
+    the fraction is resolved at train start, and ``warmup_steps`` then holds the step count).
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4")
@@ -480,7 +481,8 @@ class ActivationNoiseInjection(Callback):
     ``x + κ_a·ε`` with ``ε ~ N(μ_a, σ_a²)`` from the recorder's activation-error statistics, with
     probability ``p`` per layer and step (QDrop-style random dropping). Layers without statistics yet are
     left alone. The choice of layers and the noise are seeded from ``(seed, step, batch_idx)``. No noise for the
-    first ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps.
+    first ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (resolved at train
+    start into ``warmup_steps``).
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4")

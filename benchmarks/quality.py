@@ -188,6 +188,51 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
     }
 
 
+def run_dir(out: Path, name: str) -> Path:
+    """The folder of one variant's runs: ``<out>/<variant>/`` (``seed<k>.pt``, ``seed<k>.json``)."""
+    return Path(out) / name
+
+
+def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> Path:
+    """Train one variant on one seed and save its weights and training record; no PTQ (see ``--evaluate``).
+
+    Writes ``<out>/<variant>/seed<k>.pt`` (the state dict as fit left it: for DNQ, BatchNorm statistics
+    gathered under noise) and ``seed<k>.json`` with the training time and settings.
+    """
+    pl.seed_everything(seed, workers=True)
+    dm = make_datamodule(args.data, size)
+    steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
+    cbs, extra, use_sam = variant_setup(name, steps, seed, args.mse_weight)
+    kwargs = dict(
+        model=args.model, num_classes=10, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, scheduler="onecycle", warmup_fraction=0.15, **extra,
+    )
+    module = ImageClassifier(sam_rho=args.rho if use_sam else 0.0, **kwargs)
+    timer = _Timer()
+    trainer = pl.Trainer(
+        accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],
+        logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer],
+    )
+    trainer.fit(module, datamodule=dm)
+    d = run_dir(args.out, name)
+    d.mkdir(parents=True, exist_ok=True)
+    net = module.model.eval()
+    tmp = d / f".seed{seed}.pt.tmp"
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+    tmp.replace(d / f"seed{seed}.pt")
+    record = {
+        "variant": name, "seed": seed, "train_s": timer.seconds, "train_cpu_s": timer.cpu_seconds,
+        "steps": trainer.global_step, "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join(sys.argv),
+        "settings": {**size, "model": args.model, "lr": args.lr, "rho": args.rho},
+        "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads" if size["accelerator"] == "cpu" else torch.cuda.get_device_name(),
+    }
+    tmpj = d / f".seed{seed}.train.json.tmp"
+    tmpj.write_text(json.dumps(record, indent=1))
+    tmpj.replace(d / f"seed{seed}.train.json")
+    return d / f"seed{seed}.pt"
+
+
 def measure_flatness(net: torch.nn.Module, probe: list[Any], n_probes: int) -> dict[str, Any]:
     return {
         "hessian_trace": hessian_trace(net, classification_loss, probe, n_probes=n_probes, seed=0),
@@ -302,6 +347,8 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], help="another run's out dir whose results to merge in")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plots from the JSON, train nothing")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train and save <out>/<variant>/seed<k>.pt and .train.json; no PTQ")
     ap.add_argument("--remeasure-flatness", action="store_true",
                     help="train nothing: measure Hessian trace and top eigenvalue again on <out>/models/*.pt "
                          "with --flat-batches and --flat-probes")
@@ -323,6 +370,15 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        for seed in size["seeds"]:
+            for v in args.variants.split(","):
+                if (run_dir(out, v) / f"seed{seed}.pt").exists() and not args.fresh:
+                    continue
+                t0 = time.time()
+                path = train_and_save(v, seed, args, size)
+                print(f"[{v} seed {seed}] trained in {time.time() - t0:.0f}s -> {path}", flush=True)
+        return
     store = out / "quality.json"
     doc: dict[str, Any] = json.loads(store.read_text()) if store.exists() and not args.fresh else {}
     doc.setdefault("results", [])

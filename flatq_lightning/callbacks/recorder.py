@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..quant.attention import attach_attention_points, detach_attention_points
+from ..quant.observers import RangeObserver, make_observer
 from ..quant.ops import (
     compute_qparams,
     mean_square,
@@ -46,8 +47,10 @@ class QuantErrorRecorder(Callback):
 
     Per selected layer (Conv/Linear, first/last at 8 bit by default) it keeps EMAs of
     - the per-output-channel mean and variance of ``Q_w(W) - W`` on the clean weight, plus the channel scale;
-    - the per-tensor input range ``[lo, hi]`` (EMA of batch min/max) and the mean and variance of
-      ``Q_a(x) - x`` for the training inputs under that range.
+    - the per-tensor input range ``[lo, hi]`` and the mean and variance of ``Q_a(x) - x`` for the training
+      inputs under that range. The range comes from the activation spec's own observer
+      (:func:`~flatq_lightning.quant.make_observer`, ``momentum`` as its EMA momentum): the class PTQ
+      calibration uses, so min-max, percentile or MSE ranges are the same in training and in PTQ.
     Statistics refresh every ``stats_every`` optimizer steps (the first measurement initialises the EMA),
     activation statistics are averaged over DDP ranks, and per-layer SQNR (dB) plus model means go to the
     Trainer's loggers on each refresh.
@@ -111,12 +114,15 @@ class QuantErrorRecorder(Callback):
         self.act_mean: dict[str, Tensor] = {}
         self.act_var: dict[str, Tensor] = {}
         self.act_sqnr_db: dict[str, Tensor] = {}
+        #: one range observer per layer input (``make_observer(act_spec, momentum)``), seeded from act_lo/act_hi
+        self.act_observers: dict[str, RangeObserver] = {}
         self.weight_refreshed_at = -1
         self.act_refreshed_at = -1
         #: set by a noise injector that owns the timing of weight refreshes (it knows when weights are clean)
         self.weight_refresh_owner: Callback | None = None
         self._handles: list[RemovableHandle] = []
         self._measuring = False
+        self._measure_step = -1
         self._pending: dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
         # (module, point names) of the attention points this recorder attached, removed at the end of fit
         self._attached: tuple[nn.Module, list[str]] | None = None
@@ -186,6 +192,7 @@ class QuantErrorRecorder(Callback):
         for d in self._stat_dicts().values():
             for k, v in d.items():
                 d[k] = v.to(device)
+        self.act_observers.clear()  # re-seeded (on the device) from act_lo/act_hi on first use
 
     # weights ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,14 +230,22 @@ class QuantErrorRecorder(Callback):
 
         return hook
 
+    def act_observer(self, name: str) -> RangeObserver:
+        """The range observer of a layer input: the act spec's observer with ``momentum`` as its EMA."""
+        obs = self.act_observers.get(name)
+        if obs is None:
+            obs = self.act_observers[name] = make_observer(self.specs[name][1], self.momentum)
+            if name in self.act_lo:  # restored from a checkpoint: continue its EMA
+                obs.lo, obs.hi, obs.count = self.act_lo[name], self.act_hi[name], 1
+        return obs
+
     @torch.no_grad()
     def _measure_input(self, name: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         spec = self.specs[name][1]
         xf = x.float()
-        lo, hi = torch.aminmax(xf)
-        if name in self.act_lo:  # EMA of the batch range, as PTQ calibration would see it over training
-            m = self.momentum
-            lo, hi = m * self.act_lo[name] + (1 - m) * lo, m * self.act_hi[name] + (1 - m) * hi
+        obs = self.act_observer(name)
+        # the observer's running range after this batch (committed, averaged over ranks, at batch end)
+        lo, hi = obs.merged(*obs.batch_range(xf))
         scale, zp = qparams_from_range(lo, hi, spec)
         mean, var = quant_error_stats(xf, spec, scale, zp)
         sig = mean_square(xf)
@@ -241,6 +256,7 @@ class QuantErrorRecorder(Callback):
         self._measuring = (
             self.record_activations and self.is_refresh_step(step) and step != self.act_refreshed_at
         )
+        self._measure_step = step  # global_step moves on with the optimizer step before batch end
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -266,13 +282,14 @@ class QuantErrorRecorder(Callback):
         m = self.momentum
         for i, n in enumerate(names):
             lo, hi, mean, var, sig = packed[i].unbind()
-            self.act_lo[n], self.act_hi[n] = lo, hi  # already EMA-ed in _measure_input
+            self.act_observer(n).assign(lo, hi)  # the observer's merge, computed in _measure_input
+            self.act_lo[n], self.act_hi[n] = lo, hi
             if n in self.act_mean:
                 mean = m * self.act_mean[n] + (1 - m) * mean
                 var = m * self.act_var[n] + (1 - m) * var
             self.act_mean[n], self.act_var[n] = mean, var
             self.act_sqnr_db[n] = sqnr_db_from_error_stats(sig, mean, var)
-        self.act_refreshed_at = trainer.global_step
+        self.act_refreshed_at = self._measure_step
         self.log_stats(trainer)
 
     def log_stats(self, trainer: pl.Trainer) -> None:
@@ -345,5 +362,6 @@ class QuantErrorRecorder(Callback):
         for k, d in self._stat_dicts().items():
             d.clear()
             d.update(state_dict.get(k, {}))
+        self.act_observers.clear()  # re-seeded from act_lo/act_hi on first use
         self.weight_refreshed_at = state_dict.get("weight_refreshed_at", -1)
         self.act_refreshed_at = state_dict.get("act_refreshed_at", -1)

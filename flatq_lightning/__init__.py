@@ -24,6 +24,8 @@ from .quant import (
     fold_batchnorm,
     quant_error_stats,
     quantize_model,
+    reestimate_bn,
+    reestimate_bn_quantized,
     select_modules,
     sqnr_db,
 )
@@ -54,6 +56,8 @@ __all__ = [
     "fold_batchnorm",
     "quant_error_stats",
     "quantize_model",
+    "reestimate_bn",
+    "reestimate_bn_quantized",
     "select_modules",
     "sqnr_db",
 ]

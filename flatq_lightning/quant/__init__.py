@@ -8,6 +8,7 @@ from .attention import (
     detach_attention_points,
     is_patched_attention,
 )
+from .bn import bn_state, load_bn_state, reestimate_bn
 from .observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver, make_observer
 from .ops import (
     check_finite,
@@ -24,7 +25,15 @@ from .ops import (
     sqnr_db,
     sqnr_db_from_error_stats,
 )
-from .ptq import QuantizedLayer, batch_inputs, calibrate, fold_batchnorm, quantize_model, quantized_layers
+from .ptq import (
+    QuantizedLayer,
+    batch_inputs,
+    calibrate,
+    fold_batchnorm,
+    quantize_model,
+    quantized_layers,
+    reestimate_bn_quantized,
+)
 from .spec import QuantSpec, parse_bits, preset_name
 from .targets import QUANTIZABLE_TYPES, first_last_names, has_weight, layer_specs, select_modules
 
@@ -41,6 +50,10 @@ __all__ = [
     "attach_attention_points",
     "attention_points",
     "batch_inputs",
+    "bn_state",
+    "load_bn_state",
+    "reestimate_bn",
+    "reestimate_bn_quantized",
     "calibrate",
     "check_finite",
     "compute_qparams",

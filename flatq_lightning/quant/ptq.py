@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .attention import attach_attention_points, detach_attention_points
+from .bn import bn_state, load_bn_state, reestimate_bn
 from .observers import RangeObserver, make_observer
 from .ops import compute_qparams, fake_quantize, sqnr_db
 from .spec import QuantSpec
 from .targets import has_weight, layer_specs, select_modules
 
-__all__ = ["fold_batchnorm", "QuantizedLayer", "quantize_model", "calibrate", "quantized_layers", "batch_inputs"]
+__all__ = [
+    "fold_batchnorm",
+    "QuantizedLayer",
+    "quantize_model",
+    "calibrate",
+    "quantized_layers",
+    "batch_inputs",
+    "reestimate_bn_quantized",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -204,15 +213,18 @@ def batch_inputs(batch: Any) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], max_batches: int | None = None, momentum: float | None = None
+) -> int:
     """Set the activation qparams of every :class:`QuantizedLayer` in ``model`` from ``batches``.
 
-    One pass with quantized weights and float activations; each layer's observer follows its act spec.
-    Returns the number of batches used (warns if there were none).
+    One pass with quantized weights and float activations; each layer's observer follows its act spec
+    (:func:`~flatq_lightning.quant.make_observer`; ``momentum`` turns it into the EMA the
+    :class:`~flatq_lightning.QuantErrorRecorder` keeps during training). Returns the number of batches used.
     """
     layers = [m for _, m in quantized_layers(model) if m.act_spec is not None]
     for m in layers:
-        m.observer = make_observer(m.act_spec)
+        m.observer = make_observer(m.act_spec, momentum)
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -248,6 +260,11 @@ def quantize_model(
     fold_bn: bool = False,
     max_calib_batches: int | None = None,
     attention_points: bool = True,
+    act_momentum: float | None = None,
+    bn_reestimate: bool = False,
+    bn_batches: Iterable[Any] | None = None,
+    max_bn_batches: int | None = None,
+    bn_transform: Callable[[Tensor], Tensor] | None = None,
 ) -> nn.Module:
     """A new eval-mode model whose selected layers run fake-quantized weights and inputs.
 
@@ -261,6 +278,13 @@ def quantize_model(
     ``False`` quantizes only the Conv/Linear inputs (and removes points the copy may carry). Points never
     count as the first/last layer.
 
+    With ``bn_reestimate`` the BatchNorm running statistics are first re-estimated for this quantizer
+    (:func:`reestimate_bn_quantized`: weights quantized, BN not yet folded, activation quantizers on) on
+    ``bn_batches`` (default: the calibration batches; ``bn_transform`` applied to each input, e.g. the
+    training augmentation), then BN is folded (when ``fold_bn``) and the activations calibrated as usual.
+    ``act_momentum`` makes the activation observers EMAs of the batch ranges (what the recorder keeps during
+    training); ``None`` is the observer's plain running range.
+
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> w, a = QuantSpec.parse("w4a4")
@@ -268,6 +292,18 @@ def quantize_model(
         >>> q(torch.randn(2, 4)).shape
         torch.Size([2, 2])
     """
+    if not isinstance(bn_reestimate, bool):
+        raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
+    if act_spec is not None and calib_batches is None:
+        raise ValueError("quantize_model: activation quantization needs calib_batches")
+    if bn_reestimate:
+        calib_batches = list(calib_batches) if calib_batches is not None else None
+        model = reestimate_bn_quantized(
+            model, weight_spec, act_spec, bn_batches if bn_batches is not None else (calib_batches or []),
+            calib_batches=calib_batches, keep_first_last_8bit=keep_first_last_8bit, include=include,
+            exclude=exclude, max_batches=max_bn_batches, transform=bn_transform,
+            attention_points=attention_points, act_momentum=act_momentum, max_calib_batches=max_calib_batches,
+        )
     qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     points = attention_points and act_spec is not None  # weight-only rows: points would quantize nothing
     if points:
@@ -291,7 +327,56 @@ def quantize_model(
             QuantizedLayer(mod, ws if weight_spec and has_weight(mod) else None, as_ if act_spec else None),
         )
     if act_spec is not None:
-        if calib_batches is None:
-            raise ValueError("quantize_model: activation quantization needs calib_batches")
-        calibrate(qmodel, calib_batches, max_calib_batches)
+        calibrate(qmodel, calib_batches, max_calib_batches, momentum=act_momentum)
     return qmodel.eval()
+
+
+def reestimate_bn_quantized(
+    model: nn.Module,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
+    batches: Iterable[Any],
+    calib_batches: Iterable[Any] | None = None,
+    keep_first_last_8bit: bool = True,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    max_batches: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    attention_points: bool = True,
+    act_momentum: float | None = None,
+    max_calib_batches: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` (float weights, BN unfolded) whose BatchNorm running statistics were re-estimated
+    on the *quantized* network: a clean re-estimation first, then weights quantized and activation quantizers
+    on (calibrated on ``calib_batches``, default ``batches``, under those clean statistics), then
+    :func:`~flatq_lightning.quant.bn.reestimate_bn` on ``batches`` again.
+
+    This is AIMET's BN re-estimation: the statistics the quantized network produces, so that folding them
+    afterwards gives the quantized network the normalisation it needs. With both specs ``None`` (16 bits) it
+    is a clean re-estimation. The input model is not changed.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> w, a = QuantSpec.parse("w4a4")
+        >>> re = reestimate_bn_quantized(net, w, a, [torch.randn(8, 3, 6, 6)])
+        >>> bool(re[1].running_var.ne(net[1].running_var).any()), bool(re[0].weight.equal(net[0].weight))
+        (True, True)
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("reestimate_bn_quantized: the BN re-estimation batches are empty")
+    # the activation quantizers are calibrated under statistics that fit the batches (a clean re-estimation
+    # first): calibrated under stale statistics (those gathered under noise), their ranges would clip the
+    # re-estimation's own, batch-normalised activations
+    q = copy.deepcopy(model)
+    reestimate_bn(q, batches, max_batches=max_batches, transform=transform)
+    if weight_spec is not None or act_spec is not None:
+        q = quantize_model(
+            q, weight_spec, act_spec, calib_batches=calib_batches if calib_batches is not None else batches,
+            keep_first_last_8bit=keep_first_last_8bit, include=include, exclude=exclude, fold_bn=False,
+            max_calib_batches=max_calib_batches, attention_points=attention_points, act_momentum=act_momentum,
+        )
+    reestimate_bn(q, batches, max_batches=max_batches, transform=transform)
+    out = copy.deepcopy(model)
+    load_bn_state(out, bn_state(q))
+    return out

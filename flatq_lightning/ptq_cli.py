@@ -49,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="evaluation/calibration batch size")
     p.add_argument("--num-workers", type=int, default=None, help="dataloader workers")
     p.add_argument("--calib-batches", type=int, default=32, help="calibration batches (default 32)")
-    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"))
+    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"),
+                   help="weight observer, and activation observer unless --act-observer is given (default minmax)")
+    p.add_argument("--act-observer", default=None, choices=("minmax", "percentile", "mse"),
+                   help="activation observer (default: --observer)")
+    p.add_argument("--bn-reestimate", action="store_true",
+                   help="re-estimate BatchNorm statistics per bit-width on the quantized network before folding")
+    p.add_argument("--bn-batches", type=int, default=32, help="training batches for --bn-reestimate (default 32)")
+    p.add_argument("--bn-stats", default="clean", choices=("clean", "noisy"),
+                   help="start from the checkpoint's BatchNorm statistics re-estimated on clean weights (the "
+                   "model's own, default) or from those gathered under DNQ noise (kept in the checkpoint as "
+                   "'flatq_noisy_bn')")
     p.add_argument(
         "--no-keep-first-last-8bit",
         dest="keep_first_last_8bit",
@@ -113,8 +123,10 @@ def datamodule_from_checkpoint(
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from .callbacks.noise import NOISY_BN_KEY
     from .data.base import DataNotFoundError
     from .module import ImageClassifier
+    from .quant.bn import load_bn_state
 
     try:
         from . import run_ptq  # type: ignore[attr-defined]
@@ -142,6 +154,14 @@ def _run(args: argparse.Namespace) -> int:
         "num_workers": args.num_workers,
     }
     dm = datamodule_from_checkpoint(raw, args.data, overrides)
+    if args.bn_stats == "noisy":
+        noisy = raw.get(NOISY_BN_KEY)
+        if not noisy:
+            raise _CliError(
+                f"--bn-stats noisy: the checkpoint has no '{NOISY_BN_KEY}' (it was not trained with DNQ noise, or "
+                "with clean_bn_batches=0): its BatchNorm statistics are the only set"
+            )
+        load_bn_state(module, noisy)
     del raw
     try:
         dm.prepare_data()
@@ -165,6 +185,11 @@ def _run(args: argparse.Namespace) -> int:
             keep_first_last_8bit=args.keep_first_last_8bit,
             device=device,
             progress=args.progress,
+            act_observer=args.act_observer,
+            bn_reestimate=args.bn_reestimate,
+            bn_batches=args.bn_batches,
+            bn_loader=dm.train_dataloader(),
+            bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
         )
     except ValueError as err:
         raise _CliError(str(err)) from None

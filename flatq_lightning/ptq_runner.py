@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .quant import (
     preset_name,
     quantize_model,
     quantized_layers,
+    reestimate_bn_quantized,
     select_modules,
     sqnr_db,
 )
@@ -107,17 +108,24 @@ def validate_ptq_args(
     return norm, _patterns(include, "include"), _patterns(exclude, "exclude")
 
 
-def specs_for(bits: str, observer: str = "minmax") -> tuple[QuantSpec | None, QuantSpec | None]:
+def specs_for(
+    bits: str, observer: str = "minmax", act_observer: str | None = None
+) -> tuple[QuantSpec | None, QuantSpec | None]:
     """``(weight_spec, act_spec)`` for a preset; a side at >= 16 bits is ``None`` (stays float).
+
+    ``observer`` picks the weight observer and, unless ``act_observer`` is given, the activation observer.
 
     Example:
         >>> w, a = specs_for("w4a16")
         >>> (w.bits, a)
         (4, None)
+        >>> w, a = specs_for("w4a4", "mse", act_observer="percentile")
+        >>> (w.observer, a.observer)
+        ('mse', 'percentile')
     """
     wb, ab = parse_bits(bits)
     w = QuantSpec.weight(wb, observer=observer) if wb < FLOAT_BITS else None
-    a = QuantSpec.activation(ab, observer=observer) if ab < FLOAT_BITS else None
+    a = QuantSpec.activation(ab, observer=act_observer or observer) if ab < FLOAT_BITS else None
     return w, a
 
 
@@ -288,6 +296,12 @@ def run_ptq(
     progress: bool = True,
     export_dir: str | os.PathLike | None = None,
     attention_points: bool = True,
+    act_observer: str | None = None,
+    bn_reestimate: bool = False,
+    bn_batches: int = 32,
+    bn_loader: Iterable[Any] | None = None,
+    bn_transform: Callable[[Tensor], Tensor] | None = None,
+    evaluate_fp: bool = True,
 ) -> PTQReport:
     """Fold BN, calibrate, quantize at each bit-width and evaluate top-1/top-5 against the FP network.
 
@@ -300,7 +314,17 @@ def run_ptq(
         eval_loader: ``(inputs, targets)`` batches on which the FP network and every quantized copy are
             evaluated.
         bits: presets ``"w<b>a<b>"``; a side at 16 bits stays float (``"w4a16"`` weight-only).
-        observer: range observer for weights and activations: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        observer: range observer for the weights (and the activations unless ``act_observer`` is given):
+            ``"minmax"``, ``"percentile"`` or ``"mse"`` (MSE-optimal clipping searched per channel).
+        act_observer: range observer for the activations (default: ``observer``).
+        bn_reestimate: per bit-width, re-estimate the BatchNorm running statistics on the quantized network
+            (weights quantized, BN not yet folded, activation quantizers on) before folding and calibrating
+            (AIMET's BN re-estimation; :func:`~flatq_lightning.quant.reestimate_bn_quantized`).
+        bn_batches: how many batches of ``bn_loader`` the re-estimation averages over.
+        bn_loader: batches for the re-estimation (default: ``calib_loader``); give training batches, and the
+            training augmentation as ``bn_transform``, so the statistics see what training saw.
+        evaluate_fp: ``False`` skips the FP evaluation (when the caller has it already): the report's FP
+            accuracies and the drops are then NaN.
         keep_first_last_8bit: keep the first and last selected layer at (at least) 8 bits.
         include, exclude: shell patterns on layer names (see ``select_modules``).
         device: where the copies run (default: the model's device).
@@ -322,6 +346,13 @@ def run_ptq(
     """
     t0 = time.perf_counter()
     bits_t, inc, exc = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+    if act_observer is not None and act_observer not in OBSERVERS:
+        raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
+    if not isinstance(bn_reestimate, bool):
+        raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
+        raise ValueError(f"bn_batches must be a positive int (number of BN re-estimation batches), got {bn_batches!r}")
+    act_obs = act_observer or observer
     _check_loader(eval_loader, "eval_loader")
     need_calib = any(specs_for(b)[1] is not None for b in bits_t)
     if need_calib:
@@ -353,23 +384,42 @@ def run_ptq(
                 UserWarning,
                 stacklevel=2,
             )
+    bn_data: list[Tensor] = []
+    if bn_reestimate:
+        if bn_loader is None:
+            bn_loader = calib_loader
+        _check_loader(bn_loader, "bn_loader")
+        bn_data = [batch_inputs(b) for b in itertools.islice(bn_loader, bn_batches)]
+        if not bn_data:
+            raise ValueError("run_ptq: bn_loader yielded no batches for the BN re-estimation")
     timing["calib_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fp_model = copy.deepcopy(net).eval().to(dev)
-    fp_acc, n_eval, num_classes = evaluate_topk(fp_model, eval_loader, dev, progress=progress, desc="eval fp")
-    del fp_model
+    n_eval, num_classes = 0, 0
+    fp_acc = {1: float("nan"), 5: float("nan")}
+    if evaluate_fp:
+        fp_model = copy.deepcopy(net).eval().to(dev)
+        fp_acc, n_eval, num_classes = evaluate_topk(fp_model, eval_loader, dev, progress=progress, desc="eval fp")
+        del fp_model
     timing["fp_eval_s"] = time.perf_counter() - t
 
     rows: list[PTQRow] = []
     bar = _progress(bits_t, progress, desc="PTQ", total=len(bits_t))
     for b in bar:
         t = time.perf_counter()
-        ws, as_ = specs_for(b, observer)
+        ws, as_ = specs_for(b, observer, act_obs)
         wb, ab = parse_bits(b)
         cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if as_ is not None else None
+        source = folded
+        if bn_reestimate:
+            reest = reestimate_bn_quantized(
+                net, ws, as_, bn_data, calib_batches=calib or None, keep_first_last_8bit=keep_first_last_8bit,
+                include=inc, exclude=exc, transform=bn_transform, attention_points=attention_points,
+            )
+            source = fold_batchnorm(reest).to(dev)
+            del reest
         qmodel = quantize_model(
-            folded,
+            source,
             ws,
             as_,
             calib_batches=cal,
@@ -381,7 +431,8 @@ def run_ptq(
         layers = _layer_sqnr(qmodel, calib[0] if (as_ is not None and calib) else None, dev)
         t_q = time.perf_counter() - t
         t = time.perf_counter()
-        acc, _, _ = evaluate_topk(qmodel, eval_loader, dev, progress=progress, desc=f"eval {b}")
+        acc, n_q, c_q = evaluate_topk(qmodel, eval_loader, dev, progress=progress, desc=f"eval {b}")
+        n_eval, num_classes = n_eval or n_q, num_classes or c_q
         t_e = time.perf_counter() - t
         if export_dir is not None:
             from .export import save_quantized
@@ -390,7 +441,8 @@ def run_ptq(
                 qmodel,
                 Path(export_dir) / f"quantized_{b}.safetensors",
                 folded_bn_pairs=pairs,
-                metadata={"bits": b, "observer": observer, "top1": acc[1], "top5": acc[5]},
+                metadata={"bits": b, "observer": observer, "act_observer": act_obs, "bn_reestimate": bn_reestimate,
+                          "top1": acc[1], "top5": acc[5]},
             )
         del qmodel
         rows.append(
@@ -405,6 +457,7 @@ def run_ptq(
                 layers=layers,
                 quantize_seconds=t_q,
                 eval_seconds=t_e,
+                bn_reestimated=bn_reestimate,
             )
         )
         if hasattr(bar, "set_postfix"):
@@ -420,6 +473,9 @@ def run_ptq(
         kept_8bit=kept,
         keep_first_last_8bit=keep_first_last_8bit,
         observer=observer,
+        act_observer=act_obs,
+        bn_reestimate=bn_reestimate,
+        bn_batches=len(bn_data),
         include=inc,
         exclude=exc,
         calib_batches=len(calib),

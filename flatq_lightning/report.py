@@ -84,6 +84,8 @@ class PTQRow:
     layers: list[LayerSQNR] = field(default_factory=list)
     quantize_seconds: float = 0.0
     eval_seconds: float = 0.0
+    #: the BatchNorm statistics were re-estimated for this quantizer before folding (``run_ptq(bn_reestimate=True)``)
+    bn_reestimated: bool = False
 
 
 @dataclass
@@ -110,6 +112,10 @@ class PTQReport:
     kept_8bit: list[str] = field(default_factory=list)
     keep_first_last_8bit: bool = True
     observer: str = "minmax"
+    #: the activation observer (``observer`` is the weight observer)
+    act_observer: str = "minmax"
+    bn_reestimate: bool = False
+    bn_batches: int = 0
     include: list[str] | None = None
     exclude: list[str] | None = None
     calib_batches: int = 0
@@ -160,6 +166,7 @@ class PTQReport:
             r["layers"] = [LayerSQNR(**layer) for layer in r.get("layers", [])]
             rows.append(PTQRow(**r))
         d["folded_bn_pairs"] = [tuple(p) for p in d.get("folded_bn_pairs", [])]
+        d.setdefault("act_observer", d.get("observer", "minmax"))  # reports before the two observers
         return cls(rows=rows, **d)
 
     def to_json(self, path: PathLike | None = None) -> str:
@@ -220,8 +227,11 @@ class PTQReport:
         return (
             f"Layer policy: keep_first_last_8bit={self.keep_first_last_8bit} (first/last layers kept at 8 bit: "
             f"{kept}); weights symmetric per output channel, activations asymmetric per tensor; "
-            f"observer={self.observer}; calibration on {self.calib_batches} batch(es) "
-            f"(requested {self.calib_batches_requested}){sel}."
+            f"weight observer={self.observer}, activation observer={self.act_observer}; calibration on "
+            f"{self.calib_batches} batch(es) (requested {self.calib_batches_requested}); BatchNorm statistics "
+            + (f"re-estimated per bit-width on the quantized network ({self.bn_batches} batches) before folding"
+               if self.bn_reestimate else "folded as they are (no re-estimation)")
+            + f"{sel}."
         )
 
     def folded_line(self) -> str:

@@ -207,6 +207,7 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
 
     p = cfg.ptq
     calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
+    augment = getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None
     return run_ptq(
         module,
         calib,
@@ -219,6 +220,11 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         exclude=OmegaConf.to_object(p.exclude) if isinstance(p.exclude, ListConfig) else p.exclude,
         device=trainer.strategy.root_device,
         progress=bool(p.get("progress", False)),
+        act_observer=p.get("act_observer") or None,
+        bn_reestimate=bool(p.get("bn_reestimate", False)),
+        bn_batches=int(p.get("bn_batches", 32)),
+        bn_loader=dm.train_dataloader(),
+        bn_transform=augment,
     )
 
 

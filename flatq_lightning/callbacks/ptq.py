@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..ptq_runner import DEFAULT_BITS, run_ptq, validate_ptq_args
+from ..quant.spec import OBSERVERS
 from ..report import PTQReport
 
 __all__ = ["PostTrainingQuantization", "STAGES"]
@@ -126,6 +127,12 @@ class PostTrainingQuantization(Callback):
         export: also save each quantized model as safetensors.
         progress: tqdm bars; ``print_report``: print the Markdown table at the end.
         attention_points: on timm ViTs also quantize Q, K, V and the softmax output (``False``: Linear inputs only).
+        act_observer: the activation observer (default: ``observer``, which then sets the weights' only).
+            The practitioner's PTQ is ``observer="mse"`` (MSE-optimal per-channel weight clipping),
+            ``act_observer="percentile"`` and ``bn_reestimate=True``.
+        bn_reestimate: re-estimate the BatchNorm statistics per bit-width on the quantized network before
+            folding (AIMET's BN re-estimation), on ``bn_batches`` training batches passed through the
+            datamodule's training augmentation (``augment_batch``) when it has one.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -149,14 +156,24 @@ class PostTrainingQuantization(Callback):
         progress: bool = True,
         print_report: bool = True,
         attention_points: bool = True,
+        act_observer: str | None = None,
+        bn_reestimate: bool = False,
+        bn_batches: int = 32,
     ) -> None:
         super().__init__()
         self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+        if act_observer is not None and act_observer not in OBSERVERS:
+            raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
+            raise ValueError(f"bn_batches must be a positive int, got {bn_batches!r}")
+        self.act_observer = act_observer
+        self.bn_reestimate = bn_reestimate
+        self.bn_batches = bn_batches
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         for name, flag in (("keep_first_last_8bit", keep_first_last_8bit), ("export", export),
                            ("progress", progress), ("print_report", print_report),
-                           ("attention_points", attention_points)):
+                           ("attention_points", attention_points), ("bn_reestimate", bn_reestimate)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
@@ -181,6 +198,7 @@ class PostTrainingQuantization(Callback):
         eval_loader: Iterable[Any],
         device: str | torch.device | None = None,
         save_dir: str | os.PathLike | None = None,
+        bn_transform: Any = None,
     ) -> PTQReport:
         """PTQ with this callback's settings on ``module`` (a LightningModule or a plain ``nn.Module``).
 
@@ -203,6 +221,10 @@ class PostTrainingQuantization(Callback):
             progress=self.progress,
             export_dir=out if self.export else None,
             attention_points=self.attention_points,
+            act_observer=self.act_observer,
+            bn_reestimate=self.bn_reestimate,
+            bn_batches=self.bn_batches,
+            bn_transform=bn_transform,
         )
         self.report = report
         self.files = report.write(out) if out is not None else {}
@@ -229,7 +251,12 @@ class PostTrainingQuantization(Callback):
         if not trainer.is_global_zero:
             return
         # the strategy moved the module to the CPU at teardown; the copies run on the training device
-        report = self.run(pl_module, calib_loader, eval_loader, device=trainer.strategy.root_device, save_dir=save_dir)
+        dm = trainer.datamodule
+        augment = getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None
+        report = self.run(
+            pl_module, calib_loader, eval_loader, device=trainer.strategy.root_device, save_dir=save_dir,
+            bn_transform=augment,
+        )
         metrics = report.metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

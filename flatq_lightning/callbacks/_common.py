@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+import torch
 
 _MASK64 = (1 << 64) - 1
 _state = threading.local()
@@ -34,3 +38,65 @@ def hooks_suspended() -> Iterator[None]:
 
 def hooks_are_suspended() -> bool:
     return getattr(_state, "suspended", 0) > 0
+
+
+def _train_loader(trainer: Any) -> Any:
+    loader = getattr(trainer, "train_dataloader", None)
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return loader
+
+
+@torch.no_grad()
+def reestimate_bn_on_training_data(trainer: Any, pl_module: Any, num_batches: int, seed: int = 0) -> int:
+    """Re-estimate ``pl_module``'s BatchNorm statistics on ``num_batches`` training batches, as training saw
+    them (the module's and datamodule's batch-transfer hooks, hence the on-device augmentation), with every
+    flatq hook suspended. Returns the number of batches (0, with a warning, when there is no training data).
+
+    The batches come from a private loader over the training dataset with its own generator, inside
+    ``torch.random.fork_rng``: the training run's data order and random streams are left exactly as they were.
+    """
+    from lightning.pytorch.utilities import rank_zero_warn
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from ..quant.bn import reestimate_bn
+    from ..quant.ptq import batch_inputs
+
+    loader = _train_loader(trainer)
+    if loader is None:
+        rank_zero_warn("flatq: no training dataloader at the end of fit: BatchNorm statistics were not re-estimated")
+        return 0
+    ds = getattr(loader, "dataset", None)
+    devices = [torch.cuda.current_device()] if pl_module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), hooks_suspended():
+        torch.manual_seed(seed)
+        if ds is not None and not isinstance(ds, IterableDataset) and isinstance(loader, DataLoader):
+            g = torch.Generator().manual_seed(seed)
+            source = DataLoader(ds, batch_size=loader.batch_size or 1, shuffle=True, generator=g,
+                                collate_fn=loader.collate_fn, num_workers=0)
+        else:
+            source = loader
+        device = pl_module.device
+
+        def batches() -> Iterator[Any]:
+            for batch in itertools.islice(source, num_batches):
+                batch = pl_module._apply_batch_transfer_handler(batch, device=device, dataloader_idx=0)
+                yield batch_inputs(batch)
+
+        # the module's own forward when it has one, else its network (a LightningModule need not define forward)
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        net = pl_module if is_overridden("forward", pl_module) else getattr(pl_module, "model", None)
+        if not isinstance(net, torch.nn.Module):
+            rank_zero_warn(
+                f"flatq: {type(pl_module).__name__} defines no forward and has no `model` network: BatchNorm "
+                "statistics were not re-estimated"
+            )
+            return 0
+        try:
+            return reestimate_bn(net, batches())
+        except ValueError:
+            rank_zero_warn("flatq: the training dataloader is empty: BatchNorm statistics were not re-estimated")
+            return 0

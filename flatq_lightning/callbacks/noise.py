@@ -16,10 +16,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._common import hooks_are_suspended, splitmix64
+from ..quant.bn import bn_state, load_bn_state
+from ._common import hooks_are_suspended, reestimate_bn_on_training_data, splitmix64
 from .recorder import QuantErrorRecorder
 
-__all__ = ["DifferentialNoiseInjection", "ActivationNoiseInjection", "NoiseSource", "Ramp"]
+__all__ = ["DifferentialNoiseInjection", "ActivationNoiseInjection", "NoiseSource", "Ramp", "NOISY_BN_KEY"]
+
+#: checkpoint key holding the BatchNorm statistics gathered under noise (the state_dict holds clean ones)
+NOISY_BN_KEY = "flatq_noisy_bn"
 
 NOISE_MODES = ("differential", "add_remove", "uniform", "off")
 NOISE_SOURCES = ("auto", "generator", "pool")
@@ -185,6 +189,15 @@ class DifferentialNoiseInjection(Callback):
     ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (clean training first;
     the fraction is resolved at train start, and ``warmup_steps`` then holds the step count).
 
+    BatchNorm: while the noise trains, BN running statistics describe the noisy network. When noise was
+    applied, the end of fit re-estimates them on the clean weights (noise off, cumulative average over
+    ``clean_bn_batches`` training batches through the training augmentation, weights untouched, like
+    ``torch.optim.swa_utils.update_bn``), so the returned model and the PTQ callback's FP row carry clean
+    statistics; the set gathered under noise is kept in :attr:`noisy_bn_state`. Every checkpoint likewise holds
+    clean statistics in its ``state_dict`` and the noisy set under ``checkpoint["flatq_noisy_bn"]``, which a
+    resume puts back so training continues with them. ``clean_bn_batches=0`` keeps the noisy statistics
+    everywhere.
+
     Example:
         >>> rec = QuantErrorRecorder("w4a4")
         >>> noise = DifferentialNoiseInjection(rec, noise_scale=1.0)
@@ -201,7 +214,10 @@ class DifferentialNoiseInjection(Callback):
         warmup_fraction: float = 0.0,
         noise_source: str = "auto",
         pool_fraction: float = 1 / 32,
+        clean_bn_batches: int = 32,
     ) -> None:
+        if isinstance(clean_bn_batches, bool) or not isinstance(clean_bn_batches, int) or clean_bn_batches < 0:
+            raise ValueError(f"clean_bn_batches must be an int >= 0 (0: keep the noisy statistics), got {clean_bn_batches!r}")
         if not isinstance(recorder, QuantErrorRecorder):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
         if mode not in NOISE_MODES:
@@ -232,6 +248,11 @@ class DifferentialNoiseInjection(Callback):
         self._resume: _Snapshot | None = None
         self._coef_cache: tuple[tuple[int, float], _Snapshot] | None = None
         self._before_eval: _Snapshot | None = None
+        self.clean_bn_batches = clean_bn_batches
+        #: the BatchNorm statistics gathered under noise, kept when the end of fit re-estimated clean ones
+        self.noisy_bn_state: dict[str, dict[str, Tensor]] | None = None
+        self._noised = False  # some noise was applied in this fit (BN statistics saw it)
+        self._resume_bn: dict[str, dict[str, Tensor]] | None = None
 
     @property
     def state_key(self) -> str:
@@ -289,6 +310,8 @@ class DifferentialNoiseInjection(Callback):
         (layer index → a tensor shaped like that weight)."""
         if snap.kappa == 0.0:
             return
+        if into is None and sign > 0:
+            self._noised = True
         src = self._source
         assert src is not None
         items = into.items() if into is not None else enumerate(self._params)
@@ -309,6 +332,7 @@ class DifferentialNoiseInjection(Callback):
             return self._add(new, 1.0)
         if new.kappa == 0.0:
             return self._add(old, -1.0)
+        self._noised = True
         src = self._source
         assert src is not None
         for i, p in enumerate(self._params):
@@ -387,6 +411,11 @@ class DifferentialNoiseInjection(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
         self._prepare(pl_module)
+        self.noisy_bn_state = None
+        resume_bn, self._resume_bn = self._resume_bn, None
+        self._noised = resume_bn is not None
+        if resume_bn is not None:  # the checkpoint's state_dict held clean statistics: train on with the noisy
+            load_bn_state(pl_module, resume_bn)
         rec = self.recorder
         if not rec.weight_mean:
             rec.refresh_weight_stats(trainer.global_step)
@@ -433,11 +462,16 @@ class DifferentialNoiseInjection(Callback):
             self._add(snap, 1.0)
             self._applied = snap
 
+    def _clean_bn_due(self) -> bool:
+        return self.clean_bn_batches > 0 and self._noised
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._applied is None:
-            return
         sd = checkpoint.get("state_dict")
         if sd is None:
+            return
+        if self._clean_bn_due() and trainer.state.fn == TrainerFn.FITTING:
+            self._checkpoint_clean_bn(trainer, pl_module, sd, checkpoint)
+        if self._applied is None:
             return
         names = dict(pl_module.named_parameters())
         id_to_name = {id(p): n for n, p in names.items()}
@@ -446,8 +480,45 @@ class DifferentialNoiseInjection(Callback):
             if key is not None and key in sd:
                 sd[key] = self.clean_weight(layer).detach().clone()
 
+    @torch.no_grad()
+    def _checkpoint_clean_bn(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, sd: dict[str, Any], checkpoint: dict[str, Any]
+    ) -> None:
+        """Clean BN statistics into the checkpoint's state_dict, the noisy set beside it; the live model keeps
+        training with the noisy set."""
+        noisy = bn_state(pl_module)
+        # exact copies put back afterwards: removing and re-adding the noise would leave float rounding behind
+        # and make a run with checkpoints differ from one without
+        saved = [p.detach().clone() for p in self._params]
+        snap = self._applied
+        try:
+            self._remove()
+            n = reestimate_bn_on_training_data(trainer, pl_module, self.clean_bn_batches)
+        finally:
+            for p, v in zip(self._params, saved):
+                p.data.copy_(v)
+            self._applied = snap
+        if n == 0:
+            return
+        clean = bn_state(pl_module)
+        load_bn_state(pl_module, noisy)
+        for name, buffers in clean.items():
+            for k, v in buffers.items():
+                key = f"{name}.{k}" if name else k
+                if key in sd:
+                    sd[key] = v.detach().cpu()
+        checkpoint[NOISY_BN_KEY] = {n_: {k: v.detach().cpu() for k, v in b.items()} for n_, b in noisy.items()}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # a resume: train on with the statistics gathered under noise
+            self._resume_bn = checkpoint.get(NOISY_BN_KEY)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
+        if self._clean_bn_due():
+            noisy = bn_state(pl_module)
+            if reestimate_bn_on_training_data(trainer, pl_module, self.clean_bn_batches):
+                self.noisy_bn_state = noisy
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove()

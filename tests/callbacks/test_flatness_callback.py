@@ -173,7 +173,11 @@ def test_with_real_differential_noise_measures_clean_weights(tmp_path):
     monitor = SharpnessMonitor(n_batches=1, n_probes=1, power_iters=2)
     module = TinyModule()
     trainer(tmp_path, [*cbs, monitor], max_epochs=1).fit(module, loader(32))
-    # on_train_end removed the noise: the model now holds the clean weights the monitor measured
+    # on_train_end removed the noise: the model now holds the clean weights the monitor measured; it also
+    # re-estimated the BN statistics on them, while the monitor measured (at epoch end) with those of training
+    from flatq_lightning.quant import load_bn_state
+
+    load_bn_state(module, noise.noisy_bn_state)
     ref = hessian_trace(module, classification_loss, monitor._batches, n_probes=1, seed=0)
     assert monitor.history[0]["hessian_trace"] == pytest.approx(ref, rel=1e-5)
     assert noise._applied is None

@@ -38,12 +38,15 @@ def dnq_callbacks(
     keep_first_last_8bit: bool = True,
     noise_source: str = "auto",
     attention_points: bool = True,
+    clean_bn_batches: int = 32,
 ) -> list[Callback]:
     """The DNQ callbacks wired together: recorder, differential weight noise, activation noise.
 
     ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
     (clean training first, then DNQ). ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm attention modules
-    during fit (see :class:`QuantErrorRecorder`).
+    during fit (see :class:`QuantErrorRecorder`). ``clean_bn_batches``: training batches on which the end of fit
+    (and every checkpoint) re-estimates the BatchNorm statistics on the clean weights; 0 keeps those gathered
+    under noise (see :class:`DifferentialNoiseInjection`).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -67,7 +70,7 @@ def dnq_callbacks(
         cbs.append(
             DifferentialNoiseInjection(
                 recorder, noise_scale=noise_scale, mode=mode, warmup_steps=warmup_steps, seed=seed,
-                warmup_fraction=warmup_fraction, noise_source=noise_source
+                warmup_fraction=warmup_fraction, noise_source=noise_source, clean_bn_batches=clean_bn_batches,
             )
         )
     if act_noise:

@@ -79,3 +79,17 @@ def test_reestimation_leaves_the_training_run_unchanged(tmp_path):
         return module.model.conv2.weight.detach().clone()
 
     assert torch.equal(run(True), run(False))
+
+
+def test_dnq_callbacks_and_hydra_config_pass_clean_bn_batches():
+    from flatq_lightning.callbacks import dnq_callbacks as make
+    from tests.test_train import _compose
+
+    noise = next(c for c in make("w4a4", clean_bn_batches=7) if isinstance(c, DifferentialNoiseInjection))
+    assert noise.clean_bn_batches == 7
+    cfg = _compose(["experiment=cifar10_resnet20_dnq", "callbacks.dnq.clean_bn_batches=0"])
+    assert cfg.callbacks.dnq.clean_bn_batches == 0
+    import pytest
+
+    with pytest.raises(ValueError, match="clean_bn_batches must be an int >= 0"):
+        make("w4a4", clean_bn_batches=-1)

@@ -78,7 +78,8 @@ CALIB_IMAGES = 1024
 
 def make_datamodule(data: str, size: dict[str, Any]) -> CIFAR10DataModule:
     """The CIFAR-10 data of a size: its seeded training subset (the same for every variant), set up for fit."""
-    dm = CIFAR10DataModule(data, batch_size=size["batch_size"], train_subset=size["train_subset"], seed=0, num_workers=0)
+    dm = CIFAR10DataModule(data, batch_size=size["batch_size"], train_subset=size["train_subset"],
+                           test_subset=size.get("test_subset"), seed=0, num_workers=0)
     dm.setup("fit")
     return dm
 
@@ -139,6 +140,22 @@ class _Timer(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self.seconds = time.perf_counter() - self.t0
         self.cpu_seconds = time.process_time() - self.c0
+
+
+class StopOnDivergence(pl.Callback):
+    """Stop the run with a clear message when the training loss is NaN or inf (checked every ``every`` steps,
+    one host sync each time), instead of training on and failing at PTQ."""
+
+    def __init__(self, label: str, every: int = 16) -> None:
+        self.label, self.every = label, every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if trainer.global_step % self.every == 0 and loss is not None and not bool(torch.isfinite(loss)):
+            raise RuntimeError(
+                f"{self.label}: the training loss is {float(loss)} at step {trainer.global_step}: the run diverged "
+                "(lower --lr, or check the variant's noise settings); nothing was saved for it"
+            )
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +229,7 @@ def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[st
     trainer = pl.Trainer(
         accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],
         logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer],
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer, StopOnDivergence(f"{name} seed {seed}")],
     )
     trainer.fit(module, datamodule=dm)
     d = run_dir(args.out, name)
@@ -231,6 +248,219 @@ def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[st
     tmpj.write_text(json.dumps(record, indent=1))
     tmpj.replace(d / f"seed{seed}.train.json")
     return d / f"seed{seed}.pt"
+
+
+#: the PTQ recipes every saved model is evaluated under (``--evaluate``); name -> run_ptq settings and start BN
+PTQ_RECIPES: dict[str, dict[str, Any]] = {
+    # min-max PTQ as the project always ran it, from the model with clean BN statistics (what fit returns now)
+    "minmax": {"observer": "minmax", "bn_reestimate": False, "bn": "clean"},
+    # the same, from the BN statistics as training left them (gathered under noise for DNQ)
+    "minmax_trainbn": {"observer": "minmax", "bn_reestimate": False, "bn": "trained"},
+    # min-max + BN re-estimation per bit-width on the quantized network
+    "minmax_bnre": {"observer": "minmax", "bn_reestimate": True, "bn": "clean"},
+    # the practitioner's PTQ: MSE-optimal per-channel weight clipping, percentile activations, BN re-estimation
+    "practical": {"observer": "mse", "act_observer": "percentile", "bn_reestimate": True, "bn": "clean"},
+}
+#: bit-widths of the recipe evaluation
+EVAL_BITS = ("w4a4", "w3a3")
+#: training batches for the clean BN re-estimation and for PTQ's per-bit-width BN re-estimation
+BN_BATCHES = 32
+
+
+def _augmented(dm: CIFAR10DataModule, seed: int):
+    """Seeded training batches through the training augmentation (crop with black padding, flip)."""
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=dm.batch_size, shuffle=True, generator=g)
+    return loader, dm.augment_batch
+
+
+def evaluate_saved(path: Path, args: argparse.Namespace, size: dict[str, Any], dm: CIFAR10DataModule,
+                   recipes: list[str], bits: tuple[str, ...]) -> dict[str, Any]:
+    """FP (as trained, clean BN) and every PTQ recipe on one saved model; training is not repeated."""
+    from flatq_lightning.ptq_runner import evaluate_topk
+    from flatq_lightning.quant import reestimate_bn
+
+    trained = load_saved(path, args.model)
+    clean = load_saved(path, args.model)
+    torch.manual_seed(0)
+    loader, augment = _augmented(dm, seed=0)
+    reestimate_bn(clean, loader, max_batches=BN_BATCHES, transform=augment)
+    test = dm.test_dataloader()
+    out: dict[str, Any] = {"fp": {}, "ptq": {}, "seconds": {}}
+    for name, net in (("trained_bn", trained), ("clean_bn", clean)):
+        t0 = time.perf_counter()
+        acc, n, _ = evaluate_topk(net, test, "cpu")
+        out["fp"][name] = acc[1]
+        out["seconds"][f"fp_{name}"] = time.perf_counter() - t0
+    out["num_test"] = n
+    for r in recipes:
+        cfg = PTQ_RECIPES[r]
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        bn_loader, augment = _augmented(dm, seed=1)
+        report = run_ptq(
+            clean if cfg["bn"] == "clean" else trained, dm.calib_dataloader(size["batch_size"]), test, bits=bits,
+            calib_batches=calib_batches(size), observer=cfg["observer"], act_observer=cfg.get("act_observer"),
+            bn_reestimate=cfg["bn_reestimate"], bn_batches=BN_BATCHES, bn_loader=bn_loader, bn_transform=augment,
+            progress=False, evaluate_fp=False,
+        )
+        out["ptq"][r] = {row.bits: row.top1 for row in report.rows}
+        out["seconds"][r] = time.perf_counter() - t0
+    return out
+
+
+def evaluate_all(args: argparse.Namespace, size: dict[str, Any], out: Path) -> None:
+    """``--evaluate``: every ``<out>/<variant>/seed<k>.pt`` under every recipe; results in ``seed<k>.json``."""
+    import subprocess
+
+    dm = make_datamodule(args.data, size)
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in PTQ_RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown PTQ recipe(s) {unknown}; choose from {list(PTQ_RECIPES)}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    wanted = set(args.variants.split(",")) if args.variants != ",".join(VARIANTS) else None
+    for pt in sorted(out.glob("*/seed*.pt")):
+        variant, seed = pt.parent.name, int(pt.stem.removeprefix("seed"))
+        if (wanted and variant not in wanted) or (args.seeds and seed not in [int(s) for s in args.seeds.split(",")]):
+            continue
+        rec_path = pt.with_suffix(".json")
+        record = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+        train_path = pt.parent / f"seed{seed}.train.json"
+        if "train" not in record and train_path.exists():
+            record["train"] = json.loads(train_path.read_text())
+        have = record.get("evaluation", {}).get("ptq", {})
+        todo = [r for r in recipes if args.fresh or r not in have or any(b not in have[r] for b in args.eval_bits)]
+        if not todo and "fp" in record.get("evaluation", {}):
+            continue
+        t0 = time.time()
+        ev = evaluate_saved(pt, args, size, dm, todo, args.eval_bits)
+        old = record.get("evaluation", {})
+        ev["ptq"] = {**old.get("ptq", {}), **ev["ptq"]}
+        ev["seconds"] = {**old.get("seconds", {}), **ev["seconds"]}
+        record.update(variant=variant, seed=seed, evaluation={
+            **ev, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "command": "python " + " ".join(sys.argv),
+            "settings": {"calib_images": CALIB_IMAGES, "bn_batches": BN_BATCHES, "recipes": {r: PTQ_RECIPES[r] for r in ev["ptq"]}},
+        })
+        tmp = rec_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(rec_path)
+        if train_path.exists():
+            train_path.unlink()  # folded into seed<k>.json
+        print(f"[{variant} seed {seed}] {time.time() - t0:.0f}s FP {ev['fp']['trained_bn']:.2f} -> clean BN "
+              f"{ev['fp']['clean_bn']:.2f}  " + "  ".join(f"{r}: " + "/".join(f"{v:.2f}" for v in ev['ptq'][r].values())
+                                                         for r in ev["ptq"]), flush=True)
+
+
+#: two-sided 95 % Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_ci95(vals: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (Student t; 0 for one value)."""
+    m = statistics.mean(vals)
+    if len(vals) < 2:
+        return m, float("nan")
+    df = len(vals) - 1
+    t = _T95.get(df) or _T95[max(k for k in _T95 if k <= df)]
+    return m, t * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def summarize_runs(out: Path, baseline: str = "plain") -> tuple[str, dict[str, Any]]:
+    """The generated summary of ``<out>/<variant>/seed<k>.json``: per variant and recipe, mean ± std, and the
+    paired difference to ``baseline`` of the same seed as mean ± 95 % CI with the per-seed values."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for f in sorted(out.glob("*/seed*.json")):
+        r = json.loads(f.read_text())
+        if "evaluation" in r:
+            runs.setdefault(r["variant"], {})[r["seed"]] = r
+
+    def cells(r: dict[str, Any]) -> dict[str, float]:
+        ev = r["evaluation"]
+        c = {"FP (as trained)": ev["fp"]["trained_bn"], "FP (clean BN)": ev["fp"]["clean_bn"]}
+        for rec, bits in ev["ptq"].items():
+            for b, v in bits.items():
+                c[f"{b.upper()} {rec}"] = v
+        return c
+
+    columns: list[str] = []
+    for rs in runs.values():
+        for r in rs.values():
+            for k in cells(r):
+                if k not in columns:
+                    columns.append(k)
+    doc: dict[str, Any] = {"absolute": {}, "paired": {}}
+    lines = ["## Top-1 (%), mean ± std over seeds", "", "| training | seeds | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for v, rs in runs.items():
+        vals = {c: [cells(r)[c] for r in rs.values() if c in cells(r)] for c in columns}
+        doc["absolute"][v] = {c: {"mean": statistics.mean(x), "std": statistics.stdev(x) if len(x) > 1 else None,
+                                  "n": len(x)} for c, x in vals.items() if x}
+        lines.append(f"| {v} | {','.join(map(str, sorted(rs)))} | " + " | ".join(
+            (f"{statistics.mean(x):.2f} ± {statistics.stdev(x):.2f}" if len(x) > 1 else f"{x[0]:.2f}") if x else "—"
+            for x in vals.values()) + " |")
+    base = runs.get(baseline, {})
+    lines += ["", f"## Paired difference to `{baseline}` (same seed, data and budget): mean ± 95 % CI [per-seed values]", "",
+              "| training | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for v, rs in runs.items():
+        if v == baseline:
+            continue
+        row, drow = [], {}
+        for c in columns:
+            seeds = sorted(s for s in rs if s in base and c in cells(rs[s]) and c in cells(base[s]))
+            d = [cells(rs[s])[c] - cells(base[s])[c] for s in seeds]
+            if not d:
+                row.append("—")
+                continue
+            m, h = mean_ci95(d)
+            drow[c] = {"mean": m, "ci95": h, "per_seed": dict(zip(seeds, d))}
+            row.append(f"{m:+.2f} ± {h:.2f} [{', '.join(f'{x:+.1f}' for x in d)}]" if len(d) > 1 else f"{m:+.2f} [1 seed]")
+        doc["paired"][v] = drow
+        lines.append(f"| {v} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n", doc
+
+
+def plot_paired(doc: dict[str, Any], path: Path) -> None:
+    """Paired differences to plain with 95 % CI bars, one group per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(doc["paired"])
+    if not variants:
+        return
+    cols = [c for c in next(iter(doc["paired"].values()))]
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(cols)), 4.2))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cols))]
+        ms = [doc["paired"][v].get(c, {}).get("mean", float("nan")) for c in cols]
+        hs = [doc["paired"][v].get(c, {}).get("ci95", 0.0) for c in cols]
+        ax.bar(xs, ms, width, yerr=hs, capsize=3, label=v)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 minus plain, same seed (points)")
+    ax.set_title("Paired difference to plain training (mean ± 95 % CI over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(out: Path) -> str:
+    text, doc = summarize_runs(out)
+    header = (f"# Quality benchmark summary: `{out}`\n\nGenerated by `python benchmarks/quality.py --summarize "
+              f"--out {out}` on {time.strftime('%Y-%m-%d %H:%M')} from the per-run files `<variant>/seed<k>.json` "
+              "beside it (each holds its training record, commit, command and machine).\n\n")
+    for name, body in (("summary.md", header + text), ("summary.json", json.dumps(doc, indent=1))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(body)
+        tmp.replace(out / name)
+    plot_paired(doc, out / "paired_difference.png")
+    return text
 
 
 def measure_flatness(net: torch.nn.Module, probe: list[Any], n_probes: int) -> dict[str, Any]:
@@ -336,6 +566,7 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma list (default per size)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--train-subset", type=int, default=None)
+    ap.add_argument("--test-subset", type=int, default=None, help="evaluate on a seeded subset of the test set")
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--mse-weight", type=float, default=MSE_WEIGHT, help="λ of the dnq_wa_mse variant")
@@ -349,6 +580,12 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--train-only", action="store_true",
                     help="train and save <out>/<variant>/seed<k>.pt and .train.json; no PTQ")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="train nothing: evaluate every saved <out>/<variant>/seed<k>.pt under --recipes "
+                         "(results in seed<k>.json), then write the summary")
+    ap.add_argument("--recipes", default=",".join(PTQ_RECIPES), help=f"PTQ recipes for --evaluate: {list(PTQ_RECIPES)}")
+    ap.add_argument("--eval-bits", default=",".join(EVAL_BITS), help="bit-widths for --evaluate")
+    ap.add_argument("--summarize", action="store_true", help="only rebuild <out>/summary.{md,json} and the plot")
     ap.add_argument("--remeasure-flatness", action="store_true",
                     help="train nothing: measure Hessian trace and top eigenvalue again on <out>/models/*.pt "
                          "with --flat-batches and --flat-probes")
@@ -362,6 +599,8 @@ def main() -> None:
         size["epochs"] = args.epochs
     if args.train_subset:
         size["train_subset"] = args.train_subset
+    if args.test_subset:
+        size["test_subset"] = args.test_subset
     if args.seeds:
         size["seeds"] = [int(s) for s in args.seeds.split(",")]
     warnings.filterwarnings("ignore")
@@ -370,6 +609,12 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.eval_bits = tuple(args.eval_bits.split(","))
+    if args.evaluate or args.summarize:
+        if args.evaluate:
+            evaluate_all(args, size, out)
+        print(write_summary(out))
+        return
     if args.train_only:
         for seed in size["seeds"]:
             for v in args.variants.split(","):

@@ -176,3 +176,64 @@ def test_saved_models_remeasure_and_calibration_spread(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     (spread,) = json.loads((out / "calib_spread.json").read_text())["rows"]
     assert spread["model"] == "plain_seed3" and len(spread["top1"]["w8a8"]) == 2
+
+
+def _tiny_cifar_zip(tmp_path):
+    import zipfile
+
+    from tests.data.conftest import CLASSES, N_TEST, N_TRAIN, _image, _jpeg
+
+    data = tmp_path / "cifar10-jpeg.zip"
+    with zipfile.ZipFile(data, "w") as zf:
+        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+            for c, name in enumerate(CLASSES):
+                for i in range(n):
+                    zf.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", _jpeg(_image(c, i)))
+    return data
+
+
+@pytest.mark.slow
+def test_quality_train_only_then_evaluate_recipes_and_paired_summary(tmp_path):
+    """--train-only saves <variant>/seed<k>.pt; --evaluate runs every PTQ recipe on them without training;
+    the summary gives the paired difference to plain per seed with a 95 % CI."""
+    import json
+    import os
+
+    data = _tiny_cifar_zip(tmp_path)
+    out = tmp_path / "q"
+    env = {**os.environ, "FLATQ_CACHE": str(tmp_path / "cache")}
+    common = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--data", str(data), "--train-subset", "64",
+              "--epochs", "1", "--threads", "1", "--out", str(out)]
+    run = subprocess.run([*common, "--train-only", "--variants", "plain,dnq_wa@w3a3", "--seeds", "0,1"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.pt")) == [
+        "dnq_wa@w3a3/seed0.pt", "dnq_wa@w3a3/seed1.pt", "plain/seed0.pt", "plain/seed1.pt"]
+    run = subprocess.run([*common, "--evaluate", "--recipes", "minmax,practical", "--eval-bits", "w4a4"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rec = json.loads((out / "dnq_wa@w3a3" / "seed1.json").read_text())
+    assert rec["train"]["steps"] >= 1 and set(rec["evaluation"]["ptq"]) == {"minmax", "practical"}
+    assert set(rec["evaluation"]["fp"]) == {"trained_bn", "clean_bn"} and rec["evaluation"]["commit"]
+    assert not (out / "dnq_wa@w3a3" / "seed1.train.json").exists()  # folded into seed1.json
+    summary = json.loads((out / "summary.json").read_text())
+    paired = summary["paired"]["dnq_wa@w3a3"]["W4A4 practical"]
+    plain = json.loads((out / "plain" / "seed0.json").read_text())["evaluation"]["ptq"]["practical"]["w4a4"]
+    assert paired["per_seed"]["0"] == pytest.approx(
+        json.loads((out / "dnq_wa@w3a3" / "seed0.json").read_text())["evaluation"]["ptq"]["practical"]["w4a4"] - plain)
+    assert "Paired difference to `plain`" in (out / "summary.md").read_text()
+    assert (out / "paired_difference.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_mean_ci95_and_divergence_stop():
+    q = _load("quality")
+    m, h = q.mean_ci95([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and h == pytest.approx(3.182 * 1.2909944 / 2, rel=1e-4)
+    import torch
+
+    class _T:
+        global_step = 16
+
+    with pytest.raises(RuntimeError, match="plain seed 0: the training loss is nan at step 16: the run diverged"):
+        q.StopOnDivergence("plain seed 0").on_train_batch_end(_T(), None, {"loss": torch.tensor(float("nan"))}, None, 0)
+    q.StopOnDivergence("x").on_train_batch_end(_T(), None, {"loss": torch.tensor(1.0)}, None, 0)

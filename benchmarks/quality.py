@@ -263,8 +263,10 @@ PTQ_RECIPES: dict[str, dict[str, Any]] = {
 }
 #: bit-widths of the recipe evaluation
 EVAL_BITS = ("w4a4", "w3a3")
-#: training batches for the clean BN re-estimation and for PTQ's per-bit-width BN re-estimation
-BN_BATCHES = 32
+#: training batches (of 128) for the clean BN re-estimation and for PTQ's per-bit-width BN re-estimation
+BN_BATCHES = 16
+#: the recipes --evaluate runs by default (minmax_trainbn on request: it only shows where the trained BN stands)
+DEFAULT_RECIPES = ("minmax", "minmax_bnre", "practical")
 
 
 def _augmented(dm: CIFAR10DataModule, seed: int):
@@ -583,7 +585,8 @@ def main() -> None:
     ap.add_argument("--evaluate", action="store_true",
                     help="train nothing: evaluate every saved <out>/<variant>/seed<k>.pt under --recipes "
                          "(results in seed<k>.json), then write the summary")
-    ap.add_argument("--recipes", default=",".join(PTQ_RECIPES), help=f"PTQ recipes for --evaluate: {list(PTQ_RECIPES)}")
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                    help=f"PTQ recipes for --evaluate, from {list(PTQ_RECIPES)}")
     ap.add_argument("--eval-bits", default=",".join(EVAL_BITS), help="bit-widths for --evaluate")
     ap.add_argument("--summarize", action="store_true", help="only rebuild <out>/summary.{md,json} and the plot")
     ap.add_argument("--remeasure-flatness", action="store_true",

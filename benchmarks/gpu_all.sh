@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python benchmarks/overhead.py --device cuda --repeats 3 --steps 30 --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.log"
 # 2. quality: full CIFAR-10, ResNet-20, plain and the two DNQ recipes, 4 seeds, then every PTQ recipe (min-max,
 #    min-max + BN re-estimation, the practitioner's MSE/percentile + BN re-estimation) on the saved models and the
-#    paired summary (sized for < 8 minutes on an H100: 12 fits of 30 epochs at bf16, evaluation on the CPU side)
+#    paired summary. Not yet run on a GPU, so its time is unmeasured: 12 fits of 30 epochs at bf16 may not fit one
+#    15-minute lease; the runs resume where they stopped (saved models are skipped), so a second call finishes it
 Q="python benchmarks/quality.py --size gpu --data $DATA --epochs 30 --out $OUT/quality"
 $Q --train-only --variants 'plain,dnq_wa,dnq_wa_late@w3a3' --seeds 0,1,2,3 2>&1 | tee "$OUT/quality_train.log"
 $Q --evaluate 2>&1 | tee "$OUT/quality_eval.log"

@@ -93,3 +93,27 @@ def test_dnq_callbacks_and_hydra_config_pass_clean_bn_batches():
 
     with pytest.raises(ValueError, match="clean_bn_batches must be an int >= 0"):
         make("w4a4", clean_bn_batches=-1)
+
+
+def test_ptq_callback_fp_row_sees_the_clean_statistics(tmp_path):
+    """The PTQ callback runs after the end-of-fit re-estimation: its FP row is the clean-BN network's."""
+    from flatq_lightning import PostTrainingQuantization
+    from flatq_lightning.ptq_runner import evaluate_topk
+    from flatq_lightning.quant import load_bn_state
+
+    x, y = blob_data(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x, y), batch_size=64)
+    module = TinyLM(lr=0.0)
+    cbs = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False, clean_bn_batches=4)
+    ptq = PostTrainingQuantization(bits=("w8a8",), calib_batches=1, progress=False, print_report=False,
+                                   save_dir=tmp_path / "ptq")
+    trainer(tmp_path, max_epochs=2, callbacks=[*cbs, ptq], limit_val_batches=0).fit(module, loader, val)
+    clean_acc = evaluate_topk(module.model, val, "cpu")[0][1]
+    assert ptq.report.fp_top1 == clean_acc
+    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
+    with torch.no_grad():
+        clean_logits = module.model.eval()(x)
+        load_bn_state(module, noise.noisy_bn_state)
+        noisy_logits = module.model.eval()(x)
+    assert not torch.allclose(clean_logits, noisy_logits, atol=1e-3)  # the two sets really differ

@@ -5,10 +5,17 @@ Each case must fail loudly and early; none may pass silently or fail deep inside
 
 from __future__ import annotations
 
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from flatq_lightning import QuantSpec, compute_qparams, fake_quantize
+from flatq_lightning import QuantSpec, compute_qparams, fake_quantize, ptq_cli
+from flatq_lightning.data.cifar import load_cifar_arrays
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 
 # -- the quantization core (item 8) -----------------------------------------------------------------------
@@ -70,3 +77,154 @@ def test_compute_qparams_refuses_an_empty_tensor(spec):
 def test_quantspec_wrong_types_are_named(kwargs, name):
     with pytest.raises(ValueError, match=rf"QuantSpec\.{name} must be"):
         QuantSpec(**kwargs)
+
+
+# -- untrusted files never execute code (item 3) --------------------------------------------------------------
+
+
+class _Exploit:
+    """Unpickling this object would create ``marker`` (a stand-in for os.system & co)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _cifar_batch(n: int) -> dict:
+    return {b"data": np.zeros((n, 3 * 32 * 32), dtype=np.uint8), b"labels": list(range(n))}
+
+
+def _torchvision_dir(root: Path, poison: str | None, marker: Path) -> Path:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        obj = {**_cifar_batch(2), b"x": _Exploit(marker)} if name == poison else _cifar_batch(2)
+        (d / name).write_bytes(pickle.dumps(obj, protocol=2))
+    return d
+
+
+def test_cifar_batch_reader_loads_plain_batches(tmp_path):
+    d = _torchvision_dir(tmp_path, None, tmp_path / "marker")
+    a = load_cifar_arrays(d, cache_dir="")
+    assert a["x_train"].shape == (10, 32, 32, 3) and list(a["y_test"]) == [0, 1]
+
+
+@pytest.mark.parametrize("poison", ["data_batch_3", "test_batch"])
+def test_cifar_batch_reader_never_runs_code_from_a_crafted_file(tmp_path, poison):
+    marker = tmp_path / "pwned"
+    d = _torchvision_dir(tmp_path, poison, marker)
+    with pytest.raises(ValueError, match=rf"{poison}: not a CIFAR batch file: refusing to load (io|builtins)\.open"):
+        load_cifar_arrays(d, cache_dir="")
+    assert not marker.exists()
+
+
+def test_cifar_batch_reader_refuses_object_arrays(tmp_path):
+    marker = tmp_path / "pwned"
+    d = _torchvision_dir(tmp_path, None, marker)
+    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": np.array([_Exploit(marker)], dtype=object)}, protocol=2))
+    with pytest.raises(ValueError, match="data_batch_1: not a CIFAR batch file"):
+        load_cifar_arrays(d, cache_dir="")
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real flatq-train checkpoint (tiny synthetic job, DNQ + checkpoint callbacks)."""
+    from tests.test_train import TINY, _compose
+
+    from flatq_lightning.train import run
+
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]"])
+    return Path(run(cfg, out)["variants"]["main"]["checkpoint"])
+
+
+def _ptq(args: list[str], capsys) -> tuple[int, str]:
+    rc = ptq_cli.main([*args, "--calib-batches", "1", "--no-progress", "--device", "cpu", "--bits", "w8a8"])
+    return rc, capsys.readouterr().err
+
+
+def test_flatq_ptq_loads_a_real_checkpoint_with_weights_only(tiny_checkpoint, tmp_path, capsys):
+    rc, err = _ptq([str(tiny_checkpoint), "--save-dir", str(tmp_path / "rep")], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "rep" / "ptq_report.json").is_file()
+
+
+def test_flatq_ptq_never_runs_code_from_a_crafted_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ck = torch.load(tiny_checkpoint, weights_only=True)
+    ck["hyper_parameters"]["evil"] = _Exploit(marker)
+    bad = tmp_path / "evil.ckpt"
+    torch.save(ck, bad)
+    rc, err = _ptq([str(bad), "--save-dir", str(tmp_path / "rep")], capsys)
+    assert rc == 2 and not marker.exists()
+    assert f"checkpoint {bad}: refusing to load it" in err and "never executes code" in err
+
+
+def test_flatq_ptq_random_bytes_and_truncated_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    trunc = tmp_path / "trunc.ckpt"
+    data = tiny_checkpoint.read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    for bad in (noise, trunc):
+        rc, err = _ptq([str(bad), "--save-dir", str(tmp_path / "rep")], capsys)
+        assert rc == 2 and f"checkpoint {bad}: not a readable PyTorch checkpoint" in err, err
+
+
+def test_flatq_ptq_save_dir_that_is_a_file_fails_before_the_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import flatq_lightning.ptq_cli as cli
+
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    monkeypatch.setattr(cli, "_load_raw", lambda p: pytest.fail("loaded the checkpoint before checking --save-dir"))
+    for sd, msg in ((f, "is a file, not a folder"), (f / "sub", "is a file, so the folder cannot be created")):
+        rc, err = _ptq([str(tiny_checkpoint), "--save-dir", str(sd)], capsys)
+        assert rc == 2 and f"--save-dir {sd}" in err and msg in err
+
+
+def test_flatq_ptq_data_with_the_wrong_channel_count(tiny_checkpoint, tmp_path, capsys):
+    rc, err = _ptq([str(tiny_checkpoint), "--data", "digits", "--save-dir", str(tmp_path / "rep")], capsys)
+    assert rc == 2
+    assert "--data digits: the data has 1-channel images but the checkpoint's network takes 3 input channels" in err
+
+
+# -- data files: corrupt or non-image zip members (item 9) -----------------------------------------------
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _zip(path: Path, bad_member: str, bad: bytes | None) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for split in ("train", "test"):
+            for cls in ("cat", "dog"):
+                name = f"c/{split}/{cls}/0.jpg"
+                zf.writestr(name, bad if (name == bad_member and bad is not None) else _jpeg())
+    return path
+
+
+def test_zip_member_that_is_not_an_image_is_named(tmp_path):
+    z = _zip(tmp_path / "d.zip", "c/train/dog/0.jpg", b"this is text, not a JPEG")
+    with pytest.raises(ValueError, match=r"d\.zip:c/train/dog/0\.jpg: not a readable image"):
+        load_cifar_arrays(z, cache_dir="")
+
+
+def test_corrupt_zip_member_is_named(tmp_path):
+    z = _zip(tmp_path / "d.zip", "c/test/cat/0.jpg", None)
+    with zipfile.ZipFile(z) as zf:
+        info = zf.getinfo("c/test/cat/0.jpg")
+    raw = bytearray(z.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for k in range(start + 5, start + 25):  # damage the compressed data of that member only
+        raw[k] ^= 0xFF
+    z.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"cannot read member 'c/test/cat/0\.jpg' \(corrupt archive\?"):
+        load_cifar_arrays(z, cache_dir="")

@@ -322,6 +322,8 @@ def run_ptq(
     """
     t0 = time.perf_counter()
     bits_t, inc, exc = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+    if not isinstance(keep_first_last_8bit, bool):
+        raise TypeError(f"run_ptq: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
     _check_loader(eval_loader, "eval_loader")
     need_calib = any(specs_for(b)[1] is not None for b in bits_t)
     if need_calib:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flatq_lightning import QuantSpec, compute_qparams, fake_quantize, ptq_cli
+from flatq_lightning import QuantErrorRecorder, QuantSpec, compute_qparams, dnq_callbacks, fake_quantize, ptq_cli, quantize_model, run_ptq
 from flatq_lightning.data.cifar import load_cifar_arrays
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 
@@ -228,3 +228,65 @@ def test_corrupt_zip_member_is_named(tmp_path):
     z.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"cannot read member 'c/test/cat/0\.jpg' \(corrupt archive\?"):
         load_cifar_arrays(z, cache_dir="")
+
+
+# -- arguments that must name themselves (item 9) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        ({"seed": "abc"}, TypeError, r"seed must be an int, got 'abc'"),
+        ({"seed": 1.5}, TypeError, r"seed must be an int, got 1\.5"),
+        ({"momentum": "abc"}, ValueError, r"momentum must be in \[0, 1\) \(a float\), got 'abc'"),
+        ({"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\)"),
+        ({"keep_first_last_8bit": "no"}, TypeError, r"keep_first_last_8bit must be True or False, got 'no'"),
+        ({"keep_first_last_8bit": 0}, TypeError, r"keep_first_last_8bit must be True or False, got 0"),
+        ({"noise_scale": float("nan")}, ValueError, r"noise_scale must be a finite float >= 0"),
+        ({"act_noise_scale": float("inf")}, ValueError, r"noise_scale must be a finite float >= 0"),
+    ],
+)
+def test_dnq_callbacks_name_the_bad_argument(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        dnq_callbacks("w4a4", **kwargs)
+
+
+def test_recorder_flags_must_be_bools():
+    for flag in ("keep_first_last_8bit", "record_activations", "log_sqnr", "check_finite"):
+        with pytest.raises(TypeError, match=rf"{flag} must be True or False, got 'no'"):
+            QuantErrorRecorder("w4a4", **{flag: "no"})
+
+
+def _net():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def test_quantize_model_names_a_preset_string_given_as_a_spec():
+    with pytest.raises(TypeError, match=r"weight_spec must be a QuantSpec or None, got 'w4a4'.*QuantSpec\.parse"):
+        quantize_model(_net(), "w4a4", None)
+    with pytest.raises(TypeError, match=r"act_spec must be a QuantSpec or None, got 4"):
+        quantize_model(_net(), QuantSpec.weight(4), 4)
+    with pytest.raises(TypeError, match=r"keep_first_last_8bit must be True or False, got 'no'"):
+        quantize_model(_net(), QuantSpec.weight(4), None, keep_first_last_8bit="no")
+
+
+def test_run_ptq_keep_first_last_8bit_must_be_a_bool():
+    data = [(torch.randn(4, 4), torch.randint(0, 2, (4,)))]
+    with pytest.raises(TypeError, match=r"keep_first_last_8bit must be True or False, got 'no'"):
+        run_ptq(_net(), data, data, bits="w8a8", calib_batches=1, keep_first_last_8bit="no", progress=False)
+
+
+@pytest.mark.parametrize(
+    "override,msg",
+    [("trainer.max_epochs=abc", "trainer.max_epochs must be an integer (or null), got 'abc'"),
+     ("+trainer.max_steps=1.5", "trainer.max_steps must be an integer (or null), got 1.5"),
+     ("+trainer.limit_train_batches=lots", "trainer.limit_train_batches must be a number (or null), got 'lots'")],
+)
+def test_flatq_train_trainer_numbers_fail_before_fit(override, msg):
+    from tests.test_train import _compose
+
+    from flatq_lightning.train import ConfigError, validate_config
+
+    with pytest.raises(ConfigError) as ei:
+        validate_config(_compose([override]))
+    assert str(ei.value) == msg

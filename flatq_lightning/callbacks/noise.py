@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._common import hooks_are_suspended, splitmix64
+from ._common import check_int, check_scale_value, hooks_are_suspended, splitmix64
 from .recorder import QuantErrorRecorder
 
 __all__ = ["DifferentialNoiseInjection", "ActivationNoiseInjection", "NoiseSource", "Ramp"]
@@ -163,8 +163,8 @@ def _kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int,
         return 0.0
     k = noise_scale(step) if callable(noise_scale) else noise_scale
     k = float(k)
-    if k < 0:
-        raise ValueError(f"noise_scale must be >= 0, the schedule returned {k} at step {step}")
+    if not math.isfinite(k) or k < 0:
+        raise ValueError(f"noise_scale must be finite and >= 0, the schedule {noise_scale!r} returned {k} at step {step}")
     return k
 
 
@@ -206,9 +206,8 @@ class DifferentialNoiseInjection(Callback):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
         if mode not in NOISE_MODES:
             raise ValueError(f"mode must be one of {NOISE_MODES}, got {mode!r}")
-        if not callable(noise_scale):
-            if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or noise_scale < 0:
-                raise ValueError(f"noise_scale must be a float >= 0 or a callable of the step, got {noise_scale!r}")
+        check_scale_value("noise_scale", noise_scale)
+        check_int("seed", seed)
         _check_warmup(warmup_steps, warmup_fraction)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
@@ -505,9 +504,8 @@ class ActivationNoiseInjection(Callback):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-        if not callable(noise_scale):
-            if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or noise_scale < 0:
-                raise ValueError(f"noise_scale must be a float >= 0 or a callable of the step, got {noise_scale!r}")
+        check_scale_value("noise_scale", noise_scale)
+        check_int("seed", seed)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
         _check_warmup(warmup_steps, warmup_fraction)

@@ -225,7 +225,8 @@ class DifferentialNoiseInjection(Callback):
         self.noise_source = noise_source
         self.pool_fraction = float(pool_fraction)
         self._params: list[Tensor] = []
-        self._names: list[str] = []  # the weighted layers, in the order of self._params
+        self._names: list[str] = []  # the first weighted layer of each unique parameter, in the order of self._params
+        self._layer_index: dict[str, int] = {}  # every weighted layer → its index in self._params
         self._source: NoiseSource | None = None
         self._applied: _Snapshot | None = None
         self._resume: _Snapshot | None = None
@@ -245,8 +246,17 @@ class DifferentialNoiseInjection(Callback):
         rec = self.recorder
         if not rec.layers:
             raise RuntimeError("the recorder has no layers: add the QuantErrorRecorder to the Trainer's callbacks")
-        self._names = list(rec.weight_layers)
-        self._params = [rec.modules[n].weight for n in self._names]
+        # one entry per unique Parameter: a weight shared by several layers (tied weights) is noised once,
+        # with the statistics of its first layer; self._layer_index maps every layer to its entry
+        self._names, self._params, self._layer_index = [], [], {}
+        first: dict[int, int] = {}
+        for n in rec.weight_layers:
+            p = rec.modules[n].weight
+            i = first.setdefault(id(p), len(self._params))
+            if i == len(self._params):
+                self._names.append(n)
+                self._params.append(p)
+            self._layer_index[n] = i
         total = sum(p.numel() for p in self._params)
         kind = self.noise_source
         if kind == "auto":
@@ -367,11 +377,11 @@ class DifferentialNoiseInjection(Callback):
         is a weightless point)."""
         if self._applied is None or self._applied.kappa == 0.0:
             return None
-        if name not in self._names:
+        if name not in self._layer_index:
             if name in self.recorder.layers:
                 return None  # a weightless point: nothing in its weight
             raise ValueError(f"{name!r} is not one of the recorder's layers")
-        i = self._names.index(name)
+        i = self._layer_index[name]
         delta = torch.zeros_like(self._params[i])
         self._add(self._applied, 1.0, into={i: delta})
         return delta
@@ -438,12 +448,15 @@ class DifferentialNoiseInjection(Callback):
         sd = checkpoint.get("state_dict")
         if sd is None:
             return
-        names = dict(pl_module.named_parameters())
-        id_to_name = {id(p): n for n, p in names.items()}
-        for layer in self._names:
-            key = id_to_name.get(id(self.recorder.modules[layer].weight))
-            if key is not None and key in sd:
-                sd[key] = self.clean_weight(layer).detach().clone()
+        keys: dict[int, list[str]] = {}  # every state_dict key of a parameter, aliases (tied weights) included
+        for n, p in pl_module.named_parameters(remove_duplicate=False):
+            keys.setdefault(id(p), []).append(n)
+        for layer, p in zip(self._names, self._params):
+            clean = None
+            for key in keys.get(id(p), []):
+                if key in sd:
+                    clean = self.clean_weight(layer).detach().clone() if clean is None else clean
+                    sd[key] = clean
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()

@@ -81,3 +81,64 @@ def test_a_schedule_returning_nan_stops_the_fit_at_that_step(which):
     with pytest.raises(ValueError, match=r"noise_scale must be finite and >= 0, the schedule _NanAfter\(3\) returned nan at step 3"):
         trainer(max_epochs=1, callbacks=cbs).fit(model, train, val)
     assert torch.isfinite(model.model.conv2.weight).all()
+
+
+# -- item 1: shared parameters ------------------------------------------------------------------------------
+
+
+class _TiedLM(TinyLM):
+    """Two Linear layers sharing one weight (and, through ``emb``, an embedding-style alias of it)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.model = torch.nn.Module()
+        self.model.a = torch.nn.Linear(64, 16)
+        self.model.b = torch.nn.Linear(16, 16)
+        self.model.c = torch.nn.Linear(16, 16)
+        self.model.c.weight = self.model.b.weight  # tied
+        self.model.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.model.a(x.flatten(1)))
+        h = torch.relu(self.model.b(h))
+        h = torch.relu(self.model.c(h))
+        return self.model.head(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+
+
+def test_a_shared_parameter_is_noised_once_and_every_alias_key_is_clean_in_checkpoints(tmp_path):
+    from lightning.pytorch import Callback
+
+    seed_everything(0)
+    model = _TiedLM(lr=0.0)  # lr = 0: the clean weight stays W0, so param - W0 is exactly the injected noise
+    w0 = model.model.b.weight.detach().clone()
+    cbs = dnq_callbacks("w4a4", stats_every=2, act_noise=False)
+    dnq = cbs[1]
+    seen = []
+
+    class Check(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                delta = dnq.current_noise("model.b")
+                assert torch.equal(delta, dnq.current_noise("model.c"))
+                seen.append((pl_module.model.b.weight.detach() - w0, delta))
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    train, val = loaders()
+    trainer(max_steps=4, callbacks=[*cbs, Check()], limit_val_batches=0).fit(model, train, val)
+    (inside, delta), = seen
+    assert float(delta.abs().max()) > 1e-4
+    torch.testing.assert_close(inside, delta, rtol=0, atol=1e-6)  # once, not twice
+    sd = torch.load(tmp_path / "mid.ckpt", weights_only=True)["state_dict"]
+    for key in ("model.b.weight", "model.c.weight"):
+        torch.testing.assert_close(sd[key], w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.model.b.weight.detach(), w0, rtol=0, atol=1e-6)  # clean after fit
+    assert model.model.b.weight is model.model.c.weight

@@ -158,6 +158,44 @@ def _resolve_warmup(warmup_steps: int, warmup_fraction: float, trainer: pl.Train
     return int(warmup_fraction * total)
 
 
+def _refuse_sharded_strategy(trainer: pl.Trainer, cb: Callback) -> None:
+    """In-place weight noise needs whole parameters on every rank: refuse FSDP, DeepSpeed and model parallelism
+    (as Lightning's StochasticWeightAveraging does)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"{type(cb).__name__} does not support the {type(trainer.strategy).__name__}: it adds noise in place to "
+            "whole weight tensors, which that strategy shards across ranks. Use strategy='ddp' (or a single device), "
+            "or train with mode='off'"
+        )
+
+
+def _refuse_other_weight_noise(trainer: pl.Trainer, cb: DifferentialNoiseInjection) -> None:
+    others = [c for c in trainer.callbacks if isinstance(c, DifferentialNoiseInjection) and c is not cb and c.active]
+    if others:
+        raise ValueError(
+            f"two weight-noise callbacks in one Trainer ({cb.state_key} and {others[0].state_key}): each would "
+            "measure the other's noise as part of the clean weights. Give the Trainer one dnq_callbacks(...) set; "
+            "to monitor other bit-widths add QuantErrorRecorder(preset, name=...) instances alone"
+        )
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer, cb: DifferentialNoiseInjection) -> None:
+    """SWA/EMA would average W + δ: the parameters hold the noise between steps in this mode."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+
+    avg = [c for c in trainer.callbacks if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
+    if avg:
+        raise ValueError(
+            f"{type(avg[0]).__name__} next to {type(cb).__name__}(mode={cb.mode!r}) would average the noisy weights "
+            "W + δ (in this mode the parameters hold the noise between optimizer steps), and its checkpoints and "
+            "final weights would be noisy. Use mode='add_remove' (the noise is removed before every optimizer "
+            "step, so the averaging sees the clean weights), or drop the weight-averaging callback"
+        )
+
+
 def _kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, step: int) -> float:
     if step < warmup_steps:
         return 0.0
@@ -230,6 +268,7 @@ class DifferentialNoiseInjection(Callback):
         self._source: NoiseSource | None = None
         self._applied: _Snapshot | None = None
         self._resume: _Snapshot | None = None
+        self._resume_residual: list[tuple[Tensor, Tensor]] | None = None
         self._coef_cache: tuple[tuple[int, float], _Snapshot] | None = None
         self._before_eval: _Snapshot | None = None
 
@@ -242,6 +281,18 @@ class DifferentialNoiseInjection(Callback):
         return self.mode != "off"
 
     # setup --------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _refuse_sharded_strategy(trainer, self)
+        if self.active:
+            _refuse_other_weight_noise(trainer, self)
+            if self.mode != "add_remove":
+                _refuse_weight_averaging(trainer, self)
+        # a new fit starts clean: nothing of a previous fit (another model, another width) carries over; a resume
+        # restores the checkpoint's state (load_state_dict) right after this hook
+        self._applied = self._resume = self._coef_cache = self._before_eval = self._resume_residual = None
+
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         rec = self.recorder
         if not rec.layers:
@@ -407,6 +458,17 @@ class DifferentialNoiseInjection(Callback):
             snap = resume.to(pl_module.device)
             self._add(snap, 1.0)
             self._applied = snap
+            # the live run reuses these very coefficient tensors until the next refresh (and skips a's add/sub
+            # when they are the same objects): so must the resumed one, or it rounds differently
+            if snap.kappa == self.kappa(trainer.global_step):
+                self._coef_cache = ((rec.weight_refreshed_at, snap.kappa), snap)
+            residual, self._resume_residual = self._resume_residual, None
+            if residual is not None and len(residual) == len(self._params):
+                for (idx, vals), p in zip(residual, self._params):
+                    if idx.numel() and vals.numel() == idx.numel() and int(idx.max()) < p.numel():
+                        flat = p.data.reshape(-1).clone()
+                        flat[idx.to(p.device)] = vals.to(p.device, p.dtype)
+                        p.data.copy_(flat.view(p.shape))
         else:
             self._apply_step(trainer, pl_module, trainer.global_step)
 
@@ -468,10 +530,26 @@ class DifferentialNoiseInjection(Callback):
         self._remove()
 
     # state --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _rounding_residual(self, snap: _Snapshot) -> list[tuple[Tensor, Tensor]]:
+        """Per parameter, the elements where re-applying δ to the checkpoint's clean weight (``W + δ − δ``, float
+        rounded) would not give back the current ``W + δ`` bit for bit: their flat indices and exact values. A
+        resume writes them back, so it continues exactly (usually a small fraction of the elements)."""
+        out = []
+        for i, p in enumerate(self._params):
+            delta = torch.zeros_like(p)
+            self._add(snap, 1.0, into={i: delta})
+            sim = p.detach().clone().sub_(delta)  # the clean weight on_save_checkpoint writes
+            self._add(snap, 1.0, into={i: sim})  # what the resume re-applies
+            idx = (sim != p.detach()).reshape(-1).nonzero().squeeze(1)
+            out.append((idx.cpu(), p.detach().reshape(-1)[idx].cpu()))
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         snap = self._applied
         return {
             "seed": self.seed,
+            "residual": None if snap is None or snap.kappa == 0.0 else self._rounding_residual(snap),
             "applied": None
             if snap is None
             else {
@@ -486,6 +564,7 @@ class DifferentialNoiseInjection(Callback):
         self.seed = int(state_dict.get("seed", self.seed))
         a = state_dict.get("applied")
         self._resume = None if a is None else _Snapshot(a["step"], a["kappa"], list(a["a"]), list(a["b"]))
+        self._resume_residual = state_dict.get("residual") if a is not None else None
 
 
 class ActivationNoiseInjection(Callback):
@@ -542,6 +621,11 @@ class ActivationNoiseInjection(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(recorder=self.recorder.name, p=self.p)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit: no cached coefficients of a previous fit's statistics
+            self._coef.clear()
+            self._active = set()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)

@@ -136,6 +136,8 @@ class QuantErrorRecorder(Callback):
         fit = stage == "fit"
         if self.layers and not fit:
             return
+        if fit:  # a new fit starts with no statistics (a resume restores them right after this hook)
+            self.reset_stats()
         # every fit selects afresh: attention points are new modules each time they are attached
         if fit and self.attention_points:
             self.detach_attention_points()
@@ -155,6 +157,14 @@ class QuantErrorRecorder(Callback):
         self.specs = layer_specs(selected, self.weight_spec, self.act_spec, self.keep_first_last_8bit)
         if fit:
             rank_zero_info(self.summary())
+
+    def reset_stats(self) -> None:
+        """Forget every recorded statistic (a callback re-used on another model or fit starts afresh)."""
+        for d in self._stat_dicts().values():
+            d.clear()
+        self.weight_refreshed_at = self.act_refreshed_at = -1
+        self._pending.clear()
+        self._measuring = False
 
     def detach_attention_points(self) -> None:
         """Remove the attention points this recorder attached (restoring timm's attention); idempotent."""

@@ -128,6 +128,9 @@ def validate_config(cfg: DictConfig) -> None:
             parse_bits(str(b))
         except ValueError as err:
             raise ConfigError(f"ptq.bits: {err}") from None
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
     _check_trainer_numbers(cfg.get("trainer"))
     variants = cfg.get("variants")
     if variants is not None and not isinstance(variants, DictConfig):

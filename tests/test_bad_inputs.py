@@ -290,3 +290,29 @@ def test_flatq_train_trainer_numbers_fail_before_fit(override, msg):
     with pytest.raises(ConfigError) as ei:
         validate_config(_compose([override]))
     assert str(ei.value) == msg
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        ({"momentum": "abc"}, TypeError, r"momentum must be a finite number, got 'abc'"),
+        ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\), got 1\.5"),
+        ({"lr": "fast"}, TypeError, r"lr must be a finite number, got 'fast'"),
+        ({"weight_decay": float("nan")}, TypeError, r"weight_decay must be a finite number"),
+        ({"nesterov": "no"}, TypeError, r"nesterov must be True or False, got 'no'"),
+    ],
+)
+def test_image_classifier_names_the_bad_argument(kwargs, exc, msg):
+    from flatq_lightning.module import ImageClassifier
+
+    with pytest.raises(exc, match=msg):
+        ImageClassifier("small_cnn", num_classes=3, **kwargs)
+
+
+def test_flatq_train_seed_must_be_an_integer():
+    from tests.test_train import _compose
+
+    from flatq_lightning.train import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"^seed must be an integer, got 'abc'$"):
+        validate_config(_compose(["seed=abc"]))

@@ -316,3 +316,15 @@ def test_flatq_train_seed_must_be_an_integer():
 
     with pytest.raises(ConfigError, match=r"^seed must be an integer, got 'abc'$"):
         validate_config(_compose(["seed=abc"]))
+
+
+def test_schedules_refuse_non_finite_values():
+    from flatq_lightning import Ramp
+    from flatq_lightning.schedules import PiecewiseLinear
+
+    with pytest.raises(ValueError, match=r"Ramp end must be a finite float >= 0 \(a noise scale\), got nan"):
+        Ramp(end=float("nan"))
+    with pytest.raises(ValueError, match=r"Ramp start must be a finite float >= 0"):
+        Ramp(start=float("inf"))
+    with pytest.raises(ValueError, match=r"PiecewiseLinear values must be finite and >= 0"):
+        PiecewiseLinear([(0, 0.0), (10, float("nan"))])

@@ -39,6 +39,9 @@ class Ramp:
     def __init__(self, end: float = 1.0, steps: int = 1000, start: float = 0.0) -> None:
         if steps < 1:
             raise ValueError(f"Ramp steps must be >= 1, got {steps}")
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Ramp {name} must be a finite float >= 0 (a noise scale), got {v!r}")
         self.start, self.end, self.steps = float(start), float(end), int(steps)
 
     def __call__(self, step: int) -> float:

@@ -14,7 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from flatq_lightning import QuantErrorRecorder, QuantSpec, compute_qparams, dnq_callbacks, fake_quantize, ptq_cli, quantize_model, run_ptq
+from flatq_lightning import (
+    QuantErrorRecorder,
+    QuantSpec,
+    compute_qparams,
+    dnq_callbacks,
+    fake_quantize,
+    ptq_cli,
+    quantize_model,
+    run_ptq,
+)
 from flatq_lightning.data.cifar import load_cifar_arrays
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 
@@ -132,9 +141,8 @@ def test_cifar_batch_reader_refuses_object_arrays(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real flatq-train checkpoint (tiny synthetic job, DNQ + checkpoint callbacks)."""
-    from tests.test_train import TINY, _compose
-
     from flatq_lightning.train import run
+    from tests.test_train import TINY, _compose
 
     out = tmp_path_factory.mktemp("ckpt")
     cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]"])
@@ -283,9 +291,8 @@ def test_run_ptq_keep_first_last_8bit_must_be_a_bool():
      ("+trainer.limit_train_batches=lots", "trainer.limit_train_batches must be a number (or null), got 'lots'")],
 )
 def test_flatq_train_trainer_numbers_fail_before_fit(override, msg):
-    from tests.test_train import _compose
-
     from flatq_lightning.train import ConfigError, validate_config
+    from tests.test_train import _compose
 
     with pytest.raises(ConfigError) as ei:
         validate_config(_compose([override]))
@@ -310,9 +317,8 @@ def test_image_classifier_names_the_bad_argument(kwargs, exc, msg):
 
 
 def test_flatq_train_seed_must_be_an_integer():
-    from tests.test_train import _compose
-
     from flatq_lightning.train import ConfigError, validate_config
+    from tests.test_train import _compose
 
     with pytest.raises(ConfigError, match=r"^seed must be an integer, got 'abc'$"):
         validate_config(_compose(["seed=abc"]))

@@ -22,7 +22,7 @@ from ..quant.ops import (
 )
 from ..quant.spec import QuantSpec, preset_name
 from ..quant.targets import has_weight, layer_specs, select_modules
-from ._common import check_bool, check_int, hooks_are_suspended
+from ._common import check_bool, hooks_are_suspended
 
 __all__ = ["QuantErrorRecorder", "resolve_specs"]
 

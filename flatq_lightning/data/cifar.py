@@ -50,9 +50,7 @@ _SPLITS = ("train", "test")
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from lightning.pytorch import seed_everything
 
-from flatq_lightning import DifferentialNoiseInjection, QuantErrorRecorder, Ramp, dnq_callbacks
+from flatq_lightning import QuantErrorRecorder, dnq_callbacks
 from tests.callbacks.lm import TinyLM, loaders, trainer
 
 

@@ -8,7 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from flatq_lightning import QuantSpec, compute_qparams, fake_quantize, load_quantized, quantize_model, save_quantized
+from flatq_lightning import (
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 from flatq_lightning.quant.spec import GRANULARITIES, MAX_BITS, MAX_DIMS, MIN_BITS, OBSERVERS
 

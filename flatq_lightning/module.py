@@ -85,6 +85,19 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
         mse_preset: str = "w4a4",
     ) -> None:
         super().__init__()
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                            ("warmup_fraction", warmup_fraction), ("min_lr_ratio", min_lr_ratio),
+                            ("label_smoothing", label_smoothing), ("mse_weight", mse_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        for name, flag in (("pretrained", pretrained), ("nesterov", nesterov), ("sam_adaptive", sam_adaptive),
+                           ("decay_norm_and_bias", decay_norm_and_bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__})")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if scheduler not in SCHEDULERS:

@@ -106,7 +106,7 @@ class QuantMSEMixin:
                 if has_weight(mod):  # weightless points (attention operands): input quantization only
                     w = noise.clean_weight(name) if noise is not None else mod.weight
                     scale, zp = compute_qparams(w.detach(), w_spec, check=False)
-                    weights[f"{local}.weight" if local else "weight"] = fake_quantize(w, w_spec, scale, zp)
+                    weights[f"{local}.weight" if local else "weight"] = fake_quantize(w, w_spec, scale, zp, check_scale=False)
                 qp = recorder.act_qparams(name) if recorder is not None else None
                 handles.append(mod.register_forward_pre_hook(_act_quant_hook(a_spec, qp)))
             for m in net.modules():  # keep BN running statistics from seeing the quantized forward
@@ -130,6 +130,6 @@ def _act_quant_hook(spec: QuantSpec, qparams: tuple[Tensor, Tensor] | None):
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
         scale, zp = qparams if qparams is not None else compute_qparams(x.detach(), spec, check=False)
-        return (fake_quantize(x, spec, scale, zp), *args[1:])
+        return (fake_quantize(x, spec, scale, zp, check_scale=False), *args[1:])
 
     return hook

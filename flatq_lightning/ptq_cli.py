@@ -73,10 +73,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_raw(path: Path) -> dict[str, Any]:
+    """The checkpoint as a dict, read with ``weights_only=True``: a checkpoint is untrusted input, and a full
+    unpickle would run any code a crafted file names. Lightning checkpoints of an ImageClassifier hold only
+    tensors, containers and plain values, which the restricted loader admits."""
+    import pickle
+    import zipfile
+
     import torch
 
-    # the user's own checkpoint; hyperparameters may hold plain Python objects
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln.split("error:", 1)[-1].strip().split(". Please")[0] for ln in lines if "Unsupported global" in ln), None)
+        if why is not None:  # a well-formed pickle naming a global outside the safe set
+            raise _CliError(
+                f"checkpoint {path}: refusing to load it, it holds Python objects that torch.load(weights_only=True) "
+                f"does not admit ({why}); flatq-ptq never executes code from a checkpoint. If you trust the file, "
+                "load it in Python with torch.load(weights_only=False) and call run_ptq"
+            ) from None
+        detail = next((ln for ln in lines if "WeightsUnpickler error" not in ln and not ln.startswith(("Weights only", "Please file", "Check the"))), type(err).__name__)
+        raise _CliError(f"checkpoint {path}: not a readable PyTorch checkpoint (corrupt or truncated? {detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _CliError(
+            f"checkpoint {path}: not a readable PyTorch checkpoint (corrupt or truncated? {type(err).__name__}: {msg})"
+        ) from None
+    if not isinstance(raw, dict) or "state_dict" not in raw:
+        raise _CliError(f"checkpoint {path}: not a Lightning checkpoint (no 'state_dict' entry)")
+    return raw
+
+
+def _check_save_dir(save_dir: Path) -> None:
+    """Fail before any PTQ work if the reports could not be written there."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise _CliError(f"--save-dir {save_dir} is a file, not a folder: give a folder for the reports")
+    parent = save_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise _CliError(f"--save-dir {save_dir}: {parent} is a file, so the folder cannot be created")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise _CliError(f"--save-dir {save_dir}: {parent} is not writable")
+
+
+def _model_in_chans(module: Any) -> int | None:
+    """The input channels of the network's first convolution (None if it starts with something else)."""
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return int(m.in_channels)
+    return None
 
 
 def datamodule_from_checkpoint(
@@ -139,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
     bits = [b.strip() for b in str(args.bits).split(",") if b.strip()]
     if not bits:
         raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
+    save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
+    _check_save_dir(save_dir)
     raw = _load_raw(ckpt_path)
     hp = raw.get("hyper_parameters") or {}
     if "model" not in hp:
@@ -146,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{ckpt_path} was trained with an nn.Module passed to ImageClassifier (no model name saved); "
             "load it in Python: ImageClassifier.load_from_checkpoint(path, model=net) and call run_ptq"
         )
-    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     overrides: dict[str, Any] = {
         "path": args.data_path,
         "cache_dir": args.cache_dir,
@@ -173,6 +225,12 @@ def _run(args: argparse.Namespace) -> int:
             f"the data has {dm.num_classes} classes but the checkpoint's classifier has {module.num_classes}: "
             "wrong --data?"
         )
+    chans = _model_in_chans(module)
+    if chans is not None and getattr(dm, "in_chans", chans) != chans:
+        raise _CliError(
+            f"--data {args.data or 'from the checkpoint'}: the data has {dm.in_chans}-channel images but the "
+            f"checkpoint's network takes {chans} input channels: wrong --data?"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         report = run_ptq(
@@ -193,7 +251,6 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise _CliError(str(err)) from None
-    save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
     save_dir.mkdir(parents=True, exist_ok=True)
     report.to_json(save_dir / "ptq_report.json")
     report.to_markdown(save_dir / "ptq_report.md")

@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_topk",
     "normalize_bits",
     "ptq_network",
+    "check_ptq_network",
     "run_ptq",
     "specs_for",
     "validate_ptq_args",
@@ -137,6 +138,55 @@ def ptq_network(module: nn.Module) -> nn.Module:
         LightningModule = ()  # type: ignore[assignment]  # noqa: N806
     inner = getattr(module, "model", None) if isinstance(module, LightningModule) else None
     return inner if isinstance(inner, nn.Module) else module
+
+
+@torch.no_grad()
+def check_ptq_network(module: nn.Module, net: nn.Module, eval_loader: Iterable[Any]) -> bool:
+    """Warn when ``module(x)`` is not ``net(x)`` on the first evaluation batch: then PTQ would measure only a part of
+    what the module computes (e.g. ``forward = head(self.model(x))``). Returns True when they agree.
+
+    Both run in eval mode on the module's device with the noise/recorder hooks suspended; every submodule's
+    train/eval flag is restored afterwards.
+    """
+    from .callbacks._common import hooks_suspended
+
+    x = batch_inputs(next(iter(eval_loader)))
+    x = x.to(_model_device(module))
+    modes = [(m, m.training) for m in module.modules()]
+    why = ""
+    try:
+        module.eval()
+        with hooks_suspended():
+            full = module(x)
+            try:
+                part = net(x)
+            except Exception as err:  # noqa: BLE001 - any failure means the inner model is not the network
+                part, why = None, f"calling it on the batch fails ({type(err).__name__}: {err})"
+        if part is not None:
+            try:
+                a, b = _logits(full), _logits(part)
+            except ValueError as err:
+                a = b = None
+                why = str(err)
+            if a is not None and b is not None:
+                if a.shape != b.shape:
+                    why = f"its output has shape {tuple(b.shape)}, the module's {tuple(a.shape)}"
+                elif not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5):
+                    why = f"its output differs from the module's by up to {float((a.float() - b.float()).abs().max()):.3g}"
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    if why:
+        warnings.warn(
+            f"run_ptq quantizes {type(module).__name__}.model ({type(net).__name__}), but it is not the whole "
+            f"network: on the first evaluation batch {why}. The PTQ report would measure only that part. Pass "
+            f"the full network to run_ptq (an nn.Module whose forward is the module's), or make "
+            f"{type(module).__name__}.model the whole network",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -353,11 +403,15 @@ def run_ptq(
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
         raise ValueError(f"bn_batches must be a positive int (number of BN re-estimation batches), got {bn_batches!r}")
     act_obs = act_observer or observer
+    if not isinstance(keep_first_last_8bit, bool):
+        raise TypeError(f"run_ptq: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
     _check_loader(eval_loader, "eval_loader")
     need_calib = any(specs_for(b)[1] is not None for b in bits_t)
     if need_calib:
         _check_loader(calib_loader, "calib_loader")
     net = ptq_network(model)
+    if net is not model:
+        check_ptq_network(model, net, eval_loader)
     dev = torch.device(device) if device is not None else _model_device(net)
     timing: dict[str, float] = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 __all__ = ["PiecewiseLinear", "trapezoid"]
@@ -22,8 +23,8 @@ class PiecewiseLinear:
             raise ValueError("PiecewiseLinear needs at least one (step, value) knot")
         if any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
             raise ValueError(f"PiecewiseLinear knots must have non-decreasing steps, got {pts}")
-        if any(v < 0 for _, v in pts):
-            raise ValueError(f"PiecewiseLinear values must be >= 0 (noise scales), got {pts}")
+        if any(not math.isfinite(v) or v < 0 for _, v in pts):
+            raise ValueError(f"PiecewiseLinear values must be finite and >= 0 (noise scales), got {pts}")
         self.knots = pts
 
     def __call__(self, step: int) -> float:

@@ -77,6 +77,27 @@ def group_options(group: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # validation and instantiation
 # ---------------------------------------------------------------------------------------------------------
+#: Trainer options that must be whole numbers (None allowed), and those that may be any number
+_TRAINER_INTS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "log_every_n_steps", "num_sanity_val_steps",
+                 "accumulate_grad_batches", "check_val_every_n_epoch", "num_nodes")
+_TRAINER_NUMBERS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval",
+                    "gradient_clip_val", "overfit_batches")
+
+
+def _check_trainer_numbers(trainer: Any) -> None:
+    """``trainer.max_epochs=abc`` and the like fail here, before any data or model is built."""
+    if not isinstance(trainer, DictConfig):
+        return
+    for key in (*_TRAINER_INTS, *_TRAINER_NUMBERS):
+        v = trainer.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, int) if key in _TRAINER_INTS else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok:
+            kind = "an integer" if key in _TRAINER_INTS else "a number"
+            raise ConfigError(f"trainer.{key} must be {kind} (or null), got {v!r}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the values a typo would make fail late (model name, presets, bits) with a clear message.
 
@@ -107,6 +128,10 @@ def validate_config(cfg: DictConfig) -> None:
             parse_bits(str(b))
         except ValueError as err:
             raise ConfigError(f"ptq.bits: {err}") from None
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    _check_trainer_numbers(cfg.get("trainer"))
     variants = cfg.get("variants")
     if variants is not None and not isinstance(variants, DictConfig):
         raise ConfigError(f"variants must be null or a mapping {{name: overrides}}, got {variants!r}")

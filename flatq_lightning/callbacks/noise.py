@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..quant.bn import bn_state, load_bn_state
-from ._common import hooks_are_suspended, reestimate_bn_on_training_data, splitmix64
+from ._common import (
+    check_int,
+    check_scale_value,
+    hooks_are_suspended,
+    reestimate_bn_on_training_data,
+    splitmix64,
+)
 from .recorder import QuantErrorRecorder
 
 __all__ = ["DifferentialNoiseInjection", "ActivationNoiseInjection", "NoiseSource", "Ramp", "NOISY_BN_KEY"]
@@ -43,6 +49,9 @@ class Ramp:
     def __init__(self, end: float = 1.0, steps: int = 1000, start: float = 0.0) -> None:
         if steps < 1:
             raise ValueError(f"Ramp steps must be >= 1, got {steps}")
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Ramp {name} must be a finite float >= 0 (a noise scale), got {v!r}")
         self.start, self.end, self.steps = float(start), float(end), int(steps)
 
     def __call__(self, step: int) -> float:
@@ -162,13 +171,51 @@ def _resolve_warmup(warmup_steps: int, warmup_fraction: float, trainer: pl.Train
     return int(warmup_fraction * total)
 
 
+def _refuse_sharded_strategy(trainer: pl.Trainer, cb: Callback) -> None:
+    """In-place weight noise needs whole parameters on every rank: refuse FSDP, DeepSpeed and model parallelism
+    (as Lightning's StochasticWeightAveraging does)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"{type(cb).__name__} does not support the {type(trainer.strategy).__name__}: it adds noise in place to "
+            "whole weight tensors, which that strategy shards across ranks. Use strategy='ddp' (or a single device), "
+            "or train with mode='off'"
+        )
+
+
+def _refuse_other_weight_noise(trainer: pl.Trainer, cb: DifferentialNoiseInjection) -> None:
+    others = [c for c in trainer.callbacks if isinstance(c, DifferentialNoiseInjection) and c is not cb and c.active]
+    if others:
+        raise ValueError(
+            f"two weight-noise callbacks in one Trainer ({cb.state_key} and {others[0].state_key}): each would "
+            "measure the other's noise as part of the clean weights. Give the Trainer one dnq_callbacks(...) set; "
+            "to monitor other bit-widths add QuantErrorRecorder(preset, name=...) instances alone"
+        )
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer, cb: DifferentialNoiseInjection) -> None:
+    """SWA/EMA would average W + δ: the parameters hold the noise between steps in this mode."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+
+    avg = [c for c in trainer.callbacks if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
+    if avg:
+        raise ValueError(
+            f"{type(avg[0]).__name__} next to {type(cb).__name__}(mode={cb.mode!r}) would average the noisy weights "
+            "W + δ (in this mode the parameters hold the noise between optimizer steps), and its checkpoints and "
+            "final weights would be noisy. Use mode='add_remove' (the noise is removed before every optimizer "
+            "step, so the averaging sees the clean weights), or drop the weight-averaging callback"
+        )
+
+
 def _kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, step: int) -> float:
     if step < warmup_steps:
         return 0.0
     k = noise_scale(step) if callable(noise_scale) else noise_scale
     k = float(k)
-    if k < 0:
-        raise ValueError(f"noise_scale must be >= 0, the schedule returned {k} at step {step}")
+    if not math.isfinite(k) or k < 0:
+        raise ValueError(f"noise_scale must be finite and >= 0, the schedule {noise_scale!r} returned {k} at step {step}")
     return k
 
 
@@ -222,9 +269,8 @@ class DifferentialNoiseInjection(Callback):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
         if mode not in NOISE_MODES:
             raise ValueError(f"mode must be one of {NOISE_MODES}, got {mode!r}")
-        if not callable(noise_scale):
-            if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or noise_scale < 0:
-                raise ValueError(f"noise_scale must be a float >= 0 or a callable of the step, got {noise_scale!r}")
+        check_scale_value("noise_scale", noise_scale)
+        check_int("seed", seed)
         _check_warmup(warmup_steps, warmup_fraction)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
@@ -242,10 +288,12 @@ class DifferentialNoiseInjection(Callback):
         self.noise_source = noise_source
         self.pool_fraction = float(pool_fraction)
         self._params: list[Tensor] = []
-        self._names: list[str] = []  # the weighted layers, in the order of self._params
+        self._names: list[str] = []  # the first weighted layer of each unique parameter, in the order of self._params
+        self._layer_index: dict[str, int] = {}  # every weighted layer → its index in self._params
         self._source: NoiseSource | None = None
         self._applied: _Snapshot | None = None
         self._resume: _Snapshot | None = None
+        self._resume_residual: list[tuple[Tensor, Tensor]] | None = None
         self._coef_cache: tuple[tuple[int, float], _Snapshot] | None = None
         self._before_eval: _Snapshot | None = None
         self.clean_bn_batches = clean_bn_batches
@@ -263,12 +311,33 @@ class DifferentialNoiseInjection(Callback):
         return self.mode != "off"
 
     # setup --------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _refuse_sharded_strategy(trainer, self)
+        if self.active:
+            _refuse_other_weight_noise(trainer, self)
+            if self.mode != "add_remove":
+                _refuse_weight_averaging(trainer, self)
+        # a new fit starts clean: nothing of a previous fit (another model, another width) carries over; a resume
+        # restores the checkpoint's state (load_state_dict) right after this hook
+        self._applied = self._resume = self._coef_cache = self._before_eval = self._resume_residual = None
+
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         rec = self.recorder
         if not rec.layers:
             raise RuntimeError("the recorder has no layers: add the QuantErrorRecorder to the Trainer's callbacks")
-        self._names = list(rec.weight_layers)
-        self._params = [rec.modules[n].weight for n in self._names]
+        # one entry per unique Parameter: a weight shared by several layers (tied weights) is noised once,
+        # with the statistics of its first layer; self._layer_index maps every layer to its entry
+        self._names, self._params, self._layer_index = [], [], {}
+        first: dict[int, int] = {}
+        for n in rec.weight_layers:
+            p = rec.modules[n].weight
+            i = first.setdefault(id(p), len(self._params))
+            if i == len(self._params):
+                self._names.append(n)
+                self._params.append(p)
+            self._layer_index[n] = i
         total = sum(p.numel() for p in self._params)
         kind = self.noise_source
         if kind == "auto":
@@ -392,11 +461,11 @@ class DifferentialNoiseInjection(Callback):
         is a weightless point)."""
         if self._applied is None or self._applied.kappa == 0.0:
             return None
-        if name not in self._names:
+        if name not in self._layer_index:
             if name in self.recorder.layers:
                 return None  # a weightless point: nothing in its weight
             raise ValueError(f"{name!r} is not one of the recorder's layers")
-        i = self._names.index(name)
+        i = self._layer_index[name]
         delta = torch.zeros_like(self._params[i])
         self._add(self._applied, 1.0, into={i: delta})
         return delta
@@ -427,6 +496,17 @@ class DifferentialNoiseInjection(Callback):
             snap = resume.to(pl_module.device)
             self._add(snap, 1.0)
             self._applied = snap
+            # the live run reuses these very coefficient tensors until the next refresh (and skips a's add/sub
+            # when they are the same objects): so must the resumed one, or it rounds differently
+            if snap.kappa == self.kappa(trainer.global_step):
+                self._coef_cache = ((rec.weight_refreshed_at, snap.kappa), snap)
+            residual, self._resume_residual = self._resume_residual, None
+            if residual is not None and len(residual) == len(self._params):
+                for (idx, vals), p in zip(residual, self._params):
+                    if idx.numel() and vals.numel() == idx.numel() and int(idx.max()) < p.numel():
+                        flat = p.data.reshape(-1).clone()
+                        flat[idx.to(p.device)] = vals.to(p.device, p.dtype)
+                        p.data.copy_(flat.view(p.shape))
         else:
             self._apply_step(trainer, pl_module, trainer.global_step)
 
@@ -471,14 +551,15 @@ class DifferentialNoiseInjection(Callback):
             return
         if self._clean_bn_due() and trainer.state.fn == TrainerFn.FITTING:
             self._checkpoint_clean_bn(trainer, pl_module, sd, checkpoint)
-        if self._applied is None:
-            return
-        names = dict(pl_module.named_parameters())
-        id_to_name = {id(p): n for n, p in names.items()}
-        for layer in self._names:
-            key = id_to_name.get(id(self.recorder.modules[layer].weight))
-            if key is not None and key in sd:
-                sd[key] = self.clean_weight(layer).detach().clone()
+        keys: dict[int, list[str]] = {}  # every state_dict key of a parameter, aliases (tied weights) included
+        for n, p in pl_module.named_parameters(remove_duplicate=False):
+            keys.setdefault(id(p), []).append(n)
+        for layer, p in zip(self._names, self._params):
+            clean = None
+            for key in keys.get(id(p), []):
+                if key in sd:
+                    clean = self.clean_weight(layer).detach().clone() if clean is None else clean
+                    sd[key] = clean
 
     @torch.no_grad()
     def _checkpoint_clean_bn(
@@ -527,10 +608,26 @@ class DifferentialNoiseInjection(Callback):
         self._remove()
 
     # state --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _rounding_residual(self, snap: _Snapshot) -> list[tuple[Tensor, Tensor]]:
+        """Per parameter, the elements where re-applying δ to the checkpoint's clean weight (``W + δ − δ``, float
+        rounded) would not give back the current ``W + δ`` bit for bit: their flat indices and exact values. A
+        resume writes them back, so it continues exactly (usually a small fraction of the elements)."""
+        out = []
+        for i, p in enumerate(self._params):
+            delta = torch.zeros_like(p)
+            self._add(snap, 1.0, into={i: delta})
+            sim = p.detach().clone().sub_(delta)  # the clean weight on_save_checkpoint writes
+            self._add(snap, 1.0, into={i: sim})  # what the resume re-applies
+            idx = (sim != p.detach()).reshape(-1).nonzero().squeeze(1)
+            out.append((idx.cpu(), p.detach().reshape(-1)[idx].cpu()))
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         snap = self._applied
         return {
             "seed": self.seed,
+            "residual": None if snap is None or snap.kappa == 0.0 else self._rounding_residual(snap),
             "applied": None
             if snap is None
             else {
@@ -545,6 +642,7 @@ class DifferentialNoiseInjection(Callback):
         self.seed = int(state_dict.get("seed", self.seed))
         a = state_dict.get("applied")
         self._resume = None if a is None else _Snapshot(a["step"], a["kappa"], list(a["a"]), list(a["b"]))
+        self._resume_residual = state_dict.get("residual") if a is not None else None
 
 
 class ActivationNoiseInjection(Callback):
@@ -576,9 +674,8 @@ class ActivationNoiseInjection(Callback):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-        if not callable(noise_scale):
-            if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or noise_scale < 0:
-                raise ValueError(f"noise_scale must be a float >= 0 or a callable of the step, got {noise_scale!r}")
+        check_scale_value("noise_scale", noise_scale)
+        check_int("seed", seed)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
         _check_warmup(warmup_steps, warmup_fraction)
@@ -602,6 +699,11 @@ class ActivationNoiseInjection(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(recorder=self.recorder.name, p=self.p)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit: no cached coefficients of a previous fit's statistics
+            self._coef.clear()
+            self._active = set()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)

@@ -23,7 +23,7 @@ from ..quant.ops import (
 )
 from ..quant.spec import QuantSpec, preset_name
 from ..quant.targets import has_weight, layer_specs, select_modules
-from ._common import hooks_are_suspended
+from ._common import check_bool, hooks_are_suspended
 
 __all__ = ["QuantErrorRecorder", "resolve_specs"]
 
@@ -81,12 +81,16 @@ class QuantErrorRecorder(Callback):
         log_sqnr: bool = True,
         name: str | None = None,
         attention_points: bool = True,
+        check_finite: bool = True,
     ) -> None:
         self.weight_spec, self.act_spec = resolve_specs(weight_spec, act_spec)
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
             raise ValueError(f"stats_every must be an int >= 1, got {stats_every!r}")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) (a float), got {momentum!r}")
+        for flag, value in (("keep_first_last_8bit", keep_first_last_8bit), ("record_activations", record_activations),
+                            ("log_sqnr", log_sqnr)):
+            check_bool(flag, value)
         self.stats_every = stats_every
         self.momentum = float(momentum)
         self.include, self.exclude = include, exclude
@@ -96,6 +100,7 @@ class QuantErrorRecorder(Callback):
         if not isinstance(attention_points, bool):
             raise ValueError(f"attention_points must be True or False, got {attention_points!r}")
         self.attention_points = attention_points
+        self.check_finite = check_bool("check_finite", check_finite)
         self.name = name or preset_name(self.weight_spec.bits, self.act_spec.bits)
 
         self.layers: list[str] = []
@@ -137,6 +142,8 @@ class QuantErrorRecorder(Callback):
         fit = stage == "fit"
         if self.layers and not fit:
             return
+        if fit:  # a new fit starts with no statistics (a resume restores them right after this hook)
+            self.reset_stats()
         # every fit selects afresh: attention points are new modules each time they are attached
         if fit and self.attention_points:
             self.detach_attention_points()
@@ -156,6 +163,14 @@ class QuantErrorRecorder(Callback):
         self.specs = layer_specs(selected, self.weight_spec, self.act_spec, self.keep_first_last_8bit)
         if fit:
             rank_zero_info(self.summary())
+
+    def reset_stats(self) -> None:
+        """Forget every recorded statistic (a callback re-used on another model or fit starts afresh)."""
+        for d in self._stat_dicts().values():
+            d.clear()
+        self.weight_refreshed_at = self.act_refreshed_at = -1
+        self._pending.clear()
+        self._measuring = False
 
     def detach_attention_points(self) -> None:
         """Remove the attention points this recorder attached (restoring timm's attention); idempotent."""
@@ -214,6 +229,26 @@ class QuantErrorRecorder(Callback):
                 self.weight_scale[n] = m * self.weight_scale[n] + (1 - m) * scale
             self.weight_sqnr_db[n] = sqnr
         self.weight_refreshed_at = step
+        if self.check_finite:
+            self._raise_if_not_finite(
+                "weight", step, {n: torch.stack([self.weight_mean[n].sum(), self.weight_var[n].sum(),
+                                                 self.weight_scale[n].sum()]) for n in self.weight_layers}
+            )
+
+    def _raise_if_not_finite(self, kind: str, step: int, stats: dict[str, Tensor]) -> None:
+        """One host sync per refresh: stop the fit, naming the step and the first layer with NaN/inf statistics."""
+        if not stats:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for t in stats.values()])
+        if bool(finite.all()):
+            return
+        bad = [n for n, ok in zip(stats, finite.tolist()) if not ok]
+        what = "weights" if kind == "weight" else "inputs"
+        raise FloatingPointError(
+            f"{type(self).__name__} [{self.name}]: non-finite {kind} statistics at step {step} in layer {bad[0]!r}"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: its {what} hold NaN or inf (did the loss "
+            "diverge? lower the learning rate or the noise scale); stopping the fit"
+        )
 
     def is_refresh_step(self, step: int) -> bool:
         return step % self.stats_every == 0
@@ -279,6 +314,8 @@ class QuantErrorRecorder(Callback):
         self._pending.clear()
         if trainer.world_size > 1:
             packed = trainer.strategy.reduce(packed, reduce_op="mean")
+        if self.check_finite:
+            self._raise_if_not_finite("activation", trainer.global_step, dict(zip(names, packed[:, :3].unbind(0))))
         m = self.momentum
         for i, n in enumerate(names):
             lo, hi, mean, var, sig = packed[i].unbind()

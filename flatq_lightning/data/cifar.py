@@ -18,6 +18,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,13 @@ _SPLITS = ("train", "test")
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:  # PIL reports broken files as these
+        raise ValueError(f"{where}: not a readable image ({type(err).__name__}: {err})") from None
     if arr.shape != (32, 32, 3):
         raise ValueError(f"{where}: expected a 32x32 RGB image, got shape {arr.shape}")
     return arr
@@ -89,7 +93,11 @@ def _assemble(
         items = sorted(by_split[s], key=lambda t: (index[t[0]], t[1]))
         x = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
         for i, (_, member) in enumerate(items):
-            x[i] = _decode(read(member), f"{source}:{member}")
+            try:
+                data = read(member)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+                raise ValueError(f"{source}: cannot read member {member!r} (corrupt archive? {type(err).__name__}: {err})") from None
+            x[i] = _decode(data, f"{source}:{member}")
         out[f"x_{s}"] = x
         out[f"y_{s}"] = np.array([index[c] for c, _ in items], dtype=np.int64)
     return out
@@ -133,9 +141,77 @@ def _torchvision_dir(path: Path, dataset: str) -> Path | None:
     return None
 
 
+def _plain_dtype(*args: Any) -> np.dtype:
+    """``numpy.dtype`` for the unpickler, refusing object dtypes (their arrays would unpickle arbitrary objects)."""
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dt} is not allowed in a CIFAR batch file")
+    return dt
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Admits only plain data: dicts, lists, tuples, bytes, str, numbers and numeric numpy arrays.
+
+    A CIFAR batch file is untrusted input; ``pickle.load`` would run whatever a crafted file's ``__reduce__``
+    names (``os.system``...). Any other global is refused with ``pickle.UnpicklingError``.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): "reconstruct",
+        ("numpy._core.multiarray", "_reconstruct"): "reconstruct",
+        ("numpy.core.numeric", "_frombuffer"): "frombuffer",
+        ("numpy._core.numeric", "_frombuffer"): "frombuffer",
+        ("numpy", "ndarray"): "ndarray",
+        ("numpy", "dtype"): "dtype",
+        ("_codecs", "encode"): "encode",
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        kind = self._ALLOWED.get((module, name))
+        if kind == "reconstruct":
+            return _reconstruct_array
+        if kind == "frombuffer":
+            return _array_from_buffer
+        if kind == "ndarray":
+            return np.ndarray
+        if kind == "dtype":
+            return _plain_dtype
+        if kind == "encode":
+            import codecs
+
+            return codecs.encode
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a CIFAR batch file may hold only arrays, lists, dicts, bytes, "
+            "str and numbers (is the file corrupt or crafted?)"
+        )
+
+
+def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"only plain numpy arrays are allowed in a CIFAR batch file, got {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(dtype))
+
+
+def _array_from_buffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    """numpy's pickle-protocol-5 array constructor, for plain dtypes only."""
+    dt = _plain_dtype(dtype)
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise pickle.UnpicklingError(f"an array buffer must be bytes, got {type(buf).__name__}")
+    return np.frombuffer(buf, dtype=dt).reshape(shape, order="F" if order == "F" else "C").copy()
+
+
 def _unpickle(f: Path) -> dict[bytes, Any]:
+    """Read one torchvision CIFAR batch file with :class:`_ArrayUnpickler` (no code from the file runs)."""
     with open(f, "rb") as fh:
-        return pickle.load(fh, encoding="bytes")
+        try:
+            obj = _ArrayUnpickler(fh, encoding="bytes").load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{f}: not a CIFAR batch file: {err}") from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+            raise ValueError(f"{f}: not a readable CIFAR batch file ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{f}: not a CIFAR batch file (holds a {type(obj).__name__}, expected a dict)")
+    return obj
 
 
 def _read_torchvision(d: Path, dataset: str) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ SCALE_EPS = 1e-12
 __all__ = [
     "SCALE_EPS",
     "check_finite",
+    "check_scale",
     "compute_qparams",
     "dequantize_int",
     "fake_quantize",
@@ -39,6 +40,30 @@ def check_finite(x: Tensor, what: str = "tensor") -> None:
         raise ValueError(f"cannot quantize {what}: it contains NaN or inf values")
 
 
+def check_scale(scale: Tensor, what: str = "scale") -> None:
+    """Raise ``ValueError`` unless every element of ``scale`` is finite and > 0 (a host sync on an accelerator:
+    run it where scales are created or loaded, not per training step)."""
+    s = torch.as_tensor(scale)
+    if not s.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor, got dtype {s.dtype}")
+    if s.numel() == 0:
+        raise ValueError(f"{what} is empty: it needs one value per tensor or per channel")
+    if not bool(((s > 0) & torch.isfinite(s)).all()):
+        bad = s[~((s > 0) & torch.isfinite(s))].reshape(-1)[:4].tolist()
+        raise ValueError(f"{what} must be finite and > 0 everywhere, got values like {bad}")
+
+
+def _check_float_input(x: Tensor, what: str) -> None:
+    """Free dtype check: the grid arithmetic is defined on floating-point tensors only."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{what} must be a floating-point tensor (float32/float16/bfloat16/float64), got dtype {x.dtype}: "
+            "convert it with .float() first"
+        )
+
+
 def round_ste(x: Tensor) -> Tensor:
     """Round to nearest (half to even), with the identity as gradient (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
@@ -49,6 +74,11 @@ def _channel_view(x: Tensor, spec: QuantSpec) -> Tensor:
     x = x.float()
     if x.dim() == 0:
         return x.reshape(1, 1)
+    if not -x.dim() <= spec.ch_axis < x.dim():
+        raise ValueError(
+            f"QuantSpec.ch_axis={spec.ch_axis} is out of range for a tensor of shape {tuple(x.shape)} "
+            f"(allowed: {-x.dim()} .. {x.dim() - 1})"
+        )
     return x.movedim(spec.ch_axis, 0).reshape(x.shape[spec.ch_axis], -1)
 
 
@@ -70,6 +100,9 @@ def _kth(v: Tensor, q: float) -> Tensor:
 
 def observe_range(x: Tensor, spec: QuantSpec, check: bool = True) -> tuple[Tensor, Tensor]:
     """The range ``(lo, hi)`` the spec's observer picks for ``x``: float32, shape (C,) or ()."""
+    _check_float_input(x, "x")
+    if x.numel() == 0:
+        raise ValueError(f"cannot compute qparams of an empty tensor (x has shape {tuple(x.shape)})")
     if check:
         check_finite(x)
     v = _channel_view(x, spec) if spec.per_channel else x.float().reshape(1, -1)
@@ -99,7 +132,7 @@ def _mse_search(v: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Ten
     best_r = torch.ones_like(lo)
     for r in ratios:
         s, z = qparams_from_range(lo * r, hi * r, grid_spec)
-        err = (fake_quantize(v, grid_spec, s, z) - v).square().sum(dim=1)
+        err = (fake_quantize(v, grid_spec, s, z, check_scale=False) - v).square().sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better, r, best_r)
@@ -139,11 +172,20 @@ def compute_qparams(
     return qparams_from_range(lo, hi, spec)
 
 
-def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
+def fake_quantize(
+    x: Tensor,
+    spec: QuantSpec,
+    scale: Tensor,
+    zero_point: Tensor | None = None,
+    check_scale: bool | None = None,
+) -> Tensor:
     """Quantize-dequantize ``x`` on the spec's grid: ``(clamp(round(x/s) + z, qmin, qmax) - z) * s``.
 
     The rounding is passed straight through, so the gradient w.r.t. ``x`` is 1 inside the clipping range and 0
-    outside. Computed in float32, returned in ``x.dtype``.
+    outside. Computed in float32, returned in ``x.dtype``. ``x`` must be floating point (``ValueError``
+    otherwise). ``check_scale``: verify ``scale > 0`` and finite (``ValueError``); ``None`` (default) checks a
+    CPU scale only (no device sync), ``True`` always, ``False`` never (the per-step paths, whose scales come
+    from :func:`qparams_from_range` and are > 0 by construction).
 
     Example:
         >>> spec = QuantSpec.weight(4)
@@ -152,6 +194,9 @@ def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor 
         >>> fake_quantize(w, spec, s, z)
         tensor([[ 0.7000, -0.4000,  0.1000,  0.0000]])
     """
+    _check_float_input(x, "x")
+    if check_scale or (check_scale is None and isinstance(scale, Tensor) and scale.device.type == "cpu"):
+        check_scale_fn(scale)
     xf = x.float()
     s = _bcast(scale.to(device=x.device, dtype=torch.float32), x, spec)
     z = None
@@ -185,8 +230,10 @@ def _dequantize_(q: Tensor, spec: QuantSpec, s: Tensor, z: Tensor | None) -> Ten
 def quantize_int(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
     """The integer codes ``clamp(round(x/s) + z, qmin, qmax)`` (float32 holding integers; no gradient).
 
-    ``dequantize_int(quantize_int(x)) == fake_quantize(x)`` bit for bit.
+    ``dequantize_int(quantize_int(x)) == fake_quantize(x)`` bit for bit. The scale is checked (> 0, finite).
     """
+    _check_float_input(x, "x")
+    check_scale_fn(scale)
     s = _bcast(scale.to(device=x.device, dtype=torch.float32), x, spec)
     z = None if (zero_point is None or spec.symmetric) else _bcast(zero_point.to(device=x.device, dtype=torch.float32), x, spec)
     return _quantize_int(x.detach().float(), spec, s, z)
@@ -195,7 +242,8 @@ def quantize_int(x: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor |
 def dequantize_int(
     q: Tensor, spec: QuantSpec, scale: Tensor, zero_point: Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """``(q − z)·s`` from integer codes, computed in float32 and cast to ``dtype``."""
+    """``(q − z)·s`` from integer codes, computed in float32 and cast to ``dtype`` (the scale is checked)."""
+    check_scale_fn(scale)
     s = _bcast(scale.to(device=q.device, dtype=torch.float32), q, spec)
     z = None if (zero_point is None or spec.symmetric) else _bcast(zero_point.to(device=q.device, dtype=torch.float32), q, spec)
     return _dequantize_(q.float().clone(), spec, s, z).to(dtype)
@@ -205,7 +253,7 @@ def quant_error(x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero_po
     """``Q(x) - x`` in float32 (qparams observed from ``x`` when not given)."""
     if scale is None:
         scale, zero_point = compute_qparams(x, spec)
-    return fake_quantize(x.detach().float(), spec, scale, zero_point) - x.detach().float()
+    return fake_quantize(x.detach().float(), spec, scale, zero_point, check_scale=False) - x.detach().float()
 
 
 def quant_error_stats(
@@ -220,7 +268,7 @@ def quant_error_stats(
         scale, zero_point = compute_qparams(x, spec)
     with torch.no_grad():
         xf = x.detach().float()
-        e = fake_quantize(xf, spec, scale, zero_point)  # the inference path: a new buffer
+        e = fake_quantize(xf, spec, scale, zero_point, check_scale=False)  # the inference path: a new buffer
         e.sub_(xf)
         v = _channel_view(e, spec) if spec.per_channel else e.reshape(1, -1)
         mean = v.mean(1)
@@ -257,3 +305,6 @@ def sqnr_db(x: Tensor, xq: Tensor, dim: int | None = None) -> Tensor:
         sig = xf.movedim(dim, 0).reshape(x.shape[dim], -1).square().sum(1)
         noise = ef.movedim(dim, 0).reshape(x.shape[dim], -1).square().sum(1)
     return 10.0 * torch.log10(sig / noise)
+
+
+check_scale_fn = check_scale  # fake_quantize's ``check_scale`` argument shadows the function's name

@@ -249,6 +249,18 @@ def calibrate(
     return n
 
 
+def _check_quantize_args(model: Any, weight_spec: Any, act_spec: Any, keep_first_last_8bit: Any) -> None:
+    """``TypeError`` naming the argument, before any copy is made."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
+    for name, spec in (("weight_spec", weight_spec), ("act_spec", act_spec)):
+        if spec is not None and not isinstance(spec, QuantSpec):
+            hint = " (for a preset string use QuantSpec.parse(...), which gives the (weight, act) pair)" if isinstance(spec, str) else ""
+            raise TypeError(f"quantize_model: {name} must be a QuantSpec or None, got {spec!r}{hint}")
+    if not isinstance(keep_first_last_8bit, bool):
+        raise TypeError(f"quantize_model: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
+
+
 def quantize_model(
     model: nn.Module,
     weight_spec: QuantSpec | None,
@@ -292,6 +304,7 @@ def quantize_model(
         >>> q(torch.randn(2, 4)).shape
         torch.Size([2, 2])
     """
+    _check_quantize_args(model, weight_spec, act_spec, keep_first_last_8bit)
     if not isinstance(bn_reestimate, bool):
         raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
     if act_spec is not None and calib_batches is None:

@@ -14,6 +14,8 @@ from typing import Any
 GRANULARITIES = ("per_channel", "per_tensor")
 OBSERVERS = ("minmax", "percentile", "mse")
 MIN_BITS, MAX_BITS = 2, 16
+#: the most dimensions a quantized tensor has (a Conv3d weight: out, in, kD, kH, kW)
+MAX_DIMS = 5
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,14 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.observer must be one of {OBSERVERS}, got {self.observer!r}")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
-        if not 50.0 < float(self.percentile) <= 100.0:
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 50.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile}")
-        if not isinstance(self.ch_axis, int):
-            raise ValueError(f"QuantSpec.ch_axis must be an int, got {self.ch_axis!r}")
-        if not isinstance(self.mse_grid, int) or self.mse_grid < 2:
+        if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int) or not -MAX_DIMS <= self.ch_axis < MAX_DIMS:
+            raise ValueError(
+                f"QuantSpec.ch_axis must be an int in [{-MAX_DIMS}, {MAX_DIMS - 1}] (the channel axis of a tensor of "
+                f"up to {MAX_DIMS} dims, e.g. 0 for Conv/Linear weights), got {self.ch_axis!r}"
+            )
+        if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, int) or self.mse_grid < 2:
             raise ValueError(f"QuantSpec.mse_grid must be an int >= 2, got {self.mse_grid!r}")
 
     # grid -----------------------------------------------------------------------------------------------

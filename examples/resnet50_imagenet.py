@@ -32,9 +32,13 @@ from flatq_lightning.module import ImageClassifier
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data-root", default=None, help="ImageNet folder with train/ and val/ class folders")
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained ResNet-50 weights")
+    p.add_argument("--model", default="resnet50", help="any timm ResNet name (e.g. resnet18, test_resnet)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop / evaluation size in pixels")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128, help="per device")
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (SGD, Nesterov, cosine)")
@@ -86,14 +90,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if not args.data_root:
             sys.exit("resnet50_imagenet.py: error: --data-root is required (or use --smoke)")
         dm = ImageNetDataModule(
-            args.data_root, batch_size=args.batch_size, num_workers=args.num_workers, path_key="--data-root"
+            args.data_root,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            path_key="--data-root",
         )
         dm.prepare_data()
         dm.setup("fit")  # the number of classes comes from the folder
         trainer_kw = dict(max_epochs=args.epochs)
 
     model = ImageClassifier(
-        "resnet50",
+        args.model,
         num_classes=dm.num_classes,
         pretrained=args.pretrained,
         optimizer="sgd",

@@ -29,10 +29,15 @@ VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data-root", default=None, help="ImageNet folder with train/ and val/ class folders")
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained ViT-B/16 weights")
     p.add_argument("--model", default="vit_base_patch16_224", help="any timm ViT name")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="pixels (data and the ViT's img_size); None: 224, the model's own"
+    )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64, help="per device")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, cosine)")
@@ -89,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             sys.exit("vit_b16_imagenet.py: error: --data-root is required (or use --smoke)")
         dm = ImageNetDataModule(
             args.data_root,
+            image_size=args.image_size or 224,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             mean=VIT_MEAN,
@@ -99,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
         dm.prepare_data()
         dm.setup("fit")
+        if args.image_size:
+            model_kwargs["img_size"] = args.image_size
         trainer_kw = dict(max_epochs=args.epochs, gradient_clip_val=1.0)
 
     model = ImageClassifier(

@@ -43,3 +43,34 @@ def test_example_arguments(name):
     assert mod._devices("0,1") == [0, 1] and mod._devices("auto") == "auto" and mod._devices("4") == 4
     with pytest.raises(SystemExit, match="--data-root is required"):
         mod.main([])
+
+
+# the real ImageFolder path (not --smoke), with the Trainer's default logger on: timm's tiny test models at
+# 32 px, 12 training images, one epoch, PTQ at W4A4
+_TINY = {
+    "resnet50_imagenet": ["--model", "test_resnet", "--image-size", "32"],
+    "vit_b16_imagenet": ["--model", "test_vit", "--image-size", "32"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50_imagenet", "vit_b16_imagenet"])
+def test_example_on_an_image_folder(name, image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mod = _load(name)
+    out = tmp_path / "run"
+    argv = ["--data-root", str(image_folder), *_TINY[name], "--epochs", "1", "--batch-size", "4"]
+    argv += ["--num-workers", "0", "--ptq-bits", "w4a4", "--calib-batches", "1", "--accelerator", "cpu"]
+    argv += ["--devices", "1", "--out", str(out)]
+    metrics = mod.main(argv)
+    assert set(metrics) == {"ptq/fp/top1", "ptq/fp/top5", "ptq/w4a4/top1", "ptq/w4a4/top5"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    assert (out / "ptq" / "ptq_report.json").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    # the default logger got the merged hyperparameters (model and data, num_classes from the folder: 3)
+    hparams = list(out.rglob("hparams.yaml"))
+    assert hparams, sorted(str(p) for p in out.rglob("*"))
+    import yaml
+
+    hp = yaml.safe_load(hparams[0].read_text())
+    assert hp["num_classes"] == 3 and hp["model"] == _TINY[name][1] and hp["image_size"] == 32

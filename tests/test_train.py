@@ -75,6 +75,8 @@ def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
 
 def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    # this checkout's package, whatever the environment has installed (and from any working directory)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-m", "flatq_lightning.train", *args],
         cwd=cwd,
@@ -272,6 +274,46 @@ def test_quickstart_fast_dev_run(tmp_path):
     assert "| bits | plain | dnq |" in md and "| W2A4 |" in md
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["plain", "dnq"] and "w4a4_top1" in rows[0]
+
+
+# the ImageNet experiments as a user runs them (the CLI, the default CSV logger on), on a real ImageFolder:
+# timm's tiny test models at 32 px instead of ResNet-50 / ViT-B/16, the CPU trainer instead of DDP
+IMAGEFOLDER_TINY = {
+    "imagenet_resnet50_dnq": ["model.name=test_resnet"],
+    "imagenet_vit_b16_dnq": ["model.name=test_vit", "+model.kwargs.img_size=32"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(IMAGEFOLDER_TINY))
+def test_imagenet_experiment_on_an_image_folder(experiment, image_folder, tmp_path):
+    out = tmp_path / "run"
+    r = _cli(
+        [
+            f"experiment={experiment}",
+            *IMAGEFOLDER_TINY[experiment],
+            "model.pretrained=false",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            f"data.root={image_folder}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.eval_batch_size=4",
+            "data.num_workers=0",
+            "ptq.bits=[w4a4]",
+            "ptq.calib_batches=1",
+            "ptq.calib_batch_size=4",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    main = res["variants"]["main"]
+    assert res["experiment"] == experiment and set(main["ptq"]) == {"w4a4"}
+    assert main["callbacks"][0] == "QuantErrorRecorder" and Path(main["checkpoint"]).is_file()
+    hp = yaml.safe_load(next(out.rglob("hparams.yaml")).read_text())
+    assert hp["num_classes"] == 3 and hp["root"] == str(image_folder)
 
 
 def test_cifar_experiment_fast_dev_run_on_synthetic_data(tmp_path):

@@ -171,7 +171,7 @@ def test_real_cifar10_zip_subset():
     assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
 
 
-def _flatq_train(args: list[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
+def _flatq_train(args: list[str], cwd: Path):
     import os
     import subprocess
     import sys

@@ -8,7 +8,8 @@
 
 Folds BatchNorm, calibrates on training images (no augmentation), quantizes at each bit-width and evaluates
 on the test split with :func:`flatq_lightning.ptq_runner.run_ptq`; prints the accuracy table and writes
-``ptq_report.{json,md,csv}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
+``ptq_report.{json,md,csv,png}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
+A second run keeps the first report and writes ``ptq_report_2.*`` (``--overwrite`` replaces it instead).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--save-dir", default=None, help="where the reports go")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier ptq_report.* in the save directory (default: keep it, write ptq_report_<n>.*)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -169,13 +175,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise _CliError(str(err)) from None
     save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    report.to_json(save_dir / "ptq_report.json")
-    report.to_markdown(save_dir / "ptq_report.md")
-    report.to_csv(save_dir / "ptq_report.csv")
+    files = report.write(save_dir, overwrite=args.overwrite)
     print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
     print(report.markdown_table())
-    print(f"\nreports in {save_dir}")
+    print(f"\nreport in {save_dir}: {', '.join(f.name for f in files.values())}")
     return 0
 
 

@@ -18,9 +18,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerSQNR", "PTQRow", "PTQReport"]
+__all__ = ["LayerSQNR", "PTQRow", "PTQReport", "REPORT_FORMATS", "REPORT_STEM", "report_paths"]
 
 PathLike = str | os.PathLike
+
+#: every PTQ report (the callback, ``flatq-train``, ``flatq-ptq``) is ``ptq_report.{json,md,csv,png}``
+REPORT_STEM = "ptq_report"
+REPORT_FORMATS: tuple[str, ...] = ("json", "md", "csv", "png")
+
+
+def report_paths(
+    save_dir: PathLike, formats: Sequence[str] = REPORT_FORMATS, overwrite: bool = False
+) -> dict[str, Path]:
+    """The files a report goes to: ``ptq_report.<fmt>`` in ``save_dir``, or, when any ``ptq_report.*`` file
+    exists there and ``overwrite`` is False, the first free numbered set ``ptq_report_2.<fmt>``, …
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> report_paths(d, ("json",))["json"].name
+        'ptq_report.json'
+        >>> _ = (d / "ptq_report.json").write_text("{}")
+        >>> report_paths(d, ("json", "md"))["md"].name, report_paths(d, ("json",), overwrite=True)["json"].name
+        ('ptq_report_2.md', 'ptq_report.json')
+    """
+    d = Path(save_dir)
+    n = 1
+    while True:
+        stem = REPORT_STEM if n == 1 else f"{REPORT_STEM}_{n}"
+        # a number is taken as soon as any file of its set exists: two reports are never mixed
+        if overwrite or not any((d / f"{stem}.{f}").exists() for f in REPORT_FORMATS):
+            return {f: d / f"{stem}.{f}" for f in formats}
+        n += 1
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -266,15 +295,26 @@ class PTQReport:
     def plot_accuracy(self, path: PathLike = "ptq_accuracy.png") -> Path:
         """Top-1/top-5 vs bit-width (requested order), FP as horizontal lines; a PNG via the Agg canvas.
 
-        A directory ``path`` gets ``ptq_accuracy.png`` inside it. Returns the file written.
+        A directory ``path`` gets ``ptq_accuracy.png`` inside it. Written atomically (temporary file, then
+        ``os.replace``). Returns the file written.
         """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         p = Path(path)
         if p.is_dir():
             p = p / "ptq_accuracy.png"
         p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_beside(p)
+        try:
+            self.figure().savefig(tmp, dpi=120, format="png")
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return p
+
+    def figure(self) -> Any:
+        """The accuracy-vs-bit-width plot as a matplotlib ``Figure`` (Agg canvas; for loggers and files)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
         fig = Figure(figsize=(max(4.0, 1.1 * len(self.rows) + 2.0), 3.6))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
@@ -291,22 +331,44 @@ class PTQReport:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
         fig.tight_layout()
-        fig.savefig(p, dpi=120)
-        return p
+        return fig
 
-    def write(self, save_dir: PathLike, names: Sequence[str] = ("json", "md", "png")) -> dict[str, Path]:
-        """Write ``ptq_report.json``, ``ptq_report.md``, ``ptq_accuracy.png`` (and ``ptq_report.csv`` if asked)."""
+    def write(
+        self, save_dir: PathLike, names: Sequence[str] = REPORT_FORMATS, overwrite: bool = False
+    ) -> dict[str, Path]:
+        """Write the report as ``ptq_report.json``, ``.md``, ``.csv`` and ``.png`` (the plot) into ``save_dir``.
+
+        The one writer behind the callback, ``flatq-train`` and ``flatq-ptq``. All files are first written to
+        temporary files beside their targets, then moved into place with ``os.replace``: a reader never sees
+        a half-written file, and a failure leaves no partial report. An earlier report in ``save_dir`` is never
+        replaced unless ``overwrite=True``: the new one gets the first free numbered name
+        (``ptq_report_2.*``, …, see :func:`report_paths`). Returns ``{format: path}``.
+        """
+        unknown = [n for n in names if n not in REPORT_FORMATS]
+        if unknown or not names:
+            raise ValueError(f"names must be a non-empty subset of {REPORT_FORMATS}, got {tuple(names)!r}")
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
         d = Path(save_dir)
         d.mkdir(parents=True, exist_ok=True)
-        out: dict[str, Path] = {}
-        if "json" in names:
-            self.to_json(out.setdefault("json", d / "ptq_report.json"))
-        if "md" in names:
-            self.to_markdown(out.setdefault("md", d / "ptq_report.md"))
-        if "csv" in names:
-            self.to_csv(out.setdefault("csv", d / "ptq_report.csv"))
-        if "png" in names:
-            out["png"] = self.plot_accuracy(d / "ptq_accuracy.png")
+        out = report_paths(d, [n for n in REPORT_FORMATS if n in names], overwrite=overwrite)
+        temps: dict[str, Path] = {}
+        try:
+            for fmt, target in out.items():
+                tmp = temps[fmt] = _temp_beside(target)
+                if fmt == "json":
+                    tmp.write_text(self.to_json() + "\n")
+                elif fmt == "md":
+                    tmp.write_text(self.markdown())
+                elif fmt == "csv":
+                    tmp.write_text(self.to_csv())
+                else:
+                    self.figure().savefig(tmp, dpi=120, format="png")
+            for fmt, target in out.items():
+                os.replace(temps.pop(fmt), target)
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
         return out
 
 
@@ -314,7 +376,20 @@ def _csv_num(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
+def _temp_beside(path: Path) -> Path:
+    """A fresh hidden file name in ``path``'s directory (same file system, so ``os.replace`` is atomic)."""
+    import uuid
+
+    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
 def _write(path: PathLike, text: str) -> None:
+    """Write ``text`` atomically: a temporary file beside ``path``, then ``os.replace``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+    tmp = _temp_beside(p)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)

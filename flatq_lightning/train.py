@@ -128,10 +128,13 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
         raise ConfigError(f"{key} ({target}): {type(cause).__name__}: {cause}") from err
 
 
-def instantiate_callbacks(cfg_callbacks: DictConfig | None, checkpoint_dir: Path | None = None) -> list[Any]:
+def instantiate_callbacks(
+    cfg_callbacks: DictConfig | None, checkpoint_dir: Path | None = None, report_dir: Path | None = None
+) -> list[Any]:
     """Instantiate every callback config (entries set to null are skipped; a list result is flattened).
 
-    A ``ModelCheckpoint`` whose ``dirpath`` is null gets ``checkpoint_dir``.
+    A ``ModelCheckpoint`` whose ``dirpath`` is null gets ``checkpoint_dir``; a ``PostTrainingQuantization``
+    whose ``save_dir`` is null gets ``report_dir`` (its report is then the job's, written once).
     """
     out: list[Any] = []
     if not cfg_callbacks:
@@ -144,6 +147,8 @@ def instantiate_callbacks(cfg_callbacks: DictConfig | None, checkpoint_dir: Path
         kwargs: dict[str, Any] = {}
         if str(node._target_).endswith("ModelCheckpoint") and node.get("dirpath") is None and checkpoint_dir:
             kwargs["dirpath"] = str(checkpoint_dir)
+        if str(node._target_).endswith("PostTrainingQuantization") and node.get("save_dir") is None and report_dir:
+            kwargs["save_dir"] = str(report_dir)
         obj = _instantiate(node, f"callbacks.{key}", **kwargs)
         out.extend(obj if isinstance(obj, (list, tuple)) else [obj])
     return out
@@ -192,14 +197,15 @@ def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 # ---------------------------------------------------------------------------------------------------------
 # the job
 # ---------------------------------------------------------------------------------------------------------
-def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> Any:
-    """The PTQ report of this fit: the PostTrainingQuantization callback's, else ``run_ptq`` on the test split."""
+def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> tuple[Any, dict[str, Path]]:
+    """``(report, files)`` of this fit: the PostTrainingQuantization callback's (already written), else
+    ``run_ptq`` on the test split, written into ``vdir`` by the one report writer."""
     from .report import PTQReport
 
     for cb in trainer.callbacks:
         rep = getattr(cb, "report", None)
         if isinstance(rep, PTQReport):
-            return rep
+            return rep, dict(getattr(cb, "files", {}) or {}) or rep.write(vdir)
     try:
         from . import run_ptq  # type: ignore[attr-defined]
     except ImportError:
@@ -207,7 +213,7 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
 
     p = cfg.ptq
     calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
-    return run_ptq(
+    report = run_ptq(
         module,
         calib,
         dm.test_dataloader(),
@@ -220,6 +226,7 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         device=trainer.strategy.root_device,
         progress=bool(p.get("progress", False)),
     )
+    return report, report.write(vdir)
 
 
 def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, Any] | None:
@@ -230,7 +237,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     module = _instantiate(
         cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs(cfg, dm)
     )
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints")
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints", report_dir=vdir)
     extra: dict[str, Any] = {}
     if "logger" not in cfg.trainer:  # CSV logs beside the results (set trainer.logger to change)
         from lightning.pytorch.loggers import CSVLogger
@@ -263,10 +270,9 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     }
     if cfg.ptq.get("bits"):
         t0 = time.perf_counter()
-        report = _run_ptq(cfg, module, dm, trainer, vdir)
-        report.to_json(vdir / "ptq.json")
-        report.to_markdown(vdir / "ptq.md")
+        report, files = _run_ptq(cfg, module, dm, trainer, vdir)
         result.update(
+            ptq_report=str(files["json"]) if "json" in files else None,
             fp_top1=report.fp_top1,
             fp_top5=report.fp_top5,
             ptq={r.bits: {"top1": r.top1, "top5": r.top5, "drop_top1": r.drop_top1} for r in report.rows},
@@ -282,7 +288,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
 def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the job described by ``cfg`` (a composed ``train`` config) and return the results dict.
 
-    Writes ``results.json``, ``results.md`` and ``results.csv`` (and each variant's ``ptq.json``/``ptq.md``,
+    Writes ``results.json``, ``results.md`` and ``results.csv`` (and each variant's ``ptq_report.*``,
     logs and checkpoints in a subfolder) into ``output_dir`` (default: Hydra's run directory).
 
     Example:

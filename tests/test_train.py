@@ -266,7 +266,9 @@ def test_quickstart_fast_dev_run(tmp_path):
     for name, v in res["variants"].items():
         assert set(v["ptq"]) == {"w8a8", "w4a4", "w3a3", "w2a4"}
         assert 0.0 <= v["fp_top1"] <= 100.0
-        assert (tmp_path / name / "ptq.json").is_file()
+        files = {f.name for f in (tmp_path / name).iterdir()}
+        assert {f"ptq_report.{f}" for f in ("json", "md", "csv", "png")} <= files
+        assert v["ptq_report"] == str(tmp_path / name / "ptq_report.json")
     assert res["variants"]["plain"]["callbacks"] == []
     assert res["variants"]["dnq"]["callbacks"][0] == "QuantErrorRecorder"
     assert json.loads((tmp_path / "results.json").read_text())["experiment"] == "quickstart"
@@ -371,7 +373,23 @@ def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):
     assert [r["bits"] for r in rep["rows"]] == ["w8a8", "w4a4"] and rep["num_eval_samples"] == 32
     assert rep["fp_top1"] == pytest.approx(main["fp_top1"])  # same network, same test split
     assert (out / "ptq_report.md").is_file() and (out / "ptq_report.csv").is_file()
+    assert (out / "ptq_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "| w4a4 |" in capsys.readouterr().out
+    # the callback's report is the job's: written once, into the run directory, same file names
+    assert main["ptq_report"] == str(tmp_path / "ptq_report.json")
+    assert {p.name for p in tmp_path.glob("ptq_report*")} == {f"ptq_report.{f}" for f in ("json", "md", "csv", "png")}
+
+    # a second flatq-ptq run keeps the first report; --overwrite replaces it
+    first = (out / "ptq_report.json").read_text()
+    argv = [str(ckpt), "--bits", "w4a4", "--calib-batches", "1", "--no-progress", "--save-dir", str(out),
+            "--device", "cpu"]
+    assert ptq_cli.main(argv) == 0
+    assert (out / "ptq_report.json").read_text() == first
+    assert json.loads((out / "ptq_report_2.json").read_text())["rows"][0]["bits"] == "w4a4"
+    assert "ptq_report_2.json" in capsys.readouterr().out
+    assert ptq_cli.main([*argv, "--overwrite"]) == 0
+    assert [r["bits"] for r in json.loads((out / "ptq_report.json").read_text())["rows"]] == ["w4a4"]
+    assert not (out / "ptq_report_3.json").exists()
 
 
 def test_flatq_ptq_errors(tmp_path, capsys):

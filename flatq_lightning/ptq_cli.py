@@ -140,7 +140,9 @@ def _run(args: argparse.Namespace) -> int:
             f"{ckpt_path} was trained with an nn.Module passed to ImageClassifier (no model name saved); "
             "load it in Python: ImageClassifier.load_from_checkpoint(path, model=net) and call run_ptq"
         )
-    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    # the checkpoint holds the trained weights: never fetch the starting weights again (offline, or moved)
+    over = {"pretrained": False, "pretrained_file": None} if hp.get("pretrained") or hp.get("pretrained_file") else {}
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False, **over)
     overrides: dict[str, Any] = {
         "path": args.data_path,
         "cache_dir": args.cache_dir,

@@ -117,11 +117,14 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
 
     from .data.base import DataNotFoundError
+    from .models import PretrainedWeightsError
 
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, PretrainedWeightsError):
+            raise ConfigError(f"{cause}") from None
         if isinstance(cause, DataNotFoundError):
             raise cause from None
         target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"

@@ -258,6 +258,20 @@ def test_cli_missing_data_path_is_one_clear_line(tmp_path):
     )
 
 
+def test_cli_pretrained_offline_is_one_clear_line(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    r = _cli(
+        ["experiment=imagenet_resnet50_dnq", "model.name=test_resnet", "trainer=cpu", f"data.root={image_folder}",
+         "data.num_workers=0", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("flatq-train: error: the pretrained weights of 'test_resnet'")
+    assert "model.pretrained_file=PATH" in err[-1] and "Traceback" not in r.stderr
+
+
 # --- runs ---------------------------------------------------------------------------------------------------
 def test_quickstart_fast_dev_run(tmp_path):
     cfg = _compose(["++trainer.fast_dev_run=true", "ptq.calib_batches=1", "print_table=false"])

@@ -30,15 +30,23 @@ class _CliError(Exception):
     pass
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; on/off switches say what they do instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flatq-ptq",
         description="Post-training quantization of an ImageClassifier checkpoint at several bit-widths.",
+        formatter_class=_HelpWithDefaults,
     )
     p.add_argument(
         "checkpoint", help="a Lightning checkpoint written by flatq-train or any ImageClassifier fit"
     )
-    p.add_argument("--bits", default=_DEFAULT_BITS, help=f"comma-separated presets (default {_DEFAULT_BITS})")
+    p.add_argument("--bits", default=_DEFAULT_BITS, help="comma-separated presets")
     p.add_argument(
         "--data",
         default=None,
@@ -49,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache for decoded CIFAR arrays")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation/calibration batch size")
     p.add_argument("--num-workers", type=int, default=None, help="dataloader workers")
-    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches (default 32)")
-    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"))
+    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches")
+    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"), help="range observer")
     p.add_argument(
         "--no-keep-first-last-8bit",
         dest="keep_first_last_8bit",
@@ -64,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an earlier ptq_report.* in the save directory (default: keep it, write ptq_report_<n>.*)",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress (default: a bar on a terminal, a few plain lines in a log)")
     return p
 
 

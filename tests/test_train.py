@@ -273,9 +273,12 @@ def test_cli_pretrained_offline_is_one_clear_line(tmp_path, image_folder, monkey
 
 
 # --- runs ---------------------------------------------------------------------------------------------------
-def test_quickstart_fast_dev_run(tmp_path):
+def test_quickstart_fast_dev_run(tmp_path, capsys):
     cfg = _compose(["++trainer.fast_dev_run=true", "ptq.calib_batches=1", "print_table=false"])
     res = run(cfg, tmp_path)
+    # PTQ progress is on by default; in a log (not a terminal) it is plain lines
+    err = capsys.readouterr().err
+    assert err.count("PTQ: done, 4 bit-widths in") == 2 and "eval w2a4: done" in err and "\r" not in err
     assert list(res["variants"]) == ["plain", "dnq"]
     for name, v in res["variants"].items():
         assert set(v["ptq"]) == {"w8a8", "w4a4", "w3a3", "w2a4"}
@@ -404,6 +407,15 @@ def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):
     assert ptq_cli.main([*argv, "--overwrite"]) == 0
     assert [r["bits"] for r in json.loads((out / "ptq_report.json").read_text())["rows"]] == ["w4a4"]
     assert not (out / "ptq_report_3.json").exists()
+
+
+def test_flatq_ptq_help_shows_the_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        ptq_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "comma-separated presets (default: w8a8,w4a8,w4a4,w3a3,w2a4)" in out
+    assert "calibration batches (default: 32)" in out and "--overwrite" in out
 
 
 def test_flatq_ptq_errors(tmp_path, capsys):

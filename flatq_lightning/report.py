@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerSQNR", "PTQRow", "PTQReport", "REPORT_FORMATS", "REPORT_STEM", "report_paths"]
+__all__ = ["LayerSQNR", "PTQRow", "PTQReport", "REPORT_FORMATS", "REPORT_STEM", "log_hyperparams", "report_paths"]
 
 PathLike = str | os.PathLike
 
@@ -169,6 +169,61 @@ class PTQReport:
             out[f"ptq/{r.bits}/top1"] = r.top1
             out[f"ptq/{r.bits}/top5"] = r.top5
         return out
+
+    def layer_metrics(self) -> dict[str, float]:
+        """Per-layer SQNR for the loggers: ``ptq/<bits>/sqnr_db/<layer>/weight`` and ``.../act`` (finite only)."""
+        out: dict[str, float] = {}
+        for r in self.rows:
+            for layer in r.layers:
+                for side, v in (("weight", layer.weight_sqnr_db), ("act", layer.act_sqnr_db)):
+                    if v is not None and math.isfinite(v):
+                        out[f"ptq/{r.bits}/sqnr_db/{layer.name}/{side}"] = float(v)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        """The PTQ settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        return {
+            "ptq/bits": ",".join(self.bits),
+            "ptq/observer": self.observer,
+            "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
+            "ptq/calib_batches": self.calib_batches,
+            "ptq/calib_batches_requested": self.calib_batches_requested,
+            "ptq/include": ",".join(self.include) if self.include else "",
+            "ptq/exclude": ",".join(self.exclude) if self.exclude else "",
+            "ptq/num_eval_samples": self.num_eval_samples,
+            "ptq/kept_8bit": ",".join(self.kept_8bit),
+        }
+
+    def png_bytes(self) -> bytes:
+        """The accuracy plot as PNG bytes (what :meth:`write` saves as ``ptq_report.png``)."""
+        buf = io.BytesIO()
+        self.figure().savefig(buf, dpi=120, format="png")
+        return buf.getvalue()
+
+    def log_to(self, loggers: Sequence[Any], step: int = 0, image_path: PathLike | None = None) -> None:
+        """Send the report to Lightning loggers: settings as hyperparameters, accuracies and per-layer SQNR as
+        metrics, and the accuracy plot to every logger that takes images (TensorBoard ``add_image``, loggers
+        with ``log_image`` such as W&B, MLflow artifacts). A logger failing on the image only warns.
+
+        Example:
+            >>> from lightning.pytorch.loggers import CSVLogger  # doctest: +SKIP
+            >>> report.log_to([CSVLogger("logs")], step=trainer.global_step)  # doctest: +SKIP
+        """
+        loggers = list(loggers)
+        if not loggers:
+            return
+        metrics = {**self.metrics(), **self.layer_metrics()}
+        png: bytes | None = None
+        for logger in loggers:
+            log_hyperparams(logger, self.settings())
+            logger.log_metrics(metrics, step=step)
+            try:
+                png = _log_image(logger, "ptq/accuracy", self, png, image_path, step)
+            except Exception as err:  # an image is not worth losing the run's metrics for
+                import warnings
+
+                warnings.warn(f"PTQ plot not sent to {type(logger).__name__}: {err}", stacklevel=2)
+            logger.save()
 
     # serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -370,6 +425,42 @@ class PTQReport:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
         return out
+
+
+def log_hyperparams(logger: Any, settings: dict[str, Any]) -> None:
+    """Add ``settings`` to a Lightning logger's hyperparameters, sent together with the ones it already has.
+
+    TensorBoard's HPARAMS tab keeps only the set sent last, so each call sends the merged set (the model's and
+    data module's, the callbacks' settings); CSV and other loggers merge either way.
+    """
+    known = getattr(logger, "hparams", None)
+    merged = {**known, **settings} if isinstance(known, dict) else dict(settings)
+    logger.log_hyperparams(merged)
+
+
+def _log_image(
+    logger: Any, key: str, report: PTQReport, png: bytes | None, path: PathLike | None, step: int
+) -> bytes | None:
+    """The plot to one logger, if it takes images; returns the PNG bytes (rendered at most once)."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    def image() -> Any:
+        import numpy as np
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+    if isinstance(logger, TensorBoardLogger):
+        png = png or report.png_bytes()
+        logger.experiment.add_image(key, image(), global_step=step, dataformats="HWC")
+    elif isinstance(logger, MLFlowLogger):
+        if path is None:
+            return png
+        logger.experiment.log_artifact(logger.run_id, str(path))
+    elif callable(getattr(logger, "log_image", None)):  # W&B, Neptune, Comet, ...
+        png = png or report.png_bytes()
+        logger.log_image(key=key, images=[image()], step=step)
+    return png
 
 
 def _csv_num(v: float | None) -> str:

@@ -229,7 +229,9 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         device=trainer.strategy.root_device,
         progress=bool(p.get("progress", False)),
     )
-    return report, report.write(vdir)
+    files = report.write(vdir)
+    report.log_to(trainer.loggers, step=trainer.global_step, image_path=files.get("png"))
+    return report, files
 
 
 def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, Any] | None:

@@ -314,6 +314,7 @@ def test_imagenet_experiment_on_an_image_folder(experiment, image_folder, tmp_pa
             "model.pretrained=false",
             "trainer=cpu",
             "trainer.max_epochs=1",
+            "trainer.log_every_n_steps=1",
             f"data.root={image_folder}",
             "data.image_size=32",
             "data.batch_size=4",
@@ -333,6 +334,13 @@ def test_imagenet_experiment_on_an_image_folder(experiment, image_folder, tmp_pa
     assert main["callbacks"][0] == "QuantErrorRecorder" and Path(main["checkpoint"]).is_file()
     hp = yaml.safe_load(next(out.rglob("hparams.yaml")).read_text())
     assert hp["num_classes"] == 3 and hp["root"] == str(image_folder)
+    # the DNQ and PTQ settings are hyperparameters, PTQ accuracies and per-layer SQNR metrics, κ_t per step
+    assert hp["dnq/preset"] == "w4a4" and hp["dnq/weight_noise/mode"] == "differential" and hp["ptq/bits"] == "w4a4"
+    rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    cols = {k for r in rows for k, v in r.items() if v not in ("", None)}
+    assert {"ptq/w4a4/top1", "dnq/kappa", "dnq/warmup"} <= cols
+    assert any(c.startswith("ptq/w4a4/sqnr_db/") and c.endswith("/weight") for c in cols)
+    assert {p.name for p in out.glob("ptq_report*")} == {f"ptq_report.{f}" for f in ("json", "md", "csv", "png")}
 
 
 def test_cifar_experiment_fast_dev_run_on_synthetic_data(tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..ptq_runner import DEFAULT_BITS, run_ptq, validate_ptq_args
 from ..report import PTQReport
+from ._common import log_settings
 
 __all__ = ["PostTrainingQuantization", "STAGES"]
 
@@ -214,7 +215,21 @@ class PostTrainingQuantization(Callback):
         return report
 
     # Lightning hooks ----------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """This callback's settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        return {
+            "ptq/bits": ",".join(self.bits),
+            "ptq/calib_batches": self.calib_batches,
+            "ptq/observer": self.observer,
+            "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
+            "ptq/stage": self.stage,
+            "ptq/include": ",".join(self.include or []),
+            "ptq/exclude": ",".join(self.exclude or []),
+            "ptq/attention_points": self.attention_points,
+        }
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_settings(trainer, self.settings())  # known before the fit: logged with the model's hyperparameters
         # fail before training, not after it, when the evaluation stage has no data
         if (
             _data_source(trainer, self.stage) is not None
@@ -241,10 +256,8 @@ class PostTrainingQuantization(Callback):
             return
         # the strategy moved the module to the CPU at teardown; the copies run on the training device
         report = self.run(pl_module, calib_loader, eval_loader, device=trainer.strategy.root_device, save_dir=save_dir)
-        metrics = report.metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
+        # accuracies, per-layer SQNR, settings and the plot (to the loggers that take images)
+        report.log_to(trainer.loggers, step=trainer.global_step, image_path=self.files.get("png"))
         if self.print_report:
             _print(report.markdown_table())
             if self.files:

@@ -450,6 +450,78 @@ def test_multirun_writes_a_summary_table(tmp_path):
     assert all(0.0 <= float(r["w8a8_top1"]) <= 100.0 for r in rows)
 
 
+def test_sweep_jobs_reuse_a_fit_that_depends_on_nothing_swept(tmp_path, monkeypatch):
+    # jobs of one sweep share <sweep dir>/.fits: quickstart's plain variant is fitted in the first job only
+    from flatq_lightning import train as train_mod
+
+    fitted: list[tuple[str, str]] = []
+
+    def fake_fit(name, cfg, dm, vdir):  # the fit itself is tested elsewhere; here: which fits happen
+        fitted.append((name, str(cfg.quant.preset)))
+        return {"fp_top1": 50.0 + len(fitted), "ptq": {}, "fit_seconds": 1.0, "model": str(cfg.model.name)}
+
+    monkeypatch.setattr(train_mod, "_fit_variant", fake_fit)
+    monkeypatch.setattr(train_mod, "_sweep_cache_dir", lambda out: tmp_path / ".fits")
+    r0 = run(_compose([*TINY, "quant=w8a8"]), tmp_path / "0")
+    r1 = run(_compose([*TINY, "quant=w4a4"]), tmp_path / "1")
+    assert fitted == [("plain", "w8a8"), ("dnq", "w8a8"), ("dnq", "w4a4")]
+    plain0, plain1 = r0["variants"]["plain"], r1["variants"]["plain"]
+    assert "reused_from" not in plain0 and plain1["reused_from"] == str(tmp_path / "0" / "plain")
+    assert plain1["fp_top1"] == plain0["fp_top1"] == 51.0 and plain1["fingerprint"] == plain0["fingerprint"]
+    assert json.loads((tmp_path / "1" / "results.json").read_text())["variants"]["plain"]["reused_from"]
+    # another seed is another fit; reuse_variants=false refits; outside a multirun nothing is shared
+    run(_compose([*TINY, "quant=w4a4", "seed=1"]), tmp_path / "2")
+    assert fitted[3:] == [("plain", "w4a4"), ("dnq", "w4a4")]
+    run(_compose([*TINY, "quant=w4a4", "reuse_variants=false"]), tmp_path / "3")
+    assert fitted[5:] == [("plain", "w4a4"), ("dnq", "w4a4")]
+    monkeypatch.undo()
+    monkeypatch.setattr(train_mod, "_fit_variant", fake_fit)
+    run(_compose([*TINY, "quant=w8a8"]), tmp_path / "4")
+    assert fitted[7:] == [("plain", "w8a8"), ("dnq", "w8a8")]
+
+
+def test_sweep_summary_aggregates_over_seeds(tmp_path):
+    accs = {("w8a8", 0): 90.0, ("w8a8", 1): 92.0, ("w8a8", 2): 94.0, ("w4a4", 0): 70.0, ("w4a4", 1): 80.0}
+    for job, ((q, seed), acc) in enumerate(accs.items()):
+        d = tmp_path / str(job)
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "experiment": "x", "overrides": [f"quant={q}", f"seed={seed}"], "bits": ["w4a4"],
+            "variants": {"dnq": {"fp_top1": acc + 1, "ptq": {"w4a4": {"top1": acc}}, "fit_seconds": 2.0}},
+        }))
+    md_path, _ = summarize_sweep(tmp_path)
+    md = md_path.read_text()
+    assert "## Mean ± std over seeds (sample std; n seeds)" in md
+    assert "| quant=w8a8 | dnq | 3 | 0,1,2 | 93.00 ± 2.00 | 92.00 ± 2.00 | 2.00 ± 0.00 |" in md
+    assert "| quant=w4a4 | dnq | 2 | 0,1 | 76.00 ± 7.07 | 75.00 ± 7.07 | 2.00 ± 0.00 |" in md
+    rows = list(csv.DictReader((tmp_path / "summary_seeds.csv").open()))
+    assert [(r["overrides"], r["n"], r["w4a4_top1"]) for r in rows] == [
+        ("quant=w8a8", "3", "92.00 ± 2.00"), ("quant=w4a4", "2", "75.00 ± 7.07")]
+    # one seed only: no aggregate table
+    for d in list(tmp_path.glob("[1-4]")):
+        (d / "results.json").unlink()
+    summarize_sweep(tmp_path)
+    assert "Mean ± std" not in md_path.read_text() and not (tmp_path / "summary_seeds.csv").exists()
+
+
+def test_variant_fingerprints_and_leaving_a_variant_out():
+    from flatq_lightning.train import variant_fingerprint
+
+    def fps(*over):
+        return {n: variant_fingerprint(c) for n, c in _variants(_compose(list(over)))}
+
+    a, b = fps("quant=w4a4"), fps("quant=w3a3")
+    assert a["plain"] == b["plain"] and a["dnq"] != b["dnq"]  # plain: no DNQ callback, no MSE term
+    assert fps("quant=w4a4", "seed=1")["plain"] != a["plain"]
+    assert fps("quant=w4a4", "ptq.bits=[w4a4]")["plain"] != a["plain"]  # PTQ settings matter
+    assert fps("quant=w4a4", "experiment_name=other")["plain"] == a["plain"]
+    # with the MSE term on, the preset matters even without DNQ
+    assert fps("quant=w4a4", "+variants.plain.module.mse_weight=0.1")["plain"] != fps(
+        "quant=w3a3", "+variants.plain.module.mse_weight=0.1")["plain"]
+    # variants.plain=null leaves the baseline out of a job
+    assert [n for n, _ in _variants(_compose(["variants.plain=null"]))] == ["dnq"]
+
+
 def test_summarize_sweep_and_comparison_table(tmp_path):
     assert summarize_sweep(tmp_path) is None
     for num, acc in ((0, 91.0), (1, 80.5)):

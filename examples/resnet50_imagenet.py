@@ -28,31 +28,49 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from flatq_lightning import PostTrainingQuantization, dnq_callbacks
 from flatq_lightning.data import ImageNetDataModule, SyntheticDataModule
+from flatq_lightning.models import PretrainedWeightsError
 from flatq_lightning.module import ImageClassifier
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; on/off switches say what they do instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults
+    )
     p.add_argument("--data-root", default=None, help="ImageNet folder with train/ and val/ class folders")
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained ResNet-50 weights")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--pretrained-file",
+        default=None,
+        help="a local timm checkpoint (state dict .pth/.safetensors) to start from instead of the hub "
+        "(implies --pretrained; no network needed)",
+    )
+    p.add_argument("--model", default="resnet50", help="any timm ResNet name (e.g. resnet18, test_resnet)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop / evaluation size in pixels")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="per device")
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (SGD, Nesterov, cosine)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on norm scales and biases)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     p.add_argument("--bits", default="w4a4", help="the DNQ target quantizer, e.g. w4a4, w3a3")
     p.add_argument("--no-dnq", dest="dnq", action="store_false", help="plain training (the baseline)")
     p.add_argument("--mse-weight", type=float, default=0.0, help="λ of the FP-vs-quantized MSE term")
     p.add_argument("--ptq-bits", default="w8a8,w4a8,w4a4,w3a3,w2a4", help="bit-widths reported after fit")
-    p.add_argument("--calib-batches", type=int, default=32)
-    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--calib-batches", type=int, default=32, help="PTQ calibration batches (training images, no augmentation)")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     p.add_argument("--devices", default="auto", help="number of devices, a list like 0,1, or auto")
     p.add_argument("--strategy", default="auto", help="auto, ddp, ddp_find_unused_parameters_true, …")
-    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (with --strategy ddp)")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32-true on CPU")
-    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=8, help="dataloader workers per device")
     p.add_argument("--out", default="runs/resnet50_imagenet", help="logs, checkpoints and the PTQ report")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and the injected noise")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps on synthetic 32x32 data")
     return p.parse_args(argv)
 
@@ -86,27 +104,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if not args.data_root:
             sys.exit("resnet50_imagenet.py: error: --data-root is required (or use --smoke)")
         dm = ImageNetDataModule(
-            args.data_root, batch_size=args.batch_size, num_workers=args.num_workers, path_key="--data-root"
+            args.data_root,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            path_key="--data-root",
         )
         dm.prepare_data()
         dm.setup("fit")  # the number of classes comes from the folder
         trainer_kw = dict(max_epochs=args.epochs)
 
-    model = ImageClassifier(
-        "resnet50",
-        num_classes=dm.num_classes,
-        pretrained=args.pretrained,
-        optimizer="sgd",
-        lr=args.lr,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=args.weight_decay,
-        scheduler="cosine",
-        warmup_fraction=0.01,
-        label_smoothing=args.label_smoothing,
-        mse_weight=args.mse_weight,
-        mse_preset=args.bits,
-    )
+    try:  # offline without the weights: one line naming --pretrained-file, not a minute of retries
+        model = ImageClassifier(
+            args.model,
+            num_classes=dm.num_classes,
+            pretrained=args.pretrained,
+            pretrained_file=args.pretrained_file,
+            optimizer="sgd",
+            lr=args.lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=args.weight_decay,
+            scheduler="cosine",
+            warmup_fraction=0.01,
+            label_smoothing=args.label_smoothing,
+            mse_weight=args.mse_weight,
+            mse_preset=args.bits,
+        )
+    except PretrainedWeightsError as err:
+        sys.exit(f"resnet50_imagenet.py: error: {err}")
     out = Path(args.out)
     ptq = PostTrainingQuantization(
         bits=ptq_bits,

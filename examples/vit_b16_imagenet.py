@@ -23,36 +23,55 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from flatq_lightning import PostTrainingQuantization, dnq_callbacks
 from flatq_lightning.data import ImageNetDataModule, SyntheticDataModule
+from flatq_lightning.models import PretrainedWeightsError
 from flatq_lightning.module import ImageClassifier
 
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; on/off switches say what they do instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults
+    )
     p.add_argument("--data-root", default=None, help="ImageNet folder with train/ and val/ class folders")
     p.add_argument("--pretrained", action="store_true", help="start from timm's pretrained ViT-B/16 weights")
+    p.add_argument(
+        "--pretrained-file",
+        default=None,
+        help="a local timm checkpoint (state dict .pth/.safetensors) to start from instead of the hub "
+        "(implies --pretrained; no network needed)",
+    )
     p.add_argument("--model", default="vit_base_patch16_224", help="any timm ViT name")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument(
+        "--image-size", type=int, default=None, help="pixels (data and the ViT's img_size); None: 224, the model's own"
+    )
+    p.add_argument("--epochs", type=int, default=5, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="per device")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW, cosine)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (not on norm scales and biases)")
     p.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the optimizer steps")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--bits", default="w4a4", help="the DNQ target quantizer, e.g. w4a4, w4a8")
     p.add_argument("--no-dnq", dest="dnq", action="store_false", help="plain training (the baseline)")
     p.add_argument("--mse-weight", type=float, default=0.0, help="λ of the FP-vs-quantized MSE term")
     p.add_argument("--ptq-bits", default="w8a8,w4a8,w4a4,w3a3,w2a4", help="bit-widths reported after fit")
-    p.add_argument("--calib-batches", type=int, default=32)
-    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--calib-batches", type=int, default=32, help="PTQ calibration batches (training images, no augmentation)")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     p.add_argument("--devices", default="auto", help="number of devices, a list like 0,1, or auto")
     p.add_argument("--strategy", default="auto", help="auto, ddp, …")
-    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (with --strategy ddp)")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32-true on CPU")
-    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=8, help="dataloader workers per device")
     p.add_argument("--out", default="runs/vit_b16_imagenet", help="logs, checkpoints and the PTQ report")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and the injected noise")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps on synthetic 32x32 data")
     return p.parse_args(argv)
 
@@ -89,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             sys.exit("vit_b16_imagenet.py: error: --data-root is required (or use --smoke)")
         dm = ImageNetDataModule(
             args.data_root,
+            image_size=args.image_size or 224,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             mean=VIT_MEAN,
@@ -99,24 +119,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
         dm.prepare_data()
         dm.setup("fit")
+        if args.image_size:
+            model_kwargs["img_size"] = args.image_size
         trainer_kw = dict(max_epochs=args.epochs, gradient_clip_val=1.0)
 
-    model = ImageClassifier(
-        args.model,
-        num_classes=dm.num_classes,
-        pretrained=args.pretrained,
-        model_kwargs=model_kwargs,
-        optimizer="adamw",
-        lr=args.lr,
-        betas=(0.9, 0.999),
-        weight_decay=args.weight_decay,
-        scheduler="cosine",
-        warmup_fraction=args.warmup,
-        min_lr_ratio=0.01,
-        label_smoothing=args.label_smoothing,
-        mse_weight=args.mse_weight,
-        mse_preset=args.bits,
-    )
+    try:  # offline without the weights: one line naming --pretrained-file, not a minute of retries
+        model = ImageClassifier(
+            args.model,
+            num_classes=dm.num_classes,
+            pretrained=args.pretrained,
+            pretrained_file=args.pretrained_file,
+            model_kwargs=model_kwargs,
+            optimizer="adamw",
+            lr=args.lr,
+            betas=(0.9, 0.999),
+            weight_decay=args.weight_decay,
+            scheduler="cosine",
+            warmup_fraction=args.warmup,
+            min_lr_ratio=0.01,
+            label_smoothing=args.label_smoothing,
+            mse_weight=args.mse_weight,
+            mse_preset=args.bits,
+        )
+    except PretrainedWeightsError as err:
+        sys.exit(f"vit_b16_imagenet.py: error: {err}")
     out = Path(args.out)
     ptq = PostTrainingQuantization(
         bits=ptq_bits,

@@ -37,7 +37,10 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
     Args:
         model: a :func:`create_model` name (``"cifar_resnet20"``, ``"resnet50"``, …) or an ``nn.Module``.
         num_classes: classes of the classifier head (ignored when ``model`` is a module).
-        pretrained: load timm's pretrained weights (needs them cached or network access).
+        pretrained: load timm's pretrained weights (needs them cached or network access; offline it fails at
+            once, naming ``pretrained_file``).
+        pretrained_file: a local timm checkpoint (state dict, ``.pth``/``.safetensors``) to start from instead
+            of the hub (implies ``pretrained``; timm re-initialises a classifier of another size).
         model_kwargs: extra keyword arguments for :func:`create_model` (``in_chans``, ``img_size``, …).
         optimizer: ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"``.
         lr, momentum, nesterov, weight_decay, betas: optimizer settings.
@@ -67,6 +70,7 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
         num_classes: int = 10,
         pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained_file: str | None = None,
         optimizer: str = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -120,7 +124,9 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
             self.model = model
         else:
             self.save_hyperparameters()
-            self.model = create_model(model, num_classes, pretrained=pretrained, **dict(model_kwargs or {}))
+            self.model = create_model(
+                model, num_classes, pretrained=pretrained, pretrained_file=pretrained_file, **dict(model_kwargs or {})
+            )
         num_classes = self._infer_num_classes(num_classes)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 for classification accuracy, got {num_classes}")

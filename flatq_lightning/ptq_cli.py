@@ -8,7 +8,8 @@
 
 Folds BatchNorm, calibrates on training images (no augmentation), quantizes at each bit-width and evaluates
 on the test split with :func:`flatq_lightning.ptq_runner.run_ptq`; prints the accuracy table and writes
-``ptq_report.{json,md,csv}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
+``ptq_report.{json,md,csv,png}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
+A second run keeps the first report and writes ``ptq_report_2.*`` (``--overwrite`` replaces it instead).
 """
 
 from __future__ import annotations
@@ -29,15 +30,23 @@ class _CliError(Exception):
     pass
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; on/off switches say what they do instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flatq-ptq",
         description="Post-training quantization of an ImageClassifier checkpoint at several bit-widths.",
+        formatter_class=_HelpWithDefaults,
     )
     p.add_argument(
         "checkpoint", help="a Lightning checkpoint written by flatq-train or any ImageClassifier fit"
     )
-    p.add_argument("--bits", default=_DEFAULT_BITS, help=f"comma-separated presets (default {_DEFAULT_BITS})")
+    p.add_argument("--bits", default=_DEFAULT_BITS, help="comma-separated presets")
     p.add_argument(
         "--data",
         default=None,
@@ -48,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache for decoded CIFAR arrays")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation/calibration batch size")
     p.add_argument("--num-workers", type=int, default=None, help="dataloader workers")
-    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches (default 32)")
+    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches")
     p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"),
-                   help="weight observer, and activation observer unless --act-observer is given (default minmax)")
+                   help="weight observer, and activation observer unless --act-observer is given")
     p.add_argument("--act-observer", default=None, choices=("minmax", "percentile", "mse"),
                    help="activation observer (default: --observer)")
     p.add_argument("--bn-reestimate", action="store_true",
                    help="re-estimate BatchNorm statistics per bit-width on the quantized network before folding")
-    p.add_argument("--bn-batches", type=int, default=32, help="training batches for --bn-reestimate (default 32)")
+    p.add_argument("--bn-batches", type=int, default=32, help="training batches for --bn-reestimate")
     p.add_argument("--bn-stats", default="clean", choices=("clean", "noisy"),
                    help="start from the checkpoint's BatchNorm statistics re-estimated on clean weights (the "
                    "model's own, default) or from those gathered under DNQ noise (kept in the checkpoint as "
@@ -68,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--save-dir", default=None, help="where the reports go")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier ptq_report.* in the save directory (default: keep it, write ptq_report_<n>.*)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress (default: a bar on a terminal, a few plain lines in a log)")
     return p
 
 
@@ -198,7 +212,9 @@ def _run(args: argparse.Namespace) -> int:
             f"{ckpt_path} was trained with an nn.Module passed to ImageClassifier (no model name saved); "
             "load it in Python: ImageClassifier.load_from_checkpoint(path, model=net) and call run_ptq"
         )
-    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    # the checkpoint holds the trained weights: never fetch the starting weights again (offline, or moved)
+    over = {"pretrained": False, "pretrained_file": None} if hp.get("pretrained") or hp.get("pretrained_file") else {}
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **over)
     overrides: dict[str, Any] = {
         "path": args.data_path,
         "cache_dir": args.cache_dir,
@@ -251,13 +267,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise _CliError(str(err)) from None
-    save_dir.mkdir(parents=True, exist_ok=True)
-    report.to_json(save_dir / "ptq_report.json")
-    report.to_markdown(save_dir / "ptq_report.md")
-    report.to_csv(save_dir / "ptq_report.csv")
+    files = report.write(save_dir, overwrite=args.overwrite)
     print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
     print(report.markdown_table())
-    print(f"\nreports in {save_dir}")
+    print(f"\nreport in {save_dir}: {', '.join(f.name for f in files.values())}")
     return 0
 
 

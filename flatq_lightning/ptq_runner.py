@@ -219,11 +219,11 @@ def _logits(out: Any) -> Tensor:
 
 
 def _progress(iterable: Iterable[Any], enabled: bool, **kw: Any) -> Iterable[Any]:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+    # a tqdm bar on a terminal, a few plain lines in a log (no escape codes from nested bars)
+    from .progress import progress
 
-    return tqdm(iterable, dynamic_ncols=True, **kw)
+    unit = "bit-widths" if kw.get("desc") == "PTQ" else "batches"  # the outer loop is over bit-widths
+    return progress(iterable, enabled=enabled, unit=unit, **kw)
 
 
 def _check_loader(loader: Any, what: str) -> None:

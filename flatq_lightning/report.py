@@ -18,9 +18,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerSQNR", "PTQRow", "PTQReport"]
+__all__ = ["LayerSQNR", "PTQRow", "PTQReport", "REPORT_FORMATS", "REPORT_STEM", "log_hyperparams", "report_paths"]
 
 PathLike = str | os.PathLike
+
+#: every PTQ report (the callback, ``flatq-train``, ``flatq-ptq``) is ``ptq_report.{json,md,csv,png}``
+REPORT_STEM = "ptq_report"
+REPORT_FORMATS: tuple[str, ...] = ("json", "md", "csv", "png")
+
+
+def report_paths(
+    save_dir: PathLike, formats: Sequence[str] = REPORT_FORMATS, overwrite: bool = False
+) -> dict[str, Path]:
+    """The files a report goes to: ``ptq_report.<fmt>`` in ``save_dir``, or, when any ``ptq_report.*`` file
+    exists there and ``overwrite`` is False, the first free numbered set ``ptq_report_2.<fmt>``, …
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> report_paths(d, ("json",))["json"].name
+        'ptq_report.json'
+        >>> _ = (d / "ptq_report.json").write_text("{}")
+        >>> report_paths(d, ("json", "md"))["md"].name, report_paths(d, ("json",), overwrite=True)["json"].name
+        ('ptq_report_2.md', 'ptq_report.json')
+    """
+    d = Path(save_dir)
+    n = 1
+    while True:
+        stem = REPORT_STEM if n == 1 else f"{REPORT_STEM}_{n}"
+        # a number is taken as soon as any file of its set exists: two reports are never mixed
+        if overwrite or not any((d / f"{stem}.{f}").exists() for f in REPORT_FORMATS):
+            return {f: d / f"{stem}.{f}" for f in formats}
+        n += 1
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -146,6 +175,61 @@ class PTQReport:
             out[f"ptq/{r.bits}/top1"] = r.top1
             out[f"ptq/{r.bits}/top5"] = r.top5
         return out
+
+    def layer_metrics(self) -> dict[str, float]:
+        """Per-layer SQNR for the loggers: ``ptq/<bits>/sqnr_db/<layer>/weight`` and ``.../act`` (finite only)."""
+        out: dict[str, float] = {}
+        for r in self.rows:
+            for layer in r.layers:
+                for side, v in (("weight", layer.weight_sqnr_db), ("act", layer.act_sqnr_db)):
+                    if v is not None and math.isfinite(v):
+                        out[f"ptq/{r.bits}/sqnr_db/{layer.name}/{side}"] = float(v)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        """The PTQ settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        return {
+            "ptq/bits": ",".join(self.bits),
+            "ptq/observer": self.observer,
+            "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
+            "ptq/calib_batches": self.calib_batches,
+            "ptq/calib_batches_requested": self.calib_batches_requested,
+            "ptq/include": ",".join(self.include) if self.include else "",
+            "ptq/exclude": ",".join(self.exclude) if self.exclude else "",
+            "ptq/num_eval_samples": self.num_eval_samples,
+            "ptq/kept_8bit": ",".join(self.kept_8bit),
+        }
+
+    def png_bytes(self) -> bytes:
+        """The accuracy plot as PNG bytes (what :meth:`write` saves as ``ptq_report.png``)."""
+        buf = io.BytesIO()
+        self.figure().savefig(buf, dpi=120, format="png")
+        return buf.getvalue()
+
+    def log_to(self, loggers: Sequence[Any], step: int = 0, image_path: PathLike | None = None) -> None:
+        """Send the report to Lightning loggers: settings as hyperparameters, accuracies and per-layer SQNR as
+        metrics, and the accuracy plot to every logger that takes images (TensorBoard ``add_image``, loggers
+        with ``log_image`` such as W&B, MLflow artifacts). A logger failing on the image only warns.
+
+        Example:
+            >>> from lightning.pytorch.loggers import CSVLogger  # doctest: +SKIP
+            >>> report.log_to([CSVLogger("logs")], step=trainer.global_step)  # doctest: +SKIP
+        """
+        loggers = list(loggers)
+        if not loggers:
+            return
+        metrics = {**self.metrics(), **self.layer_metrics()}
+        png: bytes | None = None
+        for logger in loggers:
+            log_hyperparams(logger, self.settings())
+            logger.log_metrics(metrics, step=step)
+            try:
+                png = _log_image(logger, "ptq/accuracy", self, png, image_path, step)
+            except Exception as err:  # an image is not worth losing the run's metrics for
+                import warnings
+
+                warnings.warn(f"PTQ plot not sent to {type(logger).__name__}: {err}", stacklevel=2)
+            logger.save()
 
     # serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -276,15 +360,26 @@ class PTQReport:
     def plot_accuracy(self, path: PathLike = "ptq_accuracy.png") -> Path:
         """Top-1/top-5 vs bit-width (requested order), FP as horizontal lines; a PNG via the Agg canvas.
 
-        A directory ``path`` gets ``ptq_accuracy.png`` inside it. Returns the file written.
+        A directory ``path`` gets ``ptq_accuracy.png`` inside it. Written atomically (temporary file, then
+        ``os.replace``). Returns the file written.
         """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         p = Path(path)
         if p.is_dir():
             p = p / "ptq_accuracy.png"
         p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_beside(p)
+        try:
+            self.figure().savefig(tmp, dpi=120, format="png")
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return p
+
+    def figure(self) -> Any:
+        """The accuracy-vs-bit-width plot as a matplotlib ``Figure`` (Agg canvas; for loggers and files)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
         fig = Figure(figsize=(max(4.0, 1.1 * len(self.rows) + 2.0), 3.6))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
@@ -301,30 +396,101 @@ class PTQReport:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
         fig.tight_layout()
-        fig.savefig(p, dpi=120)
-        return p
+        return fig
 
-    def write(self, save_dir: PathLike, names: Sequence[str] = ("json", "md", "png")) -> dict[str, Path]:
-        """Write ``ptq_report.json``, ``ptq_report.md``, ``ptq_accuracy.png`` (and ``ptq_report.csv`` if asked)."""
+    def write(
+        self, save_dir: PathLike, names: Sequence[str] = REPORT_FORMATS, overwrite: bool = False
+    ) -> dict[str, Path]:
+        """Write the report as ``ptq_report.json``, ``.md``, ``.csv`` and ``.png`` (the plot) into ``save_dir``.
+
+        The one writer behind the callback, ``flatq-train`` and ``flatq-ptq``. All files are first written to
+        temporary files beside their targets, then moved into place with ``os.replace``: a reader never sees
+        a half-written file, and a failure leaves no partial report. An earlier report in ``save_dir`` is never
+        replaced unless ``overwrite=True``: the new one gets the first free numbered name
+        (``ptq_report_2.*``, …, see :func:`report_paths`). Returns ``{format: path}``.
+        """
+        unknown = [n for n in names if n not in REPORT_FORMATS]
+        if unknown or not names:
+            raise ValueError(f"names must be a non-empty subset of {REPORT_FORMATS}, got {tuple(names)!r}")
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
         d = Path(save_dir)
         d.mkdir(parents=True, exist_ok=True)
-        out: dict[str, Path] = {}
-        if "json" in names:
-            self.to_json(out.setdefault("json", d / "ptq_report.json"))
-        if "md" in names:
-            self.to_markdown(out.setdefault("md", d / "ptq_report.md"))
-        if "csv" in names:
-            self.to_csv(out.setdefault("csv", d / "ptq_report.csv"))
-        if "png" in names:
-            out["png"] = self.plot_accuracy(d / "ptq_accuracy.png")
+        out = report_paths(d, [n for n in REPORT_FORMATS if n in names], overwrite=overwrite)
+        temps: dict[str, Path] = {}
+        try:
+            for fmt, target in out.items():
+                tmp = temps[fmt] = _temp_beside(target)
+                if fmt == "json":
+                    tmp.write_text(self.to_json() + "\n")
+                elif fmt == "md":
+                    tmp.write_text(self.markdown())
+                elif fmt == "csv":
+                    tmp.write_text(self.to_csv())
+                else:
+                    self.figure().savefig(tmp, dpi=120, format="png")
+            for fmt, target in out.items():
+                os.replace(temps.pop(fmt), target)
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
         return out
+
+
+def log_hyperparams(logger: Any, settings: dict[str, Any]) -> None:
+    """Add ``settings`` to a Lightning logger's hyperparameters, sent together with the ones it already has.
+
+    TensorBoard's HPARAMS tab keeps only the set sent last, so each call sends the merged set (the model's and
+    data module's, the callbacks' settings); CSV and other loggers merge either way.
+    """
+    known = getattr(logger, "hparams", None)
+    merged = {**known, **settings} if isinstance(known, dict) else dict(settings)
+    logger.log_hyperparams(merged)
+
+
+def _log_image(
+    logger: Any, key: str, report: PTQReport, png: bytes | None, path: PathLike | None, step: int
+) -> bytes | None:
+    """The plot to one logger, if it takes images; returns the PNG bytes (rendered at most once)."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    def image() -> Any:
+        import numpy as np
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+    if isinstance(logger, TensorBoardLogger):
+        png = png or report.png_bytes()
+        logger.experiment.add_image(key, image(), global_step=step, dataformats="HWC")
+    elif isinstance(logger, MLFlowLogger):
+        if path is None:
+            return png
+        logger.experiment.log_artifact(logger.run_id, str(path))
+    elif callable(getattr(logger, "log_image", None)):  # W&B, Neptune, Comet, ...
+        png = png or report.png_bytes()
+        logger.log_image(key=key, images=[image()], step=step)
+    return png
 
 
 def _csv_num(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
+def _temp_beside(path: Path) -> Path:
+    """A fresh hidden file name in ``path``'s directory (same file system, so ``os.replace`` is atomic)."""
+    import uuid
+
+    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
 def _write(path: PathLike, text: str) -> None:
+    """Write ``text`` atomically: a temporary file beside ``path``, then ``os.replace``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+    tmp = _temp_beside(p)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -44,7 +44,10 @@ __all__ = [
     "main",
     "model_kwargs",
     "run",
+    "seed_aggregate",
+    "summarize_sweep",
     "validate_config",
+    "variant_fingerprint",
 ]
 
 
@@ -142,21 +145,27 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
 
     from .data.base import DataNotFoundError
+    from .models import PretrainedWeightsError
 
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, PretrainedWeightsError):
+            raise ConfigError(f"{cause}") from None
         if isinstance(cause, DataNotFoundError):
             raise cause from None
         target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
         raise ConfigError(f"{key} ({target}): {type(cause).__name__}: {cause}") from err
 
 
-def instantiate_callbacks(cfg_callbacks: DictConfig | None, checkpoint_dir: Path | None = None) -> list[Any]:
+def instantiate_callbacks(
+    cfg_callbacks: DictConfig | None, checkpoint_dir: Path | None = None, report_dir: Path | None = None
+) -> list[Any]:
     """Instantiate every callback config (entries set to null are skipped; a list result is flattened).
 
-    A ``ModelCheckpoint`` whose ``dirpath`` is null gets ``checkpoint_dir``.
+    A ``ModelCheckpoint`` whose ``dirpath`` is null gets ``checkpoint_dir``; a ``PostTrainingQuantization``
+    whose ``save_dir`` is null gets ``report_dir`` (its report is then the job's, written once).
     """
     out: list[Any] = []
     if not cfg_callbacks:
@@ -169,6 +178,8 @@ def instantiate_callbacks(cfg_callbacks: DictConfig | None, checkpoint_dir: Path
         kwargs: dict[str, Any] = {}
         if str(node._target_).endswith("ModelCheckpoint") and node.get("dirpath") is None and checkpoint_dir:
             kwargs["dirpath"] = str(checkpoint_dir)
+        if str(node._target_).endswith("PostTrainingQuantization") and node.get("save_dir") is None and report_dir:
+            kwargs["save_dir"] = str(report_dir)
         obj = _instantiate(node, f"callbacks.{key}", **kwargs)
         out.extend(obj if isinstance(obj, (list, tuple)) else [obj])
     return out
@@ -200,7 +211,8 @@ def _overrides() -> list[str]:
 
 
 def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """``[(name, config)]``: each variant's overrides merged onto the config (without ``variants``)."""
+    """``[(name, config)]``: each variant's overrides merged onto the config (without ``variants``); a variant
+    set to null is left out, ``{}`` is the config as it is."""
     base = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "variants"])
     OmegaConf.set_struct(base, False)
     variants = cfg.get("variants")
@@ -208,7 +220,9 @@ def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         return [("main", base)]
     out = []
     for name, over in variants.items():
-        merged = OmegaConf.merge(base, over or {})
+        if over is None:  # variants.plain=null leaves that variant out (e.g. a baseline a sweep need not refit)
+            continue
+        merged = OmegaConf.merge(base, over)
         OmegaConf.set_struct(merged, False)
         out.append((str(name), merged))
     return out
@@ -217,14 +231,15 @@ def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 # ---------------------------------------------------------------------------------------------------------
 # the job
 # ---------------------------------------------------------------------------------------------------------
-def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> Any:
-    """The PTQ report of this fit: the PostTrainingQuantization callback's, else ``run_ptq`` on the test split."""
+def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> tuple[Any, dict[str, Path]]:
+    """``(report, files)`` of this fit: the PostTrainingQuantization callback's (already written), else
+    ``run_ptq`` on the test split, written into ``vdir`` by the one report writer."""
     from .report import PTQReport
 
     for cb in trainer.callbacks:
         rep = getattr(cb, "report", None)
         if isinstance(rep, PTQReport):
-            return rep
+            return rep, dict(getattr(cb, "files", {}) or {}) or rep.write(vdir)
     try:
         from . import run_ptq  # type: ignore[attr-defined]
     except ImportError:
@@ -233,7 +248,7 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
     p = cfg.ptq
     calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
     augment = getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None
-    return run_ptq(
+    report = run_ptq(
         module,
         calib,
         dm.test_dataloader(),
@@ -251,6 +266,9 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         bn_loader=dm.train_dataloader(),
         bn_transform=augment,
     )
+    files = report.write(vdir)
+    report.log_to(trainer.loggers, step=trainer.global_step, image_path=files.get("png"))
+    return report, files
 
 
 def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, Any] | None:
@@ -261,7 +279,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     module = _instantiate(
         cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs(cfg, dm)
     )
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints")
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints", report_dir=vdir)
     extra: dict[str, Any] = {}
     if "logger" not in cfg.trainer:  # CSV logs beside the results (set trainer.logger to change)
         from lightning.pytorch.loggers import CSVLogger
@@ -294,10 +312,9 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     }
     if cfg.ptq.get("bits"):
         t0 = time.perf_counter()
-        report = _run_ptq(cfg, module, dm, trainer, vdir)
-        report.to_json(vdir / "ptq.json")
-        report.to_markdown(vdir / "ptq.md")
+        report, files = _run_ptq(cfg, module, dm, trainer, vdir)
         result.update(
+            ptq_report=str(files["json"]) if "json" in files else None,
             fp_top1=report.fp_top1,
             fp_top5=report.fp_top5,
             ptq={r.bits: {"top1": r.top1, "top5": r.top5, "drop_top1": r.drop_top1} for r in report.rows},
@@ -310,10 +327,67 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     return result
 
 
+#: callback targets that make a fit depend on ``quant.preset`` (DNQ); without them (and with mse_weight 0) the
+#: preset does not change the fit, so a sweep over ``quant`` can reuse it
+_QUANT_CALLBACKS = ("dnq_callbacks", "QuantErrorRecorder", "NoiseInjection")
+_NOT_RESULTS = ("experiment_name", "print_table", "reuse_variants", "variants")
+
+
+def variant_fingerprint(vcfg: DictConfig) -> str:
+    """A hash of everything a variant's fit and PTQ depend on (its resolved config).
+
+    Left out: the names and printing (``experiment_name``, ``print_table``), and ``quant``/``module.mse_preset``
+    when nothing uses them (no DNQ callback, ``module.mse_weight`` 0): the plain baseline of a sweep over
+    ``quant`` has the same fingerprint in every job.
+    """
+    import hashlib
+
+    c = OmegaConf.to_container(vcfg, resolve=True)
+    assert isinstance(c, dict)
+    for k in _NOT_RESULTS:
+        c.pop(k, None)
+    cbs = c.get("callbacks") or {}
+    uses_quant = float((c.get("module") or {}).get("mse_weight") or 0.0) > 0.0 or any(
+        isinstance(n, dict) and any(t in str(n.get("_target_", "")) for t in _QUANT_CALLBACKS) for n in cbs.values()
+    )
+    if not uses_quant:
+        c.pop("quant", None)
+        (c.get("module") or {}).pop("mse_preset", None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sweep_cache_dir(out: Path) -> Path | None:
+    """``<sweep dir>/.fits`` in a Hydra multirun (where jobs may share fits), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hc.sweep.dir) / ".fits"
+
+
+def _cached_fit(cache: Path | None, fp: str) -> dict[str, Any] | None:
+    if cache is None or not (cache / f"{fp}.json").is_file():
+        return None
+    return json.loads((cache / f"{fp}.json").read_text())
+
+
+def _store_fit(cache: Path | None, fp: str, result: dict[str, Any], where: Path) -> None:
+    if cache is None:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{fp}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**result, "fit_dir": str(where)}, indent=2, allow_nan=True))
+    os.replace(tmp, cache / f"{fp}.json")
+
+
 def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the job described by ``cfg`` (a composed ``train`` config) and return the results dict.
 
-    Writes ``results.json``, ``results.md`` and ``results.csv`` (and each variant's ``ptq.json``/``ptq.md``,
+    Writes ``results.json``, ``results.md`` and ``results.csv`` (and each variant's ``ptq_report.*``,
     logs and checkpoints in a subfolder) into ``output_dir`` (default: Hydra's run directory).
 
     Example:
@@ -347,10 +421,21 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
         "variants": {},
     }
     t_job = time.perf_counter()
+    cache = _sweep_cache_dir(out) if cfg.get("reuse_variants", True) else None
     for name, vcfg in variants:
         vdir = out / name if len(variants) > 1 else out
-        res = _fit_variant(name, vcfg, dm, vdir)
+        fp = variant_fingerprint(vcfg)
+        res = _cached_fit(cache, fp)
+        if res is not None:  # an earlier job of this sweep fitted exactly this (e.g. the plain baseline)
+            res["reused_from"] = res.pop("fit_dir")
+            log.info("[%s] not refitted: same config as %s (reuse_variants=false to refit)", name, res["reused_from"])
+            print(f"[{name}] reused from {res['reused_from']} (nothing it depends on changed)", file=sys.stderr)
+        else:
+            res = _fit_variant(name, vcfg, dm, vdir)
+            if res is not None:
+                _store_fit(cache, fp, res, vdir)
         if res is not None:
+            res["fingerprint"] = fp
             results["variants"][name] = res
     results["job_seconds"] = round(time.perf_counter() - t_job, 2)
     if results["variants"]:
@@ -437,10 +522,72 @@ def _results_csv(all_results: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _is_seed(override: str) -> bool:
+    return override.lstrip("+~").split("=", 1)[0] == "seed"
+
+
+def seed_aggregate(all_results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """Mean ± sample std and n over seeds, per (other swept overrides, variant); None unless seeds were swept.
+
+    Columns: overrides, variant, n, seeds, then ``mean ± std`` of FP top-1, each bit-width's top-1 and fit time.
+
+    Example:
+        >>> r = lambda seed, acc: {"overrides": [f"seed={seed}", "quant=w4a4"], "bits": ["w4a4"],
+        ...     "variants": {"dnq": {"fp_top1": 90.0, "ptq": {"w4a4": {"top1": acc}}, "fit_seconds": 2.0}}}
+        >>> header, rows = seed_aggregate([r(0, 80.0), r(1, 84.0)])
+        >>> rows[0][:5]
+        ['', 'dnq', '2', '0,1', '90.00 ± 0.00']
+        >>> rows[0][5]
+        '82.00 ± 2.83'
+    """
+    import statistics
+
+    seeds = {o for r in all_results for o in r.get("overrides", []) if _is_seed(o)}
+    if len(seeds) < 2:
+        return None
+    bits: list[str] = []
+    for r in all_results:
+        bits += [b for b in r.get("bits", []) if b not in bits]
+    others = [[o for o in r.get("overrides", []) if not _is_seed(o)] for r in all_results]
+    common = set.intersection(*(set(o) for o in others)) if len(others) > 1 else set()
+    groups: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for r, over in zip(all_results, others):
+        seed = next((o.split("=", 1)[1] for o in r.get("overrides", []) if _is_seed(o)), str(r.get("seed", "")))
+        key_over = " ".join(o for o in over if o not in common)
+        for name, v in r.get("variants", {}).items():
+            groups.setdefault((key_over, name), []).append((seed, v))
+
+    def stat(vals: list[float]) -> str:
+        vals = [x for x in vals if x == x]  # NaN: a failed or skipped measurement
+        if not vals:
+            return "—"
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        return f"{statistics.fmean(vals):.2f} ± {_fmt(sd)}"
+
+    def num(x: Any) -> float:
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    header = ["overrides", "variant", "n", "seeds", "fp_top1", *[f"{b}_top1" for b in bits], "fit_seconds"]
+    rows = []
+    for (over, name), items in groups.items():
+        vs = [v for _, v in items]
+        rows.append(
+            [over, name, str(len(items)), ",".join(sd for sd, _ in items), stat([num(v.get("fp_top1")) for v in vs])]
+            + [stat([num(v.get("ptq", {}).get(b, {}).get("top1")) for v in vs]) for b in bits]
+            + [stat([num(v.get("fit_seconds")) for v in vs])]
+        )
+    return header, rows
+
+
 def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[Path, Path] | None:
     """Collect ``*/results.json`` below ``sweep_dir`` into ``summary.md`` and ``summary.csv`` there.
 
-    Returns the two paths, or None when no job wrote results.
+    When the sweep ran over ``seed``, ``summary.md`` also has a table of mean ± std (sample) and n over the
+    seeds for each setting and variant, also written as ``summary_seeds.csv``. Returns the two paths, or None
+    when no job wrote results.
     """
     sweep = Path(sweep_dir)
     found = sorted(sweep.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name))  # 2 < 10
@@ -456,6 +603,19 @@ def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[Path, Path] | No
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     title = all_results[0].get("experiment", "sweep")
     md_path, csv_path = sweep / "summary.md", sweep / "summary.csv"
+    agg = seed_aggregate(all_results)
+    if agg is not None:
+        h, rs = agg
+        md += ["", "## Mean ± std over seeds (sample std; n seeds)", "",
+               "| " + " | ".join(h) + " |", "|" + "---|" * 2 + "---:|" * (len(h) - 2)]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rs]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(h)
+        w.writerows(rs)
+        (sweep / "summary_seeds.csv").write_text(buf.getvalue())
+    else:
+        (sweep / "summary_seeds.csv").unlink(missing_ok=True)  # from an earlier summary of this directory
     md_path.write_text(f"# {title}: multirun summary (top-1 %, test split)\n\n" + "\n".join(md) + "\n")
     csv_path.write_text(_results_csv(all_results))
     return md_path, csv_path

@@ -20,3 +20,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """3 classes, 4 training and 2 validation JPEGs each (40x48): the ImageNet path end to end, in seconds."""
+    from tests.helpers import write_image_folder
+
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder") / "imagenet")

@@ -49,3 +49,23 @@ def train_small(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int =
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def write_image_folder(root, classes: int = 3, train_per_class: int = 4, val_per_class: int = 2, size=(40, 48)):
+    """A tiny ImageNet-style ImageFolder ``root/{train,val}/class<k>/*.jpg`` (class k: channel k saturated)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+                a[..., c % 3] = 255
+                Image.fromarray(a).save(d / f"img{i}.jpg", quality=90)
+    return root

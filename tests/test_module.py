@@ -230,3 +230,22 @@ def test_readme_add_dnq_to_any_trainer_snippet_runs(tmp_path, monkeypatch):
     assert trainer.global_step > 0
     ptq = next(c for c in trainer.callbacks if type(c).__name__ == "PostTrainingQuantization")
     assert {r.bits for r in ptq.report.rows} == {"w8a8", "w4a4", "w3a3", "w2a4"}
+
+
+def test_hydra_model_pretrained_file_reaches_the_module(tmp_path):
+    import timm
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from flatq_lightning.train import CONF_DIR, _instantiate
+
+    src = timm.create_model("test_resnet")
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=imagenet_resnet50_dnq", "model.name=test_resnet",
+                                          f"model.pretrained_file={tmp_path / 'w.pth'}"])
+    assert cfg.module.pretrained_file == str(tmp_path / "w.pth")
+    module = _instantiate(cfg.module, "module", num_classes=3, model_kwargs={})
+    assert torch.equal(module.model.conv1[0].weight, src.conv1[0].weight)
+    assert module.hparams.pretrained_file == str(tmp_path / "w.pth") and module.num_classes == 3

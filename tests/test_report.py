@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,8 +88,53 @@ def test_plot_accuracy_png(tmp_path):
     p = _report().plot_accuracy(tmp_path / "sub" / "ptq_accuracy.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _report().plot_accuracy(tmp_path).name == "ptq_accuracy.png"
-    files = _report().write(tmp_path / "all", names=("json", "md", "csv", "png"))
-    assert sorted(p.name for p in files.values()) == ["ptq_accuracy.png", "ptq_report.csv", "ptq_report.json", "ptq_report.md"]
+    files = _report().write(tmp_path / "all")
+    assert sorted(p.name for p in files.values()) == ["ptq_report.csv", "ptq_report.json", "ptq_report.md", "ptq_report.png"]
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_never_replaces_an_earlier_report_unless_told(tmp_path):
+    first = _report().write(tmp_path)
+    before = {f: p.read_bytes() for f, p in first.items()}
+    second_rep = _report()
+    second_rep.fp_top1 = 50.0
+    second = second_rep.write(tmp_path)
+    assert {p.name for p in second.values()} == {f"ptq_report_2.{f}" for f in ("json", "md", "csv", "png")}
+    assert {f: p.read_bytes() for f, p in first.items()} == before  # the first report is untouched
+    assert PTQReport.from_json(second["json"]).fp_top1 == 50.0
+    # one file of a set is enough to move to the next number (a set is never mixed)
+    (tmp_path / "ptq_report_3.md").write_text("someone else's")
+    assert _report().write(tmp_path, names=("json",))["json"].name == "ptq_report_4.json"
+    third = second_rep.write(tmp_path, overwrite=True)
+    assert third["json"] == first["json"] and PTQReport.from_json(first["json"]).fp_top1 == 50.0
+    with pytest.raises(ValueError, match=r"names must be a non-empty subset of \('json', 'md', 'csv', 'png'\)"):
+        _report().write(tmp_path, names=("pdf",))
+    with pytest.raises(ValueError, match="overwrite must be True or False"):
+        _report().write(tmp_path, overwrite="yes")
+
+
+def test_write_is_atomic_for_the_whole_set(tmp_path, monkeypatch):
+    first = _report().write(tmp_path)
+    before = {f: p.read_bytes() for f, p in first.items()}
+
+    def broken_figure(self):
+        raise RuntimeError("plotting failed")
+
+    # the plot is made last: a failure there must leave neither a new report nor a temporary file behind,
+    # and (with overwrite=True) must not have replaced the earlier JSON/Markdown/CSV already
+    monkeypatch.setattr(PTQReport, "figure", broken_figure)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        _report().write(tmp_path, overwrite=True)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        _report().write(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in first.values())
+    assert {f: p.read_bytes() for f, p in first.items()} == before
+    # the single-file writers are atomic too: a failing write leaves the old file and no temporary
+    monkeypatch.setattr(Path, "write_text", lambda self, text: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        _report().to_json(first["json"])
+    assert first["json"].read_bytes() == before["json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in first.values())
 
 
 def test_sqnr_values_match_hand_computation():

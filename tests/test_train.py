@@ -75,6 +75,8 @@ def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
 
 def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    # this checkout's package, whatever the environment has installed (and from any working directory)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-m", "flatq_lightning.train", *args],
         cwd=cwd,
@@ -256,15 +258,34 @@ def test_cli_missing_data_path_is_one_clear_line(tmp_path):
     )
 
 
+def test_cli_pretrained_offline_is_one_clear_line(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    r = _cli(
+        ["experiment=imagenet_resnet50_dnq", "model.name=test_resnet", "trainer=cpu", f"data.root={image_folder}",
+         "data.num_workers=0", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("flatq-train: error: the pretrained weights of 'test_resnet'")
+    assert "model.pretrained_file=PATH" in err[-1] and "Traceback" not in r.stderr
+
+
 # --- runs ---------------------------------------------------------------------------------------------------
-def test_quickstart_fast_dev_run(tmp_path):
+def test_quickstart_fast_dev_run(tmp_path, capsys):
     cfg = _compose(["++trainer.fast_dev_run=true", "ptq.calib_batches=1", "print_table=false"])
     res = run(cfg, tmp_path)
+    # PTQ progress is on by default; in a log (not a terminal) it is plain lines
+    err = capsys.readouterr().err
+    assert err.count("PTQ: done, 4 bit-widths in") == 2 and "eval w2a4: done" in err and "\r" not in err
     assert list(res["variants"]) == ["plain", "dnq"]
     for name, v in res["variants"].items():
         assert set(v["ptq"]) == {"w8a8", "w4a4", "w3a3", "w2a4"}
         assert 0.0 <= v["fp_top1"] <= 100.0
-        assert (tmp_path / name / "ptq.json").is_file()
+        files = {f.name for f in (tmp_path / name).iterdir()}
+        assert {f"ptq_report.{f}" for f in ("json", "md", "csv", "png")} <= files
+        assert v["ptq_report"] == str(tmp_path / name / "ptq_report.json")
     assert res["variants"]["plain"]["callbacks"] == []
     assert res["variants"]["dnq"]["callbacks"][0] == "QuantErrorRecorder"
     assert json.loads((tmp_path / "results.json").read_text())["experiment"] == "quickstart"
@@ -272,6 +293,54 @@ def test_quickstart_fast_dev_run(tmp_path):
     assert "| bits | plain | dnq |" in md and "| W2A4 |" in md
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["plain", "dnq"] and "w4a4_top1" in rows[0]
+
+
+# the ImageNet experiments as a user runs them (the CLI, the default CSV logger on), on a real ImageFolder:
+# timm's tiny test models at 32 px instead of ResNet-50 / ViT-B/16, the CPU trainer instead of DDP
+IMAGEFOLDER_TINY = {
+    "imagenet_resnet50_dnq": ["model.name=test_resnet"],
+    "imagenet_vit_b16_dnq": ["model.name=test_vit", "+model.kwargs.img_size=32"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(IMAGEFOLDER_TINY))
+def test_imagenet_experiment_on_an_image_folder(experiment, image_folder, tmp_path):
+    out = tmp_path / "run"
+    r = _cli(
+        [
+            f"experiment={experiment}",
+            *IMAGEFOLDER_TINY[experiment],
+            "model.pretrained=false",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "trainer.log_every_n_steps=1",
+            f"data.root={image_folder}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.eval_batch_size=4",
+            "data.num_workers=0",
+            "ptq.bits=[w4a4]",
+            "ptq.calib_batches=1",
+            "ptq.calib_batch_size=4",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    main = res["variants"]["main"]
+    assert res["experiment"] == experiment and set(main["ptq"]) == {"w4a4"}
+    assert main["callbacks"][0] == "QuantErrorRecorder" and Path(main["checkpoint"]).is_file()
+    hp = yaml.safe_load(next(out.rglob("hparams.yaml")).read_text())
+    assert hp["num_classes"] == 3 and hp["root"] == str(image_folder)
+    # the DNQ and PTQ settings are hyperparameters, PTQ accuracies and per-layer SQNR metrics, κ_t per step
+    assert hp["dnq/preset"] == "w4a4" and hp["dnq/weight_noise/mode"] == "differential" and hp["ptq/bits"] == "w4a4"
+    rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    cols = {k for r in rows for k, v in r.items() if v not in ("", None)}
+    assert {"ptq/w4a4/top1", "dnq/kappa", "dnq/warmup"} <= cols
+    assert any(c.startswith("ptq/w4a4/sqnr_db/") and c.endswith("/weight") for c in cols)
+    assert {p.name for p in out.glob("ptq_report*")} == {f"ptq_report.{f}" for f in ("json", "md", "csv", "png")}
 
 
 def test_cifar_experiment_fast_dev_run_on_synthetic_data(tmp_path):
@@ -329,7 +398,32 @@ def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):
     assert [r["bits"] for r in rep["rows"]] == ["w8a8", "w4a4"] and rep["num_eval_samples"] == 32
     assert rep["fp_top1"] == pytest.approx(main["fp_top1"])  # same network, same test split
     assert (out / "ptq_report.md").is_file() and (out / "ptq_report.csv").is_file()
+    assert (out / "ptq_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "| w4a4 |" in capsys.readouterr().out
+    # the callback's report is the job's: written once, into the run directory, same file names
+    assert main["ptq_report"] == str(tmp_path / "ptq_report.json")
+    assert {p.name for p in tmp_path.glob("ptq_report*")} == {f"ptq_report.{f}" for f in ("json", "md", "csv", "png")}
+
+    # a second flatq-ptq run keeps the first report; --overwrite replaces it
+    first = (out / "ptq_report.json").read_text()
+    argv = [str(ckpt), "--bits", "w4a4", "--calib-batches", "1", "--no-progress", "--save-dir", str(out),
+            "--device", "cpu"]
+    assert ptq_cli.main(argv) == 0
+    assert (out / "ptq_report.json").read_text() == first
+    assert json.loads((out / "ptq_report_2.json").read_text())["rows"][0]["bits"] == "w4a4"
+    assert "ptq_report_2.json" in capsys.readouterr().out
+    assert ptq_cli.main([*argv, "--overwrite"]) == 0
+    assert [r["bits"] for r in json.loads((out / "ptq_report.json").read_text())["rows"]] == ["w4a4"]
+    assert not (out / "ptq_report_3.json").exists()
+
+
+def test_flatq_ptq_help_shows_the_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        ptq_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "comma-separated presets (default: w8a8,w4a8,w4a4,w3a3,w2a4)" in out
+    assert "calibration batches (default: 32)" in out and "--overwrite" in out
 
 
 def test_flatq_ptq_errors(tmp_path, capsys):
@@ -354,6 +448,78 @@ def test_multirun_writes_a_summary_table(tmp_path):
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 2 and {r["variant"] for r in rows} == {"main"}
     assert all(0.0 <= float(r["w8a8_top1"]) <= 100.0 for r in rows)
+
+
+def test_sweep_jobs_reuse_a_fit_that_depends_on_nothing_swept(tmp_path, monkeypatch):
+    # jobs of one sweep share <sweep dir>/.fits: quickstart's plain variant is fitted in the first job only
+    from flatq_lightning import train as train_mod
+
+    fitted: list[tuple[str, str]] = []
+
+    def fake_fit(name, cfg, dm, vdir):  # the fit itself is tested elsewhere; here: which fits happen
+        fitted.append((name, str(cfg.quant.preset)))
+        return {"fp_top1": 50.0 + len(fitted), "ptq": {}, "fit_seconds": 1.0, "model": str(cfg.model.name)}
+
+    monkeypatch.setattr(train_mod, "_fit_variant", fake_fit)
+    monkeypatch.setattr(train_mod, "_sweep_cache_dir", lambda out: tmp_path / ".fits")
+    r0 = run(_compose([*TINY, "quant=w8a8"]), tmp_path / "0")
+    r1 = run(_compose([*TINY, "quant=w4a4"]), tmp_path / "1")
+    assert fitted == [("plain", "w8a8"), ("dnq", "w8a8"), ("dnq", "w4a4")]
+    plain0, plain1 = r0["variants"]["plain"], r1["variants"]["plain"]
+    assert "reused_from" not in plain0 and plain1["reused_from"] == str(tmp_path / "0" / "plain")
+    assert plain1["fp_top1"] == plain0["fp_top1"] == 51.0 and plain1["fingerprint"] == plain0["fingerprint"]
+    assert json.loads((tmp_path / "1" / "results.json").read_text())["variants"]["plain"]["reused_from"]
+    # another seed is another fit; reuse_variants=false refits; outside a multirun nothing is shared
+    run(_compose([*TINY, "quant=w4a4", "seed=1"]), tmp_path / "2")
+    assert fitted[3:] == [("plain", "w4a4"), ("dnq", "w4a4")]
+    run(_compose([*TINY, "quant=w4a4", "reuse_variants=false"]), tmp_path / "3")
+    assert fitted[5:] == [("plain", "w4a4"), ("dnq", "w4a4")]
+    monkeypatch.undo()
+    monkeypatch.setattr(train_mod, "_fit_variant", fake_fit)
+    run(_compose([*TINY, "quant=w8a8"]), tmp_path / "4")
+    assert fitted[7:] == [("plain", "w8a8"), ("dnq", "w8a8")]
+
+
+def test_sweep_summary_aggregates_over_seeds(tmp_path):
+    accs = {("w8a8", 0): 90.0, ("w8a8", 1): 92.0, ("w8a8", 2): 94.0, ("w4a4", 0): 70.0, ("w4a4", 1): 80.0}
+    for job, ((q, seed), acc) in enumerate(accs.items()):
+        d = tmp_path / str(job)
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "experiment": "x", "overrides": [f"quant={q}", f"seed={seed}"], "bits": ["w4a4"],
+            "variants": {"dnq": {"fp_top1": acc + 1, "ptq": {"w4a4": {"top1": acc}}, "fit_seconds": 2.0}},
+        }))
+    md_path, _ = summarize_sweep(tmp_path)
+    md = md_path.read_text()
+    assert "## Mean ± std over seeds (sample std; n seeds)" in md
+    assert "| quant=w8a8 | dnq | 3 | 0,1,2 | 93.00 ± 2.00 | 92.00 ± 2.00 | 2.00 ± 0.00 |" in md
+    assert "| quant=w4a4 | dnq | 2 | 0,1 | 76.00 ± 7.07 | 75.00 ± 7.07 | 2.00 ± 0.00 |" in md
+    rows = list(csv.DictReader((tmp_path / "summary_seeds.csv").open()))
+    assert [(r["overrides"], r["n"], r["w4a4_top1"]) for r in rows] == [
+        ("quant=w8a8", "3", "92.00 ± 2.00"), ("quant=w4a4", "2", "75.00 ± 7.07")]
+    # one seed only: no aggregate table
+    for d in list(tmp_path.glob("[1-4]")):
+        (d / "results.json").unlink()
+    summarize_sweep(tmp_path)
+    assert "Mean ± std" not in md_path.read_text() and not (tmp_path / "summary_seeds.csv").exists()
+
+
+def test_variant_fingerprints_and_leaving_a_variant_out():
+    from flatq_lightning.train import variant_fingerprint
+
+    def fps(*over):
+        return {n: variant_fingerprint(c) for n, c in _variants(_compose(list(over)))}
+
+    a, b = fps("quant=w4a4"), fps("quant=w3a3")
+    assert a["plain"] == b["plain"] and a["dnq"] != b["dnq"]  # plain: no DNQ callback, no MSE term
+    assert fps("quant=w4a4", "seed=1")["plain"] != a["plain"]
+    assert fps("quant=w4a4", "ptq.bits=[w4a4]")["plain"] != a["plain"]  # PTQ settings matter
+    assert fps("quant=w4a4", "experiment_name=other")["plain"] == a["plain"]
+    # with the MSE term on, the preset matters even without DNQ
+    assert fps("quant=w4a4", "+variants.plain.module.mse_weight=0.1")["plain"] != fps(
+        "quant=w3a3", "+variants.plain.module.mse_weight=0.1")["plain"]
+    # variants.plain=null leaves the baseline out of a job
+    assert [n for n, _ in _variants(_compose(["variants.plain=null"]))] == ["dnq"]
 
 
 def test_summarize_sweep_and_comparison_table(tmp_path):

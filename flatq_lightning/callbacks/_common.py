@@ -126,3 +126,41 @@ def check_scale_value(name: str, value: object) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite float >= 0 or a callable of the step, got {value!r}")
+def describe(value: object) -> object:
+    """A logger-friendly hyperparameter: numbers, strings and bools as they are, anything else as its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return ",".join(str(v) for v in value)
+    return repr(value)
+
+
+def recorder_settings(recorder: object) -> dict[str, object]:
+    """The target quantizer and statistics settings of a QuantErrorRecorder, as ``dnq/...`` hyperparameters."""
+    w, a = getattr(recorder, "weight_spec", None), getattr(recorder, "act_spec", None)
+    return {
+        "dnq/preset": describe(getattr(recorder, "name", None)),
+        "dnq/weight_spec": describe(w),
+        "dnq/act_spec": describe(a),
+        "dnq/stats_every": describe(getattr(recorder, "stats_every", None)),
+        "dnq/momentum": describe(getattr(recorder, "momentum", None)),
+        "dnq/keep_first_last_8bit": describe(getattr(recorder, "keep_first_last_8bit", None)),
+        "dnq/include": describe(getattr(recorder, "include", None)) or "",
+        "dnq/exclude": describe(getattr(recorder, "exclude", None)) or "",
+    }
+
+
+def log_settings(trainer: object, settings: dict[str, object]) -> None:
+    """Add ``settings`` to every logger's hyperparameters (each logger writes on rank zero only)."""
+    from ..report import log_hyperparams
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        log_hyperparams(logger, settings)
+
+
+def log_every_n_steps(trainer: object, step: int) -> bool:
+    """Whether ``step`` is one the Trainer writes logs on (Lightning's rule: ``(step + 1) % log_every_n_steps
+    == 0``): per-step values are logged only then, so that logging a Python number costs no host-device copy
+    on the other steps."""
+    n = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+    return (step + 1) % n == 0

@@ -20,7 +20,11 @@ from ..quant.bn import bn_state, load_bn_state
 from ._common import (
     check_int,
     check_scale_value,
+    describe,
     hooks_are_suspended,
+    log_every_n_steps,
+    log_settings,
+    recorder_settings,
     reestimate_bn_on_training_data,
     splitmix64,
 )
@@ -477,8 +481,27 @@ class DifferentialNoiseInjection(Callback):
         return w if delta is None else w - delta
 
     # Lightning hooks ----------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The weight noise's settings as ``dnq/weight_noise/...`` hyperparameters (with the recorder's)."""
+        return {
+            **recorder_settings(self.recorder),
+            "dnq/weight_noise/mode": self.mode,
+            "dnq/weight_noise/noise_scale": describe(self.noise_scale),
+            "dnq/weight_noise/warmup_steps": self.warmup_steps,
+            "dnq/weight_noise/warmup_fraction": self.warmup_fraction,
+            "dnq/weight_noise/seed": self.seed,
+            "dnq/weight_noise/noise_source": self.noise_source,
+        }
+
+    def _log_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if log_every_n_steps(trainer, step):
+            pl_module.log("dnq/kappa", self.kappa(step), on_step=True, on_epoch=False)
+            pl_module.log("dnq/warmup", float(step < self.warmup_steps), on_step=True, on_epoch=False)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        log_settings(trainer, self.settings())  # warmup_steps resolved from warmup_fraction by now
         self._prepare(pl_module)
         self.noisy_bn_state = None
         resume_bn, self._resume_bn = self._resume_bn, None
@@ -511,6 +534,7 @@ class DifferentialNoiseInjection(Callback):
             self._apply_step(trainer, pl_module, trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._log_state(trainer, pl_module)
         if self.mode == "add_remove" and self._applied is None:
             step = trainer.global_step
             rec = self.recorder
@@ -705,8 +729,20 @@ class ActivationNoiseInjection(Callback):
             self._coef.clear()
             self._active = set()
 
+    def settings(self) -> dict[str, Any]:
+        """The activation noise's settings as ``dnq/act_noise/...`` hyperparameters (with the recorder's)."""
+        return {
+            **recorder_settings(self.recorder),
+            "dnq/act_noise/p": self.p,
+            "dnq/act_noise/noise_scale": describe(self.noise_scale),
+            "dnq/act_noise/warmup_steps": self.warmup_steps,
+            "dnq/act_noise/warmup_fraction": self.warmup_fraction,
+            "dnq/act_noise/seed": self.seed,
+        }
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = _resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        log_settings(trainer, self.settings())
         kind = self.noise_source
         if kind == "auto":
             kind = "pool" if pl_module.device.type == "cpu" else "generator"
@@ -718,6 +754,9 @@ class ActivationNoiseInjection(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._kappa = _kappa_value(self.noise_scale, self.warmup_steps, step)
+        if log_every_n_steps(trainer, step):
+            pl_module.log("dnq/act_kappa", self._kappa, on_step=True, on_epoch=False)
+            pl_module.log("dnq/act_warmup", float(step < self.warmup_steps), on_step=True, on_epoch=False)
         self._key = (step, batch_idx)
         if self._kappa == 0.0 or self.p == 0.0:
             self._active = set()

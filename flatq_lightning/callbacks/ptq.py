@@ -17,6 +17,7 @@ from torch import nn
 from ..ptq_runner import DEFAULT_BITS, run_ptq, validate_ptq_args
 from ..quant.spec import OBSERVERS
 from ..report import PTQReport
+from ._common import log_settings
 
 __all__ = ["PostTrainingQuantization", "STAGES"]
 
@@ -110,8 +111,10 @@ class PostTrainingQuantization(Callback):
     itself; it is never mutated (quantization runs on copies, on the trainer's device). Activation ranges come
     from the first ``calib_batches`` batches of the train dataloader; top-1/top-5 of the FP network and of
     every quantized copy are measured on the ``stage`` dataloader (validation or test, from the datamodule, the
-    module, or the loaders given to ``fit``). Writes ``ptq_report.json``, ``ptq_report.md`` and
-    ``ptq_accuracy.png`` to ``save_dir`` (default: ``trainer.log_dir``, else ``default_root_dir``), and with
+    module, or the loaders given to ``fit``). Writes ``ptq_report.{json,md,csv,png}`` (the table, per-layer
+    SQNR, and the accuracy plot; :meth:`PTQReport.write`, atomically) to ``save_dir`` (default: the logger's
+    ``trainer.log_dir``; with ``logger=False`` ``<default_root_dir>/ptq_reports``); an earlier report there is
+    kept and the new one numbered (``ptq_report_2.*``) unless ``overwrite=True``. With
     ``export=True`` ``quantized_<bits>.safetensors`` (see :func:`flatq_lightning.export.save_quantized`); logs
     ``ptq/fp/top1``, ``ptq/<bits>/top1`` and ``ptq/<bits>/top5`` to every logger and prints the table.
     The report is kept in :attr:`report`.
@@ -123,6 +126,7 @@ class PostTrainingQuantization(Callback):
         keep_first_last_8bit: keep the first and the last quantized layer at 8 bits.
         stage: ``"validate"`` or ``"test"``: which dataloader evaluates.
         save_dir: where the report files go.
+        overwrite: replace an earlier ``ptq_report.*`` in ``save_dir`` instead of writing ``ptq_report_<n>.*``.
         include, exclude: shell patterns on layer names selecting what is quantized.
         export: also save each quantized model as safetensors.
         progress: tqdm bars; ``print_report``: print the Markdown table at the end.
@@ -159,6 +163,7 @@ class PostTrainingQuantization(Callback):
         act_observer: str | None = None,
         bn_reestimate: bool = False,
         bn_batches: int = 32,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, observer, include, exclude)
@@ -173,7 +178,8 @@ class PostTrainingQuantization(Callback):
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         for name, flag in (("keep_first_last_8bit", keep_first_last_8bit), ("export", export),
                            ("progress", progress), ("print_report", print_report),
-                           ("attention_points", attention_points), ("bn_reestimate", bn_reestimate)):
+                           ("attention_points", attention_points), ("bn_reestimate", bn_reestimate),
+                           ("overwrite", overwrite)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
@@ -187,6 +193,7 @@ class PostTrainingQuantization(Callback):
         self.progress = progress
         self.print_report = print_report
         self.attention_points = attention_points
+        self.overwrite = overwrite
         self.report: PTQReport | None = None
         self.files: dict[str, Path] = {}
 
@@ -227,11 +234,25 @@ class PostTrainingQuantization(Callback):
             bn_transform=bn_transform,
         )
         self.report = report
-        self.files = report.write(out) if out is not None else {}
+        self.files = report.write(out, overwrite=self.overwrite) if out is not None else {}
         return report
 
     # Lightning hooks ----------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """This callback's settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        return {
+            "ptq/bits": ",".join(self.bits),
+            "ptq/calib_batches": self.calib_batches,
+            "ptq/observer": self.observer,
+            "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
+            "ptq/stage": self.stage,
+            "ptq/include": ",".join(self.include or []),
+            "ptq/exclude": ",".join(self.exclude or []),
+            "ptq/attention_points": self.attention_points,
+        }
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_settings(trainer, self.settings())  # known before the fit: logged with the model's hyperparameters
         # fail before training, not after it, when the evaluation stage has no data
         if (
             _data_source(trainer, self.stage) is not None
@@ -246,8 +267,14 @@ class PostTrainingQuantization(Callback):
         calib_loader = _find_loader(trainer, pl_module, "train")
         if calib_loader is None:
             raise _missing("train", stage_arg=False)
-        # log_dir broadcasts under DDP: every rank asks, rank zero works
-        save_dir = self.save_dir if self.save_dir is not None else (trainer.log_dir or trainer.default_root_dir)
+        # log_dir broadcasts under DDP: every rank asks, rank zero works. Without a logger, not the bare
+        # default_root_dir (the current directory by default): a folder of its own, like Lightning's checkpoints/
+        if self.save_dir is not None:
+            save_dir = self.save_dir
+        elif trainer.loggers:
+            save_dir = trainer.log_dir or trainer.default_root_dir
+        else:
+            save_dir = os.path.join(trainer.default_root_dir, "ptq_reports")
         if not trainer.is_global_zero:
             return
         # the strategy moved the module to the CPU at teardown; the copies run on the training device
@@ -257,9 +284,9 @@ class PostTrainingQuantization(Callback):
             pl_module, calib_loader, eval_loader, device=trainer.strategy.root_device, save_dir=save_dir,
             bn_transform=augment,
         )
-        metrics = report.metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
+        # accuracies, per-layer SQNR, settings and the plot (to the loggers that take images)
+        report.log_to(trainer.loggers, step=trainer.global_step, image_path=self.files.get("png"))
         if self.print_report:
             _print(report.markdown_table())
+            if self.files:
+                _print(f"PTQ report: {', '.join(str(f) for f in self.files.values())}")

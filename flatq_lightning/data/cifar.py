@@ -89,10 +89,12 @@ def _assemble(
         raise ValueError(f"{source}: test classes {extra} do not appear in the training split")
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, np.ndarray] = {"classes": np.array(classes)}
+    from ..progress import progress
+
     for s in _SPLITS:
         items = sorted(by_split[s], key=lambda t: (index[t[0]], t[1]))
         x = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
-        for i, (_, member) in enumerate(items):
+        for i, (_, member) in enumerate(progress(items, f"decoding {s} images", unit="images")):
             try:
                 data = read(member)
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
@@ -282,6 +284,10 @@ def load_cifar_arrays(
         if cache_file.exists():
             with np.load(cache_file, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
+    from ..progress import status
+
+    where = f", cached in {cache_file} for later runs" if cache_file is not None else ""
+    status(f"reading {dataset} from {src} ({kind}){where}")
     arrays = reader()
     n = _NUM_CLASSES[dataset]
     if len(arrays["classes"]) != n:

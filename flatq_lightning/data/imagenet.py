@@ -63,7 +63,10 @@ class ImageNetDataModule(ImageDataModule):
             )
         if not 0.0 < float(crop_pct) <= 1.0:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {crop_pct!r}")
-        self.save_hyperparameters()
+        # num_classes is not a data hyperparameter: the model records the real count, and Lightning refuses
+        # to merge the two when they differ (None here, an int there) as soon as a logger is attached
+        self.save_hyperparameters(ignore=["num_classes"])
+        self.expected_num_classes = num_classes
         self.root = root
         self.image_size = image_size
         self.crop_pct = float(crop_pct)
@@ -119,10 +122,9 @@ class ImageNetDataModule(ImageDataModule):
                 f"{self.root}: the train and val folders have different classes "
                 f"({len(train.classes)} vs {len(val.classes)})"
             )
-        if self.hparams.num_classes is not None and len(train.classes) != self.hparams.num_classes:
-            raise ValueError(
-                f"data.num_classes={self.hparams.num_classes} but {self.root} has {len(train.classes)} classes"
-            )
+        expected = self.expected_num_classes
+        if expected is not None and len(train.classes) != expected:
+            raise ValueError(f"data.num_classes={expected} but {self.root} has {len(train.classes)} classes")
         self.num_classes = len(train.classes)
         self.classes = list(train.classes)
         # un-augmented copy of the training set for calibration

@@ -276,7 +276,7 @@ def test_callback_in_trainer_writes_reports_and_logs(tmp_path, capsys):
     trainer.fit(lit)
     out = Path(trainer.log_dir)
     files = {p.name for p in out.iterdir()}
-    assert {"ptq_report.json", "ptq_report.md", "ptq_accuracy.png"} <= files
+    assert {"ptq_report.json", "ptq_report.md", "ptq_report.csv", "ptq_report.png"} <= files
     assert {f"quantized_{b}.safetensors" for b in bits} <= files
 
     data = json.loads((out / "ptq_report.json").read_text())
@@ -292,7 +292,7 @@ def test_callback_in_trainer_writes_reports_and_logs(tmp_path, capsys):
     assert [line.split("|")[1].strip() for line in table[2:]] == list(bits)
     assert "Folded BatchNorm pairs (3): conv1←bn1, conv2←bn2, conv3←bn3" in md
     assert "first/last layers kept at 8 bit: conv1, fc" in md
-    assert (out / "ptq_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "ptq_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -316,6 +316,38 @@ def test_callback_with_loaders_passed_to_fit(tmp_path):
     trainer.fit(lit, train_dataloaders=_loader(lit.x, lit.y, 32), val_dataloaders=_loader(xv, yv, 32))
     assert cb.report is not None and cb.report.num_eval_samples == 96
     assert (tmp_path / "ptq" / "ptq_report.json").exists()
+
+
+def test_callback_without_logger_reports_into_its_own_folder_and_keeps_earlier_reports(tmp_path, monkeypatch):
+    # logger=False: not the current directory but <default_root_dir>/ptq_reports; a second fit writes
+    # ptq_report_2.*, overwrite=True replaces the first report
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = tmp_path / "root"
+
+    def fit(**kw):
+        cb = PostTrainingQuantization(bits="w8a8", calib_batches=1, progress=False, print_report=False, **kw)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                            default_root_dir=root, limit_train_batches=2)
+        trainer.fit(_LitNetVal())
+        return cb
+
+    first = fit()
+    out = root / "ptq_reports"
+    assert first.files["json"] == out / "ptq_report.json" and not list(cwd.iterdir())
+    first_json = first.files["json"].read_text()
+    second = fit()
+    assert {p.name for p in second.files.values()} == {f"ptq_report_2.{f}" for f in ("json", "md", "csv", "png")}
+    assert first.files["json"].read_text() == first_json
+    third = fit(overwrite=True)
+    assert third.files["json"] == first.files["json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"ptq_report{n}.{f}" for n in ("", "_2") for f in ("json", "md", "csv", "png")
+    )
+    with pytest.raises(ValueError, match="overwrite must be True or False"):
+        PostTrainingQuantization(overwrite=1)
 
 
 class _LitFlatTest(L.LightningModule):

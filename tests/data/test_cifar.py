@@ -169,3 +169,42 @@ def test_real_cifar10_zip_subset():
     assert counts.min() > 900  # a random subset is roughly balanced
     x, _ = next(iter(dm.train_dataloader()))
     assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+
+
+def _flatq_train(args: list[str], cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(repo)}
+    return subprocess.run(
+        [sys.executable, "-m", "flatq_lightning.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["tiny_zip", "real_zip"])
+def test_cifar_experiment_end_to_end_on_a_zip(source, tiny_cifar_zip, tmp_path):
+    # flatq-train as a user runs it (CLI, default CSV logger, checkpoints) on the JPEG zip: a tiny generated
+    # one (decoded into a temporary cache), and the real one when present (a 64-image subset, default cache)
+    if source == "real_zip":
+        if not REAL_ZIP.exists():
+            pytest.skip(f"{REAL_ZIP} is not present")
+        data = [f"data.path={REAL_ZIP}", "data.train_subset=64", "data.test_subset=32"]
+    else:
+        data = [f"data.path={tiny_cifar_zip}", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = tmp_path / "run"
+    r = _flatq_train(
+        ["experiment=cifar10_resnet20_dnq", "trainer=cpu", "trainer.max_epochs=1", *data,
+         "data.batch_size=16", "data.eval_batch_size=16", "data.num_workers=0", "ptq.bits=[w4a4]",
+         "ptq.calib_batches=1", "torch_threads=1", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    main = json.loads((out / "results.json").read_text())["variants"]["main"]
+    assert set(main["ptq"]) == {"w4a4"} and 0.0 <= main["fp_top1"] <= 100.0
+    assert Path(main["checkpoint"]).is_file() and list(out.rglob("metrics.csv"))

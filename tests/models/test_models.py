@@ -91,3 +91,66 @@ def test_bad_arguments():
         create_model("cifar_resnet20", 0)
     with pytest.raises(ValueError, match="bad keyword"):
         create_model("cifar_resnet20", 10, bogus=1)
+
+
+# --- pretrained weights from a local file, and a fast, one-line failure offline -----------------------------
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_pretrained_file_loads_a_local_timm_state_dict(fmt, tmp_path):
+    import timm
+
+    src = timm.create_model("test_resnet")  # 1000 classes, random weights: "ImageNet" weights we saved
+    path = tmp_path / f"weights.{fmt}"
+    if fmt == "pth":
+        torch.save(src.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(src.state_dict(), str(path))
+    same = create_model("test_resnet", num_classes=1000, pretrained_file=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), src.state_dict().values()))
+    # another number of classes: the body is loaded, the classifier re-initialised (timm's rule)
+    three = create_model("test_resnet", num_classes=3, pretrained_file=path)
+    assert torch.equal(three.conv1[0].weight, src.conv1[0].weight) and three.fc.out_features == 3
+    assert torch.equal(three.layer4[0].conv2.weight, src.layer4[0].conv2.weight)
+
+
+def test_pretrained_file_errors_name_the_parameter(tmp_path):
+    from flatq_lightning.models import PretrainedWeightsError
+
+    with pytest.raises(PretrainedWeightsError, match=r"^pretrained_file: no checkpoint file at .*nope\.pth"):
+        create_model("test_resnet", num_classes=3, pretrained_file=tmp_path / "nope.pth")
+    (tmp_path / "w.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="local model 'small_cnn' has no pretrained weights"):
+        create_model("small_cnn", num_classes=3, pretrained_file=tmp_path / "w.pth")
+
+
+def test_pretrained_offline_fails_fast_in_one_line(monkeypatch):
+    import time
+
+    from flatq_lightning import models
+    from flatq_lightning.models import PretrainedWeightsError
+
+    probed = []
+    monkeypatch.setattr(models, "_weights_cached", lambda *a: False)
+    monkeypatch.setattr(models, "_reachable", lambda url, timeout_s=5.0: probed.append(url) or False)
+    t0 = time.perf_counter()
+    with pytest.raises(PretrainedWeightsError) as ei:
+        create_model("test_resnet", num_classes=3, pretrained=True)
+    assert time.perf_counter() - t0 < 5.0 and probed == ["https://huggingface.co"]
+    msg = str(ei.value)
+    assert "\n" not in msg and "'test_resnet'" in msg and "huggingface.co cannot be reached" in msg
+    assert "model.pretrained_file=PATH" in msg and "--pretrained-file PATH" in msg
+    # HF_HUB_OFFLINE=1: no probe at all
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsError, match="HF_HUB_OFFLINE is set"):
+        create_model("test_resnet", num_classes=3, pretrained=True)
+    assert len(probed) == 1
+    # cached weights pass the check (timm then loads them itself)
+    monkeypatch.setattr(models, "_weights_cached", lambda *a: True)
+    models.check_pretrained_available("test_resnet")
+
+
+def test_reachable_is_false_for_an_unresolvable_host():
+    from flatq_lightning.models import _reachable
+
+    assert _reachable("https://nonexistent.invalid", timeout_s=2.0) is False

@@ -191,6 +191,9 @@ class PTQReport:
         return {
             "ptq/bits": ",".join(self.bits),
             "ptq/observer": self.observer,
+            "ptq/act_observer": self.act_observer,
+            "ptq/bn_reestimate": self.bn_reestimate,
+            "ptq/bn_batches": self.bn_batches,
             "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
             "ptq/calib_batches": self.calib_batches,
             "ptq/calib_batches_requested": self.calib_batches_requested,

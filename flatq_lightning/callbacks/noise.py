@@ -491,6 +491,7 @@ class DifferentialNoiseInjection(Callback):
             "dnq/weight_noise/warmup_fraction": self.warmup_fraction,
             "dnq/weight_noise/seed": self.seed,
             "dnq/weight_noise/noise_source": self.noise_source,
+            "dnq/weight_noise/clean_bn_batches": self.clean_bn_batches,
         }
 
     def _log_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

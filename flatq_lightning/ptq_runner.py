@@ -148,8 +148,16 @@ def check_ptq_network(module: nn.Module, net: nn.Module, eval_loader: Iterable[A
     Both run in eval mode on the module's device with the noise/recorder hooks suspended; every submodule's
     train/eval flag is restored afterwards.
     """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
     from .callbacks._common import hooks_suspended
 
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        LightningModule = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(module, LightningModule) and not is_overridden("forward", module, parent=LightningModule):
+        return True  # no forward of its own (Lightning does not require one): the network is all there is
     x = batch_inputs(next(iter(eval_loader)))
     x = x.to(_model_device(module))
     modes = [(m, m.training) for m in module.modules()]

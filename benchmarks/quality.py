@@ -158,7 +158,8 @@ class StopOnDivergence(pl.Callback):
             )
 
 
-def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
+def fit_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]):
+    """Seed, build and fit one variant: ``(module, trainer, timer, datamodule, callbacks)``."""
     pl.seed_everything(seed, workers=True)
     dm = make_datamodule(args.data, size)
     steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
@@ -172,11 +173,16 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
     trainer = pl.Trainer(
         accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],
         logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer],
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer, StopOnDivergence(f"{name} seed {seed}")],
     )
     if size["accelerator"] == "gpu":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=dm)
+    return module, trainer, timer, dm, cbs
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
+    module, trainer, timer, dm, _ = fit_variant(name, seed, args, size)
     peak = torch.cuda.max_memory_allocated() / 2**20 if size["accelerator"] == "gpu" else None
     net = module.model.eval()
     report = run_ptq(
@@ -213,25 +219,16 @@ def run_dir(out: Path, name: str) -> Path:
 def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> Path:
     """Train one variant on one seed and save its weights and training record; no PTQ (see ``--evaluate``).
 
-    Writes ``<out>/<variant>/seed<k>.pt`` (the state dict as fit left it: for DNQ, BatchNorm statistics
-    gathered under noise) and ``seed<k>.json`` with the training time and settings.
+    Writes ``<out>/<variant>/seed<k>.pt`` (the state dict with the BatchNorm statistics training left: for DNQ
+    those gathered under noise, put back from ``noisy_bn_state``; ``--evaluate`` re-estimates the clean ones as
+    the end of fit does) and ``seed<k>.train.json`` with the training time and settings.
     """
-    pl.seed_everything(seed, workers=True)
-    dm = make_datamodule(args.data, size)
-    steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
-    cbs, extra, use_sam = variant_setup(name, steps, seed, args.mse_weight)
-    kwargs = dict(
-        model=args.model, num_classes=10, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, scheduler="onecycle", warmup_fraction=0.15, **extra,
-    )
-    module = ImageClassifier(sam_rho=args.rho if use_sam else 0.0, **kwargs)
-    timer = _Timer()
-    trainer = pl.Trainer(
-        accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],
-        logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer, StopOnDivergence(f"{name} seed {seed}")],
-    )
-    trainer.fit(module, datamodule=dm)
+    from flatq_lightning.quant import load_bn_state
+
+    module, trainer, timer, _, cbs = fit_variant(name, seed, args, size)
+    for cb in cbs:
+        if getattr(cb, "noisy_bn_state", None):
+            load_bn_state(module, cb.noisy_bn_state)
     d = run_dir(args.out, name)
     d.mkdir(parents=True, exist_ok=True)
     net = module.model.eval()

@@ -140,19 +140,12 @@ def test_overhead_runs_and_reports_paired_ratios(tmp_path):
 def test_saved_models_remeasure_and_calibration_spread(tmp_path):
     """quality.py --remeasure-flatness and calib_spread.py both read the models quality.py saves."""
     import json
-    import zipfile
 
     import torch
 
     from flatq_lightning.models import create_model
-    from tests.data.conftest import CLASSES, N_TEST, N_TRAIN, _image, _jpeg
 
-    data = tmp_path / "cifar10-jpeg.zip"
-    with zipfile.ZipFile(data, "w") as zf:
-        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-            for c, name in enumerate(CLASSES):
-                for i in range(n):
-                    zf.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", _jpeg(_image(c, i)))
+    data = _tiny_cifar_zip(tmp_path)
     out = tmp_path / "run"
     (out / "models").mkdir(parents=True)
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ so the accuracy of one model can depend on which images were drawn. This script 
 bit-widths with ``--draws`` calibration sets (seeded shuffles of the training subset), evaluates each on the full
 test set and prints mean ± std and min–max per model and bit-width; a JSON file is written beside the models.
 
-    python benchmarks/calib_spread.py --dir benchmarks/results/quality_cpu_p7 --bits w4a4,w3a3 --draws 3
+    python benchmarks/calib_spread.py --dir benchmarks/results/quality/cpu_2026-11/plain+dnq_wa+sam_seed1 --bits w4a4,w3a3 --draws 3
 """
 
 from __future__ import annotations

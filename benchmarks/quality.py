@@ -570,7 +570,7 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--mse-weight", type=float, default=MSE_WEIGHT, help="λ of the dnq_wa_mse variant")
     ap.add_argument("--bits", default=",".join(BITS))
-    ap.add_argument("--out", default="benchmarks/results/quality_cpu")
+    ap.add_argument("--out", default="benchmarks/results/quality/cpu")
     ap.add_argument("--flat-batches", type=int, default=1, help="training batches for the Hessian measures")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--fresh", action="store_true")

@@ -104,7 +104,7 @@ def _load_raw(path: Path) -> dict[str, Any]:
             raise _CliError(
                 f"checkpoint {path}: refusing to load it, it holds Python objects that torch.load(weights_only=True) "
                 f"does not admit ({why}); flatq-ptq never executes code from a checkpoint. If you trust the file, "
-                "load it in Python with torch.load(weights_only=False) and call run_ptq"
+                "rebuild the module in your own code from a source you trust and call run_ptq on it"
             ) from None
         detail = next((ln for ln in lines if "WeightsUnpickler error" not in ln and not ln.startswith(("Weights only", "Please file", "Check the"))), type(err).__name__)
         raise _CliError(f"checkpoint {path}: not a readable PyTorch checkpoint (corrupt or truncated? {detail})") from None

@@ -51,7 +51,7 @@ def test_clean_bn_off_keeps_the_noisy_statistics():
 def test_checkpoint_holds_clean_statistics_and_the_noisy_set(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     module, noise, t, _ = _fit(clean_bn_batches=4, tmp_path=tmp_path, extra=[ckpt], enable_checkpointing=True)
-    raw = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     sd = raw["state_dict"]
     # the last checkpoint was written after the last step, with the same seeded re-estimation as the end of fit
     # (on weights that differ from the end of fit's by the float rounding of removing the noise)

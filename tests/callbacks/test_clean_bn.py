@@ -117,3 +117,30 @@ def test_ptq_callback_fp_row_sees_the_clean_statistics(tmp_path):
         load_bn_state(module, noise.noisy_bn_state)
         noisy_logits = module.model.eval()(x)
     assert not torch.allclose(clean_logits, noisy_logits, atol=1e-3)  # the two sets really differ
+
+
+def test_resume_trains_on_with_the_noisy_statistics(tmp_path):
+    """The checkpoint's state_dict holds clean statistics; a resume puts the noisy set back before training."""
+    import lightning.pytorch as pl
+
+    x, y = blob_data(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    cbs = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False, clean_bn_batches=4)
+    trainer(tmp_path, max_epochs=1, callbacks=[*cbs, ckpt], enable_checkpointing=True).fit(TinyLM(lr=0.01), loader)
+    raw = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    noisy = raw[NOISY_BN_KEY]
+    assert not torch.equal(raw["state_dict"]["model.bn2.running_var"], noisy["model.bn2"]["running_var"])
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(bn_state(pl_module))
+
+    cbs2 = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False, clean_bn_batches=4)
+    trainer(tmp_path, max_epochs=2, callbacks=[*cbs2, Probe()]).fit(
+        TinyLM(lr=0.01), loader, ckpt_path=str(tmp_path / "last.ckpt"))
+    for name, buffers in noisy.items():
+        assert torch.equal(seen[name]["running_var"], buffers["running_var"]), name
+        assert torch.equal(seen[name]["running_mean"], buffers["running_mean"]), name

@@ -131,3 +131,56 @@ def test_hydra_ptq_group_and_flatq_ptq_take_the_recipe(tmp_path, capsys):
     rc = ptq_cli.main([main["checkpoint"], "--bits", "w4a4", "--calib-batches", "1", "--no-progress", "--device", "cpu",
                        "--save-dir", str(tmp_path / "cli2"), "--bn-stats", "noisy"])
     assert rc == 2 and "flatq_noisy_bn" in capsys.readouterr().err
+
+
+def test_flatq_ptq_starts_from_the_noisy_statistics_of_a_dnq_checkpoint(tmp_path):
+    import torch
+
+    from flatq_lightning import ptq_cli
+    from flatq_lightning.train import run
+    from tests.test_train import TINY, _compose
+
+    cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]", "ptq.bits=[w8a8]", "quant=w2a4",
+                    "callbacks.dnq.stats_every=1", "callbacks.dnq.clean_bn_batches=2"])
+    ckpt = run(cfg, tmp_path)["variants"]["main"]["checkpoint"]
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["flatq_noisy_bn"]  # the DNQ checkpoint carries the second set
+    outs = {}
+    for which in ("clean", "noisy"):
+        out = tmp_path / which
+        rc = ptq_cli.main([ckpt, "--bits", "w8a8", "--calib-batches", "1", "--no-progress", "--device", "cpu",
+                           "--save-dir", str(out), "--bn-stats", which])
+        assert rc == 0
+        outs[which] = json.loads((out / "ptq_report.json").read_text())
+    assert outs["noisy"]["num_eval_samples"] == outs["clean"]["num_eval_samples"] == 32
+
+
+def test_flatq_ptq_bn_stats_picks_the_set_it_quantizes(tmp_path, monkeypatch):
+    """What --bn-stats selects is what run_ptq receives: the state_dict's clean set or the checkpoint's noisy one."""
+    import torch
+
+    import flatq_lightning
+    from flatq_lightning import ptq_cli
+    from flatq_lightning.quant import bn_state
+    from flatq_lightning.train import run
+    from tests.test_train import TINY, _compose
+
+    cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]", "ptq.bits=[w8a8]", "quant=w2a4",
+                    "callbacks.dnq.stats_every=1", "callbacks.dnq.clean_bn_batches=2"])
+    ckpt = run(cfg, tmp_path)["variants"]["main"]["checkpoint"]
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    got = {}
+
+    def capture(module, *a, **k):
+        got.update({n: b["running_var"] for n, b in bn_state(module).items()})
+        raise ValueError("captured")
+
+    monkeypatch.setattr(flatq_lightning, "run_ptq", capture)
+    for which in ("clean", "noisy"):
+        got.clear()
+        assert ptq_cli.main([ckpt, "--bits", "w8a8", "--no-progress", "--device", "cpu", "--save-dir",
+                             str(tmp_path / which), "--bn-stats", which]) == 2
+        name = next(iter(got))
+        want = raw["flatq_noisy_bn"][name]["running_var"] if which == "noisy" else raw["state_dict"][f"{name}.running_var"]
+        assert torch.equal(got[name], want), which
+    assert not torch.equal(raw["flatq_noisy_bn"][name]["running_var"], raw["state_dict"][f"{name}.running_var"])

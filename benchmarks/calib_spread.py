@@ -26,7 +26,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from quality import SIZES, calib_batches, load_saved, make_datamodule, saved_models  # noqa: E402
 
-from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
+from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from flatq_lightning import dnq_callbacks  # noqa: E402
-from flatq_lightning.models import create_model  # noqa: E402
-from flatq_lightning.sam import SAM  # noqa: E402
+from flatq_lightning.app.models import create_model  # noqa: E402
+from flatq_lightning.callbacks.sam import SAM  # noqa: E402
 
 
 class StepTimer(Callback):

@@ -21,7 +21,7 @@ from flatq_lightning import run_ptq
 
 def _resnet20(num_classes: int = 10) -> nn.Module:
     try:
-        from flatq_lightning.models import cifar_resnet20
+        from flatq_lightning.app.models import cifar_resnet20
 
         return cifar_resnet20(num_classes=num_classes)
     except ImportError:  # a self-contained ResNet-20 (He et al. 2016, option-B shortcuts)

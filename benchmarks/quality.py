@@ -48,19 +48,19 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from flatq_lightning import dnq_callbacks  # noqa: E402
-from flatq_lightning.data import CIFAR10DataModule  # noqa: E402
-from flatq_lightning.flatness import (  # noqa: E402
+from flatq_lightning.app.data import CIFAR10DataModule  # noqa: E402
+from flatq_lightning.callbacks.flatness.measures import (  # noqa: E402
     classification_loss,
     hessian_trace,
     loss_landscape_1d,
     plot_landscape_1d,
     top_eigenvalue,
 )
-from flatq_lightning.models import create_model  # noqa: E402
-from flatq_lightning.module import ImageClassifier  # noqa: E402
-from flatq_lightning.ptq_runner import run_ptq  # noqa: E402
+from flatq_lightning.app.models import create_model  # noqa: E402
+from flatq_lightning.app.module import ImageClassifier  # noqa: E402
+from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
 from flatq_lightning.quant import QuantSpec  # noqa: E402
-from flatq_lightning.schedules import trapezoid  # noqa: E402
+from flatq_lightning.callbacks.schedules import trapezoid  # noqa: E402
 
 BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 #: λ of the MSE variant (λ = 1 destabilised DNQ training on the digits quickstart; --mse-weight sets it)
@@ -276,7 +276,7 @@ def _augmented(dm: CIFAR10DataModule, seed: int):
 def evaluate_saved(path: Path, args: argparse.Namespace, size: dict[str, Any], dm: CIFAR10DataModule,
                    recipes: list[str], bits: tuple[str, ...]) -> dict[str, Any]:
     """FP (as trained, clean BN) and every PTQ recipe on one saved model; training is not repeated."""
-    from flatq_lightning.ptq_runner import evaluate_topk
+    from flatq_lightning.ptq.runner import evaluate_topk
     from flatq_lightning.quant import reestimate_bn
 
     trained = load_saved(path, args.model)

@@ -38,10 +38,10 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from flatq_lightning import dnq_callbacks  # noqa: E402
-from flatq_lightning.data import CIFAR10DataModule  # noqa: E402
-from flatq_lightning.models.vit import vit_cifar  # noqa: E402
-from flatq_lightning.module import ImageClassifier  # noqa: E402
-from flatq_lightning.ptq_runner import evaluate_topk, specs_for  # noqa: E402
+from flatq_lightning.app.data import CIFAR10DataModule  # noqa: E402
+from flatq_lightning.app.models.vit import vit_cifar  # noqa: E402
+from flatq_lightning.app.module import ImageClassifier  # noqa: E402
+from flatq_lightning.ptq.runner import evaluate_topk, specs_for  # noqa: E402
 from flatq_lightning.quant import QuantPoint, batch_inputs, quantize_model  # noqa: E402
 
 BITS = ("w8a8", "w6a6", "w4a4")

@@ -27,9 +27,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from flatq_lightning import PostTrainingQuantization, dnq_callbacks
-from flatq_lightning.data import ImageNetDataModule, SyntheticDataModule
-from flatq_lightning.models import PretrainedWeightsError
-from flatq_lightning.module import ImageClassifier
+from flatq_lightning.app.data import ImageNetDataModule, SyntheticDataModule
+from flatq_lightning.app.models import PretrainedWeightsError
+from flatq_lightning.app.module import ImageClassifier
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):

@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from flatq_lightning import PostTrainingQuantization, dnq_callbacks
-from flatq_lightning.data import ImageNetDataModule, SyntheticDataModule
-from flatq_lightning.models import PretrainedWeightsError
-from flatq_lightning.module import ImageClassifier
+from flatq_lightning.app.data import ImageNetDataModule, SyntheticDataModule
+from flatq_lightning.app.models import PretrainedWeightsError
+from flatq_lightning.app.module import ImageClassifier
 
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
 

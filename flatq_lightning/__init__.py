@@ -4,6 +4,7 @@ Lightning callbacks record the target quantizer's weight and activation errors, 
 statistics while the network trains, and quantize the result with plain PTQ after fit.
 """
 
+from . import _aliases
 from .callbacks import (
     ActivationNoiseInjection,
     DifferentialNoiseInjection,
@@ -12,11 +13,11 @@ from .callbacks import (
     dnq_callbacks,
 )
 from .callbacks.flatness import SharpnessMonitor
-from .callbacks.ptq import PostTrainingQuantization
-from .export import load_quantized, save_quantized
-from .flatness import hessian_trace, top_eigenvalue
-from .mse import QuantMSEMixin
-from .ptq_runner import run_ptq
+from .ptq.callback import PostTrainingQuantization
+from .ptq.export import load_quantized, save_quantized
+from .callbacks.flatness import hessian_trace, top_eigenvalue
+from .callbacks.mse import QuantMSEMixin
+from .ptq.runner import run_ptq
 from .quant import (
     QuantSpec,
     compute_qparams,
@@ -29,8 +30,10 @@ from .quant import (
     select_modules,
     sqnr_db,
 )
-from .report import PTQReport
-from .sam import SAM
+from .ptq.report import PTQReport
+from .callbacks.sam import SAM
+
+_aliases.install()
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ Example:
     >>> out = io.StringIO()
     >>> sum(progress(range(3), "counting", stream=out))
     3
-    >>> out.getvalue().startswith("counting: done, 3 in ")
+    >>> out.getvalue().startswith("counting: done, 3 it in ")
     True
 """
 

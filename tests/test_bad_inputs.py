@@ -24,7 +24,7 @@ from flatq_lightning import (
     quantize_model,
     run_ptq,
 )
-from flatq_lightning.data.cifar import load_cifar_arrays
+from flatq_lightning.app.data.cifar import load_cifar_arrays
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 
 # -- the quantization core (item 8) -----------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_cifar_batch_reader_refuses_object_arrays(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real flatq-train checkpoint (tiny synthetic job, DNQ + checkpoint callbacks)."""
-    from flatq_lightning.train import run
+    from flatq_lightning.app.train import run
     from tests.test_train import TINY, _compose
 
     out = tmp_path_factory.mktemp("ckpt")
@@ -183,7 +183,7 @@ def test_flatq_ptq_random_bytes_and_truncated_checkpoints(tiny_checkpoint, tmp_p
 
 
 def test_flatq_ptq_save_dir_that_is_a_file_fails_before_the_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import flatq_lightning.ptq_cli as cli
+    import flatq_lightning.ptq.cli as cli
 
     f = tmp_path / "a_file"
     f.write_text("x")
@@ -291,7 +291,7 @@ def test_run_ptq_keep_first_last_8bit_must_be_a_bool():
      ("+trainer.limit_train_batches=lots", "trainer.limit_train_batches must be a number (or null), got 'lots'")],
 )
 def test_flatq_train_trainer_numbers_fail_before_fit(override, msg):
-    from flatq_lightning.train import ConfigError, validate_config
+    from flatq_lightning.app.train import ConfigError, validate_config
     from tests.test_train import _compose
 
     with pytest.raises(ConfigError) as ei:
@@ -310,14 +310,14 @@ def test_flatq_train_trainer_numbers_fail_before_fit(override, msg):
     ],
 )
 def test_image_classifier_names_the_bad_argument(kwargs, exc, msg):
-    from flatq_lightning.module import ImageClassifier
+    from flatq_lightning.app.module import ImageClassifier
 
     with pytest.raises(exc, match=msg):
         ImageClassifier("small_cnn", num_classes=3, **kwargs)
 
 
 def test_flatq_train_seed_must_be_an_integer():
-    from flatq_lightning.train import ConfigError, validate_config
+    from flatq_lightning.app.train import ConfigError, validate_config
     from tests.test_train import _compose
 
     with pytest.raises(ConfigError, match=r"^seed must be an integer, got 'abc'$"):
@@ -326,7 +326,7 @@ def test_flatq_train_seed_must_be_an_integer():
 
 def test_schedules_refuse_non_finite_values():
     from flatq_lightning import Ramp
-    from flatq_lightning.schedules import PiecewiseLinear
+    from flatq_lightning.callbacks.schedules import PiecewiseLinear
 
     with pytest.raises(ValueError, match=r"Ramp end must be a finite float >= 0 \(a noise scale\), got nan"):
         Ramp(end=float("nan"))

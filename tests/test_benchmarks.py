@@ -143,7 +143,7 @@ def test_saved_models_remeasure_and_calibration_spread(tmp_path):
 
     import torch
 
-    from flatq_lightning.models import create_model
+    from flatq_lightning.app.models import create_model
 
     data = _tiny_cifar_zip(tmp_path)
     out = tmp_path / "run"

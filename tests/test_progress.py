@@ -53,7 +53,7 @@ def test_run_ptq_progress_in_a_log_has_no_escape_codes(capsys):
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_cifar_decoding_says_what_it_does(tiny_zip, tmp_path, capsys, cached):
-    from flatq_lightning.data import load_cifar_arrays
+    from flatq_lightning.app.data import load_cifar_arrays
 
     cache = tmp_path / "cache"
     if cached:

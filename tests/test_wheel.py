@@ -50,12 +50,12 @@ def test_wheel_ships_the_configs_and_flatq_train_finds_them(tmp_path):
     elsewhere.mkdir()
     env["PYTHONPATH"] = str(site)
     script = site / "bin" / "flatq-train"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "flatq_lightning.train"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "flatq_lightning.app.train"]
     r = subprocess.run([*cmd, "--cfg", "job", "experiment=imagenet_resnet50_dnq"], cwd=elsewhere, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "experiment_name: imagenet_resnet50_dnq" in r.stdout and "_target_: flatq_lightning.data" in r.stdout
-    r = subprocess.run([sys.executable, "-c", "import flatq_lightning.train as t; print(t.CONF_DIR)"],
+    assert "experiment_name: imagenet_resnet50_dnq" in r.stdout and "_target_: flatq_lightning.app.data" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import flatq_lightning.app.train as t; print(t.CONF_DIR)"],
                        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert Path(r.stdout.strip()) == site / "flatq_lightning" / "conf", r.stderr[-2000:]
     assert not list(elsewhere.iterdir())  # --cfg job writes nothing

@@ -1,17 +1,16 @@
-"""Helpers shared by the callbacks: hook suspension, seeding, finding the network and sibling callbacks."""
+"""Helpers shared by the callbacks: seeding, argument checks, settings logging, BN re-estimation on training data."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from ..quant.hooks import hooks_suspended
+
 _MASK64 = (1 << 64) - 1
-_state = threading.local()
 
 
 def splitmix64(*keys: int) -> int:
@@ -23,21 +22,6 @@ def splitmix64(*keys: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z = z ^ (z >> 31)
     return z & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def hooks_suspended() -> Iterator[None]:
-    """Inside this block the recorder and noise hooks do nothing (used for the quantized MSE forward)."""
-    depth = getattr(_state, "suspended", 0)
-    _state.suspended = depth + 1
-    try:
-        yield
-    finally:
-        _state.suspended = depth
-
-
-def hooks_are_suspended() -> bool:
-    return getattr(_state, "suspended", 0) > 0
 
 
 def _train_loader(trainer: Any) -> Any:
@@ -62,7 +46,7 @@ def reestimate_bn_on_training_data(trainer: Any, pl_module: Any, num_batches: in
     from torch.utils.data import DataLoader, IterableDataset
 
     from ..quant.bn import reestimate_bn
-    from ..quant.ptq import batch_inputs
+    from ..quant.quantize import batch_inputs
 
     loader = _train_loader(trainer)
     if loader is None:
@@ -152,7 +136,7 @@ def recorder_settings(recorder: object) -> dict[str, object]:
 
 def log_settings(trainer: object, settings: dict[str, object]) -> None:
     """Add ``settings`` to every logger's hyperparameters (each logger writes on rank zero only)."""
-    from ..report import log_hyperparams
+    from ..ptq.report import log_hyperparams
 
     for logger in getattr(trainer, "loggers", None) or []:
         log_hyperparams(logger, settings)

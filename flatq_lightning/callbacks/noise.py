@@ -17,11 +17,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..quant.bn import bn_state, load_bn_state
+from ..quant.hooks import hooks_are_suspended
 from ._common import (
     check_int,
     check_scale_value,
     describe,
-    hooks_are_suspended,
     log_every_n_steps,
     log_settings,
     recorder_settings,

@@ -23,7 +23,8 @@ from ..quant.ops import (
 )
 from ..quant.spec import QuantSpec, preset_name
 from ..quant.targets import has_weight, layer_specs, select_modules
-from ._common import check_bool, hooks_are_suspended
+from ..quant.hooks import hooks_are_suspended
+from ._common import check_bool
 
 __all__ = ["QuantErrorRecorder", "resolve_specs"]
 

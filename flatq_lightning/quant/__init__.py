@@ -25,7 +25,7 @@ from .ops import (
     sqnr_db,
     sqnr_db_from_error_stats,
 )
-from .ptq import (
+from .quantize import (
     QuantizedLayer,
     batch_inputs,
     calibrate,

@@ -72,7 +72,7 @@ def reestimate_bn(
         >>> bool(net[1].running_mean.abs().sum() > 0)
         True
     """
-    from .ptq import batch_inputs  # late: ptq imports this module
+    from .quantize import batch_inputs  # late: ptq imports this module
 
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")

@@ -98,7 +98,7 @@ def test_dnq_callbacks_and_hydra_config_pass_clean_bn_batches():
 def test_ptq_callback_fp_row_sees_the_clean_statistics(tmp_path):
     """The PTQ callback runs after the end-of-fit re-estimation: its FP row is the clean-BN network's."""
     from flatq_lightning import PostTrainingQuantization
-    from flatq_lightning.ptq_runner import evaluate_topk
+    from flatq_lightning.ptq.runner import evaluate_topk
     from flatq_lightning.quant import load_bn_state
 
     x, y = blob_data(64)

@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from flatq_lightning import PostTrainingQuantization, PTQReport, dnq_callbacks
-from flatq_lightning.report import LayerSQNR, PTQRow
+from flatq_lightning.ptq.report import LayerSQNR, PTQRow
 from tests.callbacks.lm import TinyLM, loaders, trainer
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

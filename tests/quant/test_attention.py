@@ -11,7 +11,7 @@ from timm.layers import Attention
 from torch import nn
 
 from flatq_lightning import QuantSpec, quantize_model, select_modules
-from flatq_lightning.export import load_quantized, save_quantized
+from flatq_lightning.ptq.export import load_quantized, save_quantized
 from flatq_lightning.quant import (
     QuantizedAttention,
     QuantizedLayer,

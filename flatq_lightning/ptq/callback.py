@@ -1,0 +1,292 @@
+"""``PostTrainingQuantization``: after fit, quantize the network at several bit-widths and report what survives."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from .runner import DEFAULT_BITS, run_ptq, validate_ptq_args
+from ..quant.spec import OBSERVERS
+from .report import PTQReport
+from ..callbacks._common import log_settings
+
+__all__ = ["PostTrainingQuantization", "STAGES"]
+
+#: which dataloader the quantized copies are evaluated on
+STAGES = ("validate", "test")
+_HOOKS = {"train": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader"}
+_WORDS = {"train": "training", "validate": "validation", "test": "test"}
+
+
+def _data_source(trainer: pl.Trainer, which: str) -> Any:
+    """The loop's dataloader source (loaders passed to ``trainer.fit``); ``None`` if Lightning changed."""
+    try:
+        loop = {
+            "train": lambda: trainer.fit_loop,
+            "validate": lambda: trainer.fit_loop.epoch_loop.val_loop,
+            "test": lambda: trainer.test_loop,
+        }[which]()
+        return loop._data_source
+    except AttributeError:
+        return None
+
+
+def _first(loaders: Any, what: str) -> Any:
+    """One loader out of a list/tuple/dict of loaders (the first, with a warning if there are several)."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    if isinstance(loaders, CombinedLoader):
+        loaders = loaders.iterables
+    items: list[Any] | None = None
+    if isinstance(loaders, dict):
+        items = list(loaders.values())
+    elif isinstance(loaders, (list, tuple)):
+        items = list(loaders)
+    if items is None:
+        return loaders
+    if not items:
+        return None
+    if len(items) > 1:
+        rank_zero_warn(f"PostTrainingQuantization: {len(items)} {what} dataloaders; using the first one")
+    return items[0]
+
+
+def _find_loader(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str, instantiate: bool = True) -> Any:
+    """The ``which`` dataloader by Lightning's precedence: passed to fit, datamodule hook, module hook.
+
+    Fresh loaders from the hooks are preferred to the trainer's (possibly distributed-sampled) copies, so
+    rank zero sees the whole evaluation set. With ``instantiate=False`` returns ``True`` instead of calling
+    a hook (a cheap "is there one?" check).
+    """
+    hook = _HOOKS[which]
+    src = _data_source(trainer, which)
+    inst = getattr(src, "instance", None)
+    if inst is not None and not isinstance(inst, (pl.LightningModule, pl.LightningDataModule)):
+        return _first(inst, _WORDS[which])
+    dm = trainer.datamodule
+    for owner in (dm, pl_module):
+        if owner is not None and is_overridden(hook, owner):
+            return _first(getattr(owner, hook)(), _WORDS[which]) if instantiate else True
+    attached = {
+        "train": lambda: trainer.train_dataloader,
+        "validate": lambda: trainer.val_dataloaders,
+        "test": lambda: trainer.test_dataloaders,
+    }[which]()
+    return _first(attached, _WORDS[which]) if attached is not None else None
+
+
+def _missing(which: str, stage_arg: bool) -> ValueError:
+    hook = _HOOKS[which]
+    alt = ""
+    if stage_arg:
+        other = "test" if which == "validate" else "validate"
+        alt = f", or use stage={other!r} (allowed stages: {STAGES})"
+    passed = {"train": "train_dataloaders", "validate": "val_dataloaders", "test": None}[which]
+    via_fit = f", pass {passed}= to trainer.fit()" if passed else ""
+    return ValueError(
+        "PostTrainingQuantization" + (f"(stage={which!r})" if stage_arg else "")
+        + f" needs a {_WORDS[which]} dataloader at the end of fit and found none: define {hook}() on the "
+        f"LightningModule or its LightningDataModule{via_fit}{alt}"
+    )
+
+
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+class PostTrainingQuantization(Callback):
+    """After ``trainer.fit``: fold BN, calibrate, quantize at each bit-width, evaluate, report (rank zero).
+
+    The network is the LightningModule's ``model`` attribute when that is an ``nn.Module``, else the module
+    itself; it is never mutated (quantization runs on copies, on the trainer's device). Activation ranges come
+    from the first ``calib_batches`` batches of the train dataloader; top-1/top-5 of the FP network and of
+    every quantized copy are measured on the ``stage`` dataloader (validation or test, from the datamodule, the
+    module, or the loaders given to ``fit``). Writes ``ptq_report.{json,md,csv,png}`` (the table, per-layer
+    SQNR, and the accuracy plot; :meth:`PTQReport.write`, atomically) to ``save_dir`` (default: the logger's
+    ``trainer.log_dir``; with ``logger=False`` ``<default_root_dir>/ptq_reports``); an earlier report there is
+    kept and the new one numbered (``ptq_report_2.*``) unless ``overwrite=True``. With
+    ``export=True`` ``quantized_<bits>.safetensors`` (see :func:`flatq_lightning.ptq.export.save_quantized`); logs
+    ``ptq/fp/top1``, ``ptq/<bits>/top1`` and ``ptq/<bits>/top5`` to every logger and prints the table.
+    The report is kept in :attr:`report`.
+
+    Args:
+        bits: presets ``"w<b>a<b>"`` (2-16 bits; a side at 16 stays float, ``"w4a16"`` is weight-only).
+        calib_batches: number of calibration batches (a shorter loader is used whole, with one warning).
+        observer: ``"minmax"``, ``"percentile"`` or ``"mse"`` (weights and activations).
+        keep_first_last_8bit: keep the first and the last quantized layer at 8 bits.
+        stage: ``"validate"`` or ``"test"``: which dataloader evaluates.
+        save_dir: where the report files go.
+        overwrite: replace an earlier ``ptq_report.*`` in ``save_dir`` instead of writing ``ptq_report_<n>.*``.
+        include, exclude: shell patterns on layer names selecting what is quantized.
+        export: also save each quantized model as safetensors.
+        progress: tqdm bars; ``print_report``: print the Markdown table at the end.
+        attention_points: on timm ViTs also quantize Q, K, V and the softmax output (``False``: Linear inputs only).
+        act_observer: the activation observer (default: ``observer``, which then sets the weights' only).
+            The practitioner's PTQ is ``observer="mse"`` (MSE-optimal per-channel weight clipping),
+            ``act_observer="percentile"`` and ``bn_reestimate=True``.
+        bn_reestimate: re-estimate the BatchNorm statistics per bit-width on the quantized network before
+            folding (AIMET's BN re-estimation), on ``bn_batches`` training batches passed through the
+            datamodule's training augmentation (``augment_batch``) when it has one.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> ptq = PostTrainingQuantization(bits=("w8a8", "w4a4"), calib_batches=16)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[ptq])
+        >>> # trainer.fit(lit_module); ptq.report.row("w4a4").top1
+        >>> # or without a trainer: report = ptq.run(net, train_loader, val_loader)
+    """
+
+    def __init__(
+        self,
+        bits: str | Sequence[str] = DEFAULT_BITS,
+        calib_batches: int = 32,
+        observer: str = "minmax",
+        keep_first_last_8bit: bool = True,
+        stage: str = "validate",
+        save_dir: str | os.PathLike | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        export: bool = False,
+        progress: bool = True,
+        print_report: bool = True,
+        attention_points: bool = True,
+        act_observer: str | None = None,
+        bn_reestimate: bool = False,
+        bn_batches: int = 32,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+        if act_observer is not None and act_observer not in OBSERVERS:
+            raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
+            raise ValueError(f"bn_batches must be a positive int, got {bn_batches!r}")
+        self.act_observer = act_observer
+        self.bn_reestimate = bn_reestimate
+        self.bn_batches = bn_batches
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        for name, flag in (("keep_first_last_8bit", keep_first_last_8bit), ("export", export),
+                           ("progress", progress), ("print_report", print_report),
+                           ("attention_points", attention_points), ("bn_reestimate", bn_reestimate),
+                           ("overwrite", overwrite)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
+            raise ValueError(f"save_dir must be None or a path, got {save_dir!r}")
+        self.calib_batches = calib_batches
+        self.observer = observer
+        self.keep_first_last_8bit = keep_first_last_8bit
+        self.stage = stage
+        self.save_dir = save_dir
+        self.export = export
+        self.progress = progress
+        self.print_report = print_report
+        self.attention_points = attention_points
+        self.overwrite = overwrite
+        self.report: PTQReport | None = None
+        self.files: dict[str, Path] = {}
+
+    # direct use ---------------------------------------------------------------------------------------------
+    def run(
+        self,
+        module: nn.Module,
+        calib_loader: Iterable[Any],
+        eval_loader: Iterable[Any],
+        device: str | torch.device | None = None,
+        save_dir: str | os.PathLike | None = None,
+        bn_transform: Any = None,
+    ) -> PTQReport:
+        """PTQ with this callback's settings on ``module`` (a LightningModule or a plain ``nn.Module``).
+
+        Writes the report files (and exports) to ``save_dir`` or the callback's ``save_dir`` when one is set.
+        """
+        out = save_dir if save_dir is not None else self.save_dir
+        if self.export and out is None:
+            rank_zero_warn("PostTrainingQuantization(export=True) has no save_dir: nothing is exported")
+        report = run_ptq(
+            module,
+            calib_loader,
+            eval_loader,
+            bits=self.bits,
+            calib_batches=self.calib_batches,
+            observer=self.observer,
+            keep_first_last_8bit=self.keep_first_last_8bit,
+            include=self.include,
+            exclude=self.exclude,
+            device=device,
+            progress=self.progress,
+            export_dir=out if self.export else None,
+            attention_points=self.attention_points,
+            act_observer=self.act_observer,
+            bn_reestimate=self.bn_reestimate,
+            bn_batches=self.bn_batches,
+            bn_transform=bn_transform,
+        )
+        self.report = report
+        self.files = report.write(out, overwrite=self.overwrite) if out is not None else {}
+        return report
+
+    # Lightning hooks ----------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """This callback's settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        return {
+            "ptq/bits": ",".join(self.bits),
+            "ptq/calib_batches": self.calib_batches,
+            "ptq/observer": self.observer,
+            "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
+            "ptq/stage": self.stage,
+            "ptq/include": ",".join(self.include or []),
+            "ptq/exclude": ",".join(self.exclude or []),
+            "ptq/attention_points": self.attention_points,
+        }
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_settings(trainer, self.settings())  # known before the fit: logged with the model's hyperparameters
+        # fail before training, not after it, when the evaluation stage has no data
+        if (
+            _data_source(trainer, self.stage) is not None
+            and _find_loader(trainer, pl_module, self.stage, instantiate=False) is None
+        ):
+            raise _missing(self.stage, stage_arg=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        eval_loader = _find_loader(trainer, pl_module, self.stage)
+        if eval_loader is None:
+            raise _missing(self.stage, stage_arg=True)
+        calib_loader = _find_loader(trainer, pl_module, "train")
+        if calib_loader is None:
+            raise _missing("train", stage_arg=False)
+        # log_dir broadcasts under DDP: every rank asks, rank zero works. Without a logger, not the bare
+        # default_root_dir (the current directory by default): a folder of its own, like Lightning's checkpoints/
+        if self.save_dir is not None:
+            save_dir = self.save_dir
+        elif trainer.loggers:
+            save_dir = trainer.log_dir or trainer.default_root_dir
+        else:
+            save_dir = os.path.join(trainer.default_root_dir, "ptq_reports")
+        if not trainer.is_global_zero:
+            return
+        # the strategy moved the module to the CPU at teardown; the copies run on the training device
+        dm = trainer.datamodule
+        augment = getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None
+        report = self.run(
+            pl_module, calib_loader, eval_loader, device=trainer.strategy.root_device, save_dir=save_dir,
+            bn_transform=augment,
+        )
+        # accuracies, per-layer SQNR, settings and the plot (to the loggers that take images)
+        report.log_to(trainer.loggers, step=trainer.global_step, image_path=self.files.get("png"))
+        if self.print_report:
+            _print(report.markdown_table())
+            if self.files:
+                _print(f"PTQ report: {', '.join(str(f) for f in self.files.values())}")

@@ -1,0 +1,288 @@
+"""``flatq-ptq``: post-training quantization of an :class:`~flatq_lightning.app.module.ImageClassifier` checkpoint.
+
+::
+
+    flatq-ptq outputs/.../checkpoints/last.ckpt                      # data module rebuilt from the checkpoint
+    flatq-ptq model.ckpt --bits w8a8,w4a4,w3a3 --data cifar10 --data-path ../shared/data/cifar10-jpeg.zip \\
+        --calib-batches 32 --save-dir ptq_out
+
+Folds BatchNorm, calibrates on training images (no augmentation), quantizes at each bit-width and evaluates
+on the test split with :func:`flatq_lightning.ptq.runner.run_ptq`; prints the accuracy table and writes
+``ptq_report.{json,md,csv,png}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
+A second run keeps the first report and writes ``ptq_report_2.*`` (``--overwrite`` replaces it instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "datamodule_from_checkpoint", "main"]
+
+_DEFAULT_BITS = "w8a8,w4a8,w4a4,w3a3,w2a4"
+
+
+class _CliError(Exception):
+    pass
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; on/off switches say what they do instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flatq-ptq",
+        description="Post-training quantization of an ImageClassifier checkpoint at several bit-widths.",
+        formatter_class=_HelpWithDefaults,
+    )
+    p.add_argument(
+        "checkpoint", help="a Lightning checkpoint written by flatq-train or any ImageClassifier fit"
+    )
+    p.add_argument("--bits", default=_DEFAULT_BITS, help="comma-separated presets")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data module name (digits, synthetic, cifar10, cifar100, imagenet); default: the one recorded "
+        "in the checkpoint",
+    )
+    p.add_argument("--data-path", default=None, help="data location (CIFAR zip/folder, ImageNet root)")
+    p.add_argument("--cache-dir", default=None, help="cache for decoded CIFAR arrays")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation/calibration batch size")
+    p.add_argument("--num-workers", type=int, default=None, help="dataloader workers")
+    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches")
+    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"),
+                   help="weight observer, and activation observer unless --act-observer is given")
+    p.add_argument("--act-observer", default=None, choices=("minmax", "percentile", "mse"),
+                   help="activation observer (default: --observer)")
+    p.add_argument("--bn-reestimate", action="store_true",
+                   help="re-estimate BatchNorm statistics per bit-width on the quantized network before folding")
+    p.add_argument("--bn-batches", type=int, default=32, help="training batches for --bn-reestimate")
+    p.add_argument("--bn-stats", default="clean", choices=("clean", "noisy"),
+                   help="start from the checkpoint's BatchNorm statistics re-estimated on clean weights (the "
+                   "model's own, default) or from those gathered under DNQ noise (kept in the checkpoint as "
+                   "'flatq_noisy_bn')")
+    p.add_argument(
+        "--no-keep-first-last-8bit",
+        dest="keep_first_last_8bit",
+        action="store_false",
+        help="quantize the first and last layer at the requested bits too",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--save-dir", default=None, help="where the reports go")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier ptq_report.* in the save directory (default: keep it, write ptq_report_<n>.*)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress (default: a bar on a terminal, a few plain lines in a log)")
+    return p
+
+
+def _load_raw(path: Path) -> dict[str, Any]:
+    """The checkpoint as a dict, read with ``weights_only=True``: a checkpoint is untrusted input, and a full
+    unpickle would run any code a crafted file names. Lightning checkpoints of an ImageClassifier hold only
+    tensors, containers and plain values, which the restricted loader admits."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln.split("error:", 1)[-1].strip().split(". Please")[0] for ln in lines if "Unsupported global" in ln), None)
+        if why is not None:  # a well-formed pickle naming a global outside the safe set
+            raise _CliError(
+                f"checkpoint {path}: refusing to load it, it holds Python objects that torch.load(weights_only=True) "
+                f"does not admit ({why}); flatq-ptq never executes code from a checkpoint. If you trust the file, "
+                "rebuild the module in your own code from a source you trust and call run_ptq on it"
+            ) from None
+        detail = next((ln for ln in lines if "WeightsUnpickler error" not in ln and not ln.startswith(("Weights only", "Please file", "Check the"))), type(err).__name__)
+        raise _CliError(f"checkpoint {path}: not a readable PyTorch checkpoint (corrupt or truncated? {detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _CliError(
+            f"checkpoint {path}: not a readable PyTorch checkpoint (corrupt or truncated? {type(err).__name__}: {msg})"
+        ) from None
+    if not isinstance(raw, dict) or "state_dict" not in raw:
+        raise _CliError(f"checkpoint {path}: not a Lightning checkpoint (no 'state_dict' entry)")
+    return raw
+
+
+def _check_save_dir(save_dir: Path) -> None:
+    """Fail before any PTQ work if the reports could not be written there."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise _CliError(f"--save-dir {save_dir} is a file, not a folder: give a folder for the reports")
+    parent = save_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise _CliError(f"--save-dir {save_dir}: {parent} is a file, so the folder cannot be created")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise _CliError(f"--save-dir {save_dir}: {parent} is not writable")
+
+
+def _model_in_chans(module: Any) -> int | None:
+    """The input channels of the network's first convolution (None if it starts with something else)."""
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return int(m.in_channels)
+    return None
+
+
+def datamodule_from_checkpoint(
+    ckpt: dict[str, Any], name: str | None = None, overrides: dict[str, Any] | None = None
+) -> Any:
+    """Rebuild the data module a checkpoint was trained with (or ``name``), applying ``overrides``.
+
+    The name comes from the data module state Lightning stores under the module's class name; its
+    constructor arguments from ``datamodule_hyper_parameters``. ``None`` values in ``overrides`` are ignored.
+    """
+    from ..app.data import DATAMODULES, build_datamodule
+
+    hparams: dict[str, Any] = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    recorded = None
+    for cls in DATAMODULES.values():
+        state = ckpt.get(cls.__qualname__)
+        if isinstance(state, dict) and state.get("name") in DATAMODULES:
+            recorded = state["name"]
+            break
+    if name is None:
+        name = recorded
+    if name is None:
+        raise _CliError(
+            f"the checkpoint does not record its data module: pass --data (one of {sorted(DATAMODULES)})"
+        )
+    if name not in DATAMODULES:
+        raise _CliError(f"--data {name!r} is unknown: choose one of {sorted(DATAMODULES)}")
+    cls = DATAMODULES[name]
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in hparams.items() if k in params and k != "kwargs"} if name == recorded else {}
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "root" in params and "path" in over:
+        over["root"] = over.pop("path")
+    for k, v in over.items():
+        if k not in params:
+            flag = "--data-path" if k in ("path", "root") else "--" + k.replace("_", "-")
+            raise _CliError(f"{flag} does not apply to the {name!r} data")
+        kwargs[k] = v
+    if "path_key" in params:
+        kwargs["path_key"] = "--data-path"
+    return build_datamodule(name, **kwargs)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..callbacks.noise import NOISY_BN_KEY
+    from ..app.data.base import DataNotFoundError
+    from ..app.module import ImageClassifier
+    from ..quant.bn import load_bn_state
+
+    try:
+        from .. import run_ptq  # type: ignore[attr-defined]
+    except ImportError:
+        from .runner import run_ptq
+
+    ckpt_path = Path(args.checkpoint).expanduser()
+    if not ckpt_path.is_file():
+        raise _CliError(f"checkpoint not found: {ckpt_path}")
+    bits = [b.strip() for b in str(args.bits).split(",") if b.strip()]
+    if not bits:
+        raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
+    save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
+    _check_save_dir(save_dir)
+    raw = _load_raw(ckpt_path)
+    hp = raw.get("hyper_parameters") or {}
+    if "model" not in hp:
+        raise _CliError(
+            f"{ckpt_path} was trained with an nn.Module passed to ImageClassifier (no model name saved); "
+            "load it in Python: ImageClassifier.load_from_checkpoint(path, model=net) and call run_ptq"
+        )
+    # the checkpoint holds the trained weights: never fetch the starting weights again (offline, or moved)
+    over = {"pretrained": False, "pretrained_file": None} if hp.get("pretrained") or hp.get("pretrained_file") else {}
+    module = ImageClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **over)
+    overrides: dict[str, Any] = {
+        "path": args.data_path,
+        "cache_dir": args.cache_dir,
+        "eval_batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+    }
+    dm = datamodule_from_checkpoint(raw, args.data, overrides)
+    if args.bn_stats == "noisy":
+        noisy = raw.get(NOISY_BN_KEY)
+        if not noisy:
+            raise _CliError(
+                f"--bn-stats noisy: the checkpoint has no '{NOISY_BN_KEY}' (it was not trained with DNQ noise, or "
+                "with clean_bn_batches=0): its BatchNorm statistics are the only set"
+            )
+        load_bn_state(module, noisy)
+    del raw
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+    except DataNotFoundError as err:
+        raise _CliError(str(err)) from None
+    if dm.num_classes != module.num_classes:
+        raise _CliError(
+            f"the data has {dm.num_classes} classes but the checkpoint's classifier has {module.num_classes}: "
+            "wrong --data?"
+        )
+    chans = _model_in_chans(module)
+    if chans is not None and getattr(dm, "in_chans", chans) != chans:
+        raise _CliError(
+            f"--data {args.data or 'from the checkpoint'}: the data has {dm.in_chans}-channel images but the "
+            f"checkpoint's network takes {chans} input channels: wrong --data?"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        report = run_ptq(
+            module,
+            dm.calib_dataloader(args.batch_size),
+            dm.test_dataloader(),
+            bits=bits,
+            calib_batches=args.calib_batches,
+            observer=args.observer,
+            keep_first_last_8bit=args.keep_first_last_8bit,
+            device=device,
+            progress=args.progress,
+            act_observer=args.act_observer,
+            bn_reestimate=args.bn_reestimate,
+            bn_batches=args.bn_batches,
+            bn_loader=dm.train_dataloader(),
+            bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
+        )
+    except ValueError as err:
+        raise _CliError(str(err)) from None
+    files = report.write(save_dir, overwrite=args.overwrite)
+    print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
+    print(report.markdown_table())
+    print(f"\nreport in {save_dir}: {', '.join(f.name for f in files.values())}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``flatq-ptq``; returns the exit status (2 on usage or data errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except _CliError as err:
+        print(f"flatq-ptq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""Post-training quantization at several bit-widths, evaluated against the FP network: :func:`run_ptq`.
+
+The plain-function core behind the ``PostTrainingQuantization`` callback and the ``flatq-ptq`` command. It
+never mutates the model it is given: BatchNorm is folded into a copy, every bit-width is quantized from that
+copy with :func:`~flatq_lightning.quant.quantize_model`, calibrated on the same cached calibration batches,
+and evaluated (top-1/top-5, torchmetrics, micro average) on the same evaluation data as the FP network.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..quant import (
+    QuantSpec,
+    batch_inputs,
+    fake_quantize,
+    first_last_names,
+    fold_batchnorm,
+    parse_bits,
+    preset_name,
+    quantize_model,
+    quantized_layers,
+    reestimate_bn_quantized,
+    select_modules,
+    sqnr_db,
+)
+from ..quant.spec import MAX_BITS, OBSERVERS
+from .report import LayerSQNR, PTQReport, PTQRow
+
+__all__ = [
+    "DEFAULT_BITS",
+    "FLOAT_BITS",
+    "evaluate_topk",
+    "normalize_bits",
+    "ptq_network",
+    "check_ptq_network",
+    "run_ptq",
+    "specs_for",
+    "validate_ptq_args",
+]
+
+#: the bit-widths reported by default
+DEFAULT_BITS: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
+#: a side at this many bits stays float ("w4a16": weight-only; "w16a4": activation-only)
+FLOAT_BITS = MAX_BITS
+
+
+def normalize_bits(bits: str | Iterable[str]) -> tuple[str, ...]:
+    """Validated, canonical (``"w4a4"``), de-duplicated bit-widths in the given order.
+
+    Example:
+        >>> normalize_bits(["W8A8", "w4a4", "w8a8"])
+        ('w8a8', 'w4a4')
+    """
+    if isinstance(bits, str):
+        bits = (bits,)
+    try:
+        items = list(bits)
+    except TypeError:
+        raise ValueError(
+            f"bits must be a sequence of presets like ('w8a8', 'w4a4', 'w4a16'), got {bits!r}"
+        ) from None
+    if not items:
+        raise ValueError(
+            "bits is empty: name at least one bit-width preset 'w<bits>a<bits>', e.g. "
+            f"{DEFAULT_BITS} (a side at {FLOAT_BITS} bits stays float: 'w4a16' is weight-only)"
+        )
+    out: list[str] = []
+    for b in items:
+        name = preset_name(*parse_bits(b))  # ValueError naming the form and the range [2, 16]
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _patterns(value: Any, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{what} must be None, a pattern string or a sequence of patterns like ['layer1.*'], got {value!r}")
+
+
+def validate_ptq_args(
+    bits: str | Iterable[str],
+    calib_batches: int,
+    observer: str,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> tuple[tuple[str, ...], list[str] | None, list[str] | None]:
+    """Check the PTQ options (``ValueError`` naming the allowed values); returns ``(bits, include, exclude)``."""
+    norm = normalize_bits(bits)
+    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
+        raise ValueError(f"calib_batches must be a positive int (number of calibration batches), got {calib_batches!r}")
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
+    return norm, _patterns(include, "include"), _patterns(exclude, "exclude")
+
+
+def specs_for(
+    bits: str, observer: str = "minmax", act_observer: str | None = None
+) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """``(weight_spec, act_spec)`` for a preset; a side at >= 16 bits is ``None`` (stays float).
+
+    ``observer`` picks the weight observer and, unless ``act_observer`` is given, the activation observer.
+
+    Example:
+        >>> w, a = specs_for("w4a16")
+        >>> (w.bits, a)
+        (4, None)
+        >>> w, a = specs_for("w4a4", "mse", act_observer="percentile")
+        >>> (w.observer, a.observer)
+        ('mse', 'percentile')
+    """
+    wb, ab = parse_bits(bits)
+    w = QuantSpec.weight(wb, observer=observer) if wb < FLOAT_BITS else None
+    a = QuantSpec.activation(ab, observer=act_observer or observer) if ab < FLOAT_BITS else None
+    return w, a
+
+
+def ptq_network(module: nn.Module) -> nn.Module:
+    """The network PTQ works on: a LightningModule's ``model`` attribute if it is a module, else ``module``."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        LightningModule = ()  # type: ignore[assignment]  # noqa: N806
+    inner = getattr(module, "model", None) if isinstance(module, LightningModule) else None
+    return inner if isinstance(inner, nn.Module) else module
+
+
+@torch.no_grad()
+def check_ptq_network(module: nn.Module, net: nn.Module, eval_loader: Iterable[Any]) -> bool:
+    """Warn when ``module(x)`` is not ``net(x)`` on the first evaluation batch: then PTQ would measure only a part of
+    what the module computes (e.g. ``forward = head(self.model(x))``). Returns True when they agree.
+
+    Both run in eval mode on the module's device with the noise/recorder hooks suspended; every submodule's
+    train/eval flag is restored afterwards.
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from ..quant.hooks import hooks_suspended
+
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        LightningModule = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(module, LightningModule) and not is_overridden("forward", module, parent=LightningModule):
+        return True  # no forward of its own (Lightning does not require one): the network is all there is
+    x = batch_inputs(next(iter(eval_loader)))
+    x = x.to(_model_device(module))
+    modes = [(m, m.training) for m in module.modules()]
+    why = ""
+    try:
+        module.eval()
+        with hooks_suspended():
+            full = module(x)
+            try:
+                part = net(x)
+            except Exception as err:  # noqa: BLE001 - any failure means the inner model is not the network
+                part, why = None, f"calling it on the batch fails ({type(err).__name__}: {err})"
+        if part is not None:
+            try:
+                a, b = _logits(full), _logits(part)
+            except ValueError as err:
+                a = b = None
+                why = str(err)
+            if a is not None and b is not None:
+                if a.shape != b.shape:
+                    why = f"its output has shape {tuple(b.shape)}, the module's {tuple(a.shape)}"
+                elif not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5):
+                    why = f"its output differs from the module's by up to {float((a.float() - b.float()).abs().max()):.3g}"
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    if why:
+        warnings.warn(
+            f"run_ptq quantizes {type(module).__name__}.model ({type(net).__name__}), but it is not the whole "
+            f"network: on the first evaluation batch {why}. The PTQ report would measure only that part. Pass "
+            f"the full network to run_ptq (an nn.Module whose forward is the module's), or make "
+            f"{type(module).__name__}.model the whole network",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _batch_targets(batch: Any) -> Tensor:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, dict):
+        for key in ("y", "target", "targets", "label", "labels"):
+            if key in batch and isinstance(batch[key], Tensor):
+                return batch[key]
+    raise ValueError(
+        f"cannot find the targets in an evaluation batch of type {type(batch).__name__}: expected "
+        "(inputs, targets, ...) or a dict with key 'y'/'target'/'label'/'labels'"
+    )
+
+
+def _logits(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise ValueError(f"the model returned {type(out).__name__}: expected logits (a Tensor of shape (N, C))")
+
+
+def _progress(iterable: Iterable[Any], enabled: bool, **kw: Any) -> Iterable[Any]:
+    # a tqdm bar on a terminal, a few plain lines in a log (no escape codes from nested bars)
+    from ..progress import progress
+
+    unit = "bit-widths" if kw.get("desc") == "PTQ" else "batches"  # the outer loop is over bit-widths
+    return progress(iterable, enabled=enabled, unit=unit, **kw)
+
+
+def _check_loader(loader: Any, what: str) -> None:
+    if loader is None:
+        raise ValueError(f"run_ptq: {what} is None: pass a DataLoader (or any iterable of batches)")
+    try:
+        n = len(loader)
+    except TypeError:
+        return
+    if n == 0:
+        raise ValueError(f"run_ptq: {what} is empty (len 0)")
+
+
+@torch.no_grad()
+def evaluate_topk(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str,
+    ks: Sequence[int] = (1, 5),
+    progress: bool = False,
+    desc: str = "eval",
+) -> tuple[dict[int, float], int, int]:
+    """Top-k accuracies in percent (torchmetrics ``MulticlassAccuracy``, micro average) of ``model`` on ``loader``.
+
+    ``k`` is clipped to the number of classes (read from the first batch's logits). Returns
+    ``({k: accuracy}, num_samples, num_classes)``. No host synchronisation until the end.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> acc, n, c = evaluate_topk(net, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], "cpu")
+        >>> (sorted(acc), n, c, acc[5])
+        ([1, 5], 8, 3, 100.0)
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    device = torch.device(device)
+    metrics: dict[int, MulticlassAccuracy] | None = None
+    n, num_classes = 0, 0
+    for batch in _progress(loader, progress, desc=desc, leave=False):
+        x = batch_inputs(batch).to(device, non_blocking=True)
+        y = _batch_targets(batch).to(device, non_blocking=True)
+        logits = _logits(model(x))
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"evaluation expects logits of shape (N, C >= 2), got {tuple(logits.shape)}")
+        if y.dim() == 2:  # one-hot / soft targets
+            y = y.argmax(1)
+        if metrics is None:
+            num_classes = int(logits.shape[1])
+            metrics = {
+                k: MulticlassAccuracy(
+                    num_classes=num_classes, top_k=min(k, num_classes), average="micro", validate_args=False
+                ).to(device)
+                for k in ks
+            }
+        for m in metrics.values():
+            m.update(logits, y)
+        n += int(y.shape[0])
+    if metrics is None:
+        raise ValueError("evaluation data yielded no batches")
+    return {k: float(m.compute()) * 100.0 for k, m in metrics.items()}, n, num_classes
+
+
+@torch.no_grad()
+def _layer_sqnr(qmodel: nn.Module, x: Tensor | None, device: torch.device) -> list[LayerSQNR]:
+    """Weight SQNR from each layer; activation SQNR of each layer's input on the batch ``x``."""
+    layers = quantized_layers(qmodel)
+    act: dict[str, Tensor] = {}
+    handles = []
+    if x is not None:
+        for name, layer in layers:
+            if layer.act_spec is None:
+                continue
+
+            def hook(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                inp = args[0]
+                xq = fake_quantize(inp, mod.act_spec, mod.act_scale, mod.act_zero_point)
+                act[name] = sqnr_db(inp, xq)
+
+            handles.append(layer.register_forward_pre_hook(hook))
+        try:
+            if handles:
+                qmodel(x.to(device, non_blocking=True))
+        finally:
+            for h in handles:
+                h.remove()
+    names = list(act)
+    values = dict(zip(names, torch.stack([act[n] for n in names]).tolist())) if names else {}  # one sync
+    out = []
+    for name, layer in layers:
+        ws, as_ = layer.weight_spec, layer.act_spec
+        out.append(
+            LayerSQNR(
+                name=name,
+                weight_bits=ws.bits if ws is not None else None,
+                act_bits=as_.bits if as_ is not None else None,
+                weight_sqnr_db=float(layer.weight_sqnr_db) if ws is not None else None,
+                act_sqnr_db=values.get(name) if as_ is not None else None,
+            )
+        )
+    return out
+
+
+def _collect_calibration(loader: Iterable[Any], n: int, progress: bool) -> list[Tensor]:
+    """The inputs of the first ``n`` batches (kept, so every bit-width calibrates on the same data)."""
+    it = _progress(itertools.islice(loader, n), progress, desc="calibration data", total=n, leave=False)
+    return [batch_inputs(b) for b in it]
+
+
+def run_ptq(
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    eval_loader: Iterable[Any],
+    bits: str | Iterable[str] = DEFAULT_BITS,
+    calib_batches: int = 32,
+    observer: str = "minmax",
+    keep_first_last_8bit: bool = True,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    export_dir: str | os.PathLike | None = None,
+    attention_points: bool = True,
+    act_observer: str | None = None,
+    bn_reestimate: bool = False,
+    bn_batches: int = 32,
+    bn_loader: Iterable[Any] | None = None,
+    bn_transform: Callable[[Tensor], Tensor] | None = None,
+    evaluate_fp: bool = True,
+) -> PTQReport:
+    """Fold BN, calibrate, quantize at each bit-width and evaluate top-1/top-5 against the FP network.
+
+    Args:
+        model: the trained network, or a LightningModule (its ``model`` attribute is used when it is a module).
+            Never mutated: not its weights, its train/eval mode nor its device.
+        calib_loader: batches for the activation ranges (usually the train loader); the first
+            ``calib_batches`` are used (fewer if it is shorter: one warning). Inputs are the batch tensor or
+            its first element.
+        eval_loader: ``(inputs, targets)`` batches on which the FP network and every quantized copy are
+            evaluated.
+        bits: presets ``"w<b>a<b>"``; a side at 16 bits stays float (``"w4a16"`` weight-only).
+        observer: range observer for the weights (and the activations unless ``act_observer`` is given):
+            ``"minmax"``, ``"percentile"`` or ``"mse"`` (MSE-optimal clipping searched per channel).
+        act_observer: range observer for the activations (default: ``observer``).
+        bn_reestimate: per bit-width, re-estimate the BatchNorm running statistics on the quantized network
+            (weights quantized, BN not yet folded, activation quantizers on) before folding and calibrating
+            (AIMET's BN re-estimation; :func:`~flatq_lightning.quant.reestimate_bn_quantized`).
+        bn_batches: how many batches of ``bn_loader`` the re-estimation averages over.
+        bn_loader: batches for the re-estimation (default: ``calib_loader``); give training batches, and the
+            training augmentation as ``bn_transform``, so the statistics see what training saw.
+        evaluate_fp: ``False`` skips the FP evaluation (when the caller has it already): the report's FP
+            accuracies and the drops are then NaN.
+        keep_first_last_8bit: keep the first and last selected layer at (at least) 8 bits.
+        include, exclude: shell patterns on layer names (see ``select_modules``).
+        device: where the copies run (default: the model's device).
+        progress: tqdm bars over calibration data, bit-widths and evaluation.
+        export_dir: if given, each quantized model is saved there as ``quantized_<bits>.safetensors``.
+        attention_points: on timm ViTs also quantize attention's Q, K, V and softmax output (ViT-PTQ
+            convention); ``False`` quantizes the Linear/Conv inputs only.
+
+    Returns:
+        a :class:`~flatq_lightning.ptq.report.PTQReport`.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))), batch_size=16)
+        >>> rep = run_ptq(net, data, data, bits=("w8a8", "w4a4"), calib_batches=2, progress=False)
+        >>> rep.bits, rep.folded_bn_pairs
+        (['w8a8', 'w4a4'], [('0', '1')])
+    """
+    t0 = time.perf_counter()
+    bits_t, inc, exc = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+    if act_observer is not None and act_observer not in OBSERVERS:
+        raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
+    if not isinstance(bn_reestimate, bool):
+        raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
+        raise ValueError(f"bn_batches must be a positive int (number of BN re-estimation batches), got {bn_batches!r}")
+    act_obs = act_observer or observer
+    if not isinstance(keep_first_last_8bit, bool):
+        raise TypeError(f"run_ptq: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
+    _check_loader(eval_loader, "eval_loader")
+    need_calib = any(specs_for(b)[1] is not None for b in bits_t)
+    if need_calib:
+        _check_loader(calib_loader, "calib_loader")
+    net = ptq_network(model)
+    if net is not model:
+        check_ptq_network(model, net, eval_loader)
+    dev = torch.device(device) if device is not None else _model_device(net)
+    timing: dict[str, float] = {}
+
+    t = time.perf_counter()
+    folded, pairs = fold_batchnorm(net, return_pairs=True)  # an eval-mode copy
+    folded.to(dev)
+    selected = select_modules(folded, include=inc, exclude=exc)
+    if not selected:
+        raise ValueError(
+            f"run_ptq: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching include={inc!r} exclude={exc!r}"
+        )
+    kept = [n for n, _ in selected if n in first_last_names(selected)] if keep_first_last_8bit else []
+    timing["fold_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib: list[Tensor] = _collect_calibration(calib_loader, calib_batches, progress) if need_calib else []
+    if need_calib:
+        if not calib:
+            raise ValueError("run_ptq: calib_loader yielded no batches")
+        if len(calib) < calib_batches:
+            warnings.warn(
+                f"run_ptq: the calibration loader has only {len(calib)} batch(es), fewer than "
+                f"calib_batches={calib_batches}; calibrating on those {len(calib)}",
+                UserWarning,
+                stacklevel=2,
+            )
+    bn_data: list[Tensor] = []
+    if bn_reestimate:
+        if bn_loader is None:
+            bn_loader = calib_loader
+        _check_loader(bn_loader, "bn_loader")
+        bn_data = [batch_inputs(b) for b in itertools.islice(bn_loader, bn_batches)]
+        if not bn_data:
+            raise ValueError("run_ptq: bn_loader yielded no batches for the BN re-estimation")
+    timing["calib_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n_eval, num_classes = 0, 0
+    fp_acc = {1: float("nan"), 5: float("nan")}
+    if evaluate_fp:
+        fp_model = copy.deepcopy(net).eval().to(dev)
+        fp_acc, n_eval, num_classes = evaluate_topk(fp_model, eval_loader, dev, progress=progress, desc="eval fp")
+        del fp_model
+    timing["fp_eval_s"] = time.perf_counter() - t
+
+    rows: list[PTQRow] = []
+    bar = _progress(bits_t, progress, desc="PTQ", total=len(bits_t))
+    for b in bar:
+        t = time.perf_counter()
+        ws, as_ = specs_for(b, observer, act_obs)
+        wb, ab = parse_bits(b)
+        cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if as_ is not None else None
+        source = folded
+        if bn_reestimate:
+            reest = reestimate_bn_quantized(
+                net, ws, as_, bn_data, calib_batches=calib or None, keep_first_last_8bit=keep_first_last_8bit,
+                include=inc, exclude=exc, transform=bn_transform, attention_points=attention_points,
+            )
+            source = fold_batchnorm(reest).to(dev)
+            del reest
+        qmodel = quantize_model(
+            source,
+            ws,
+            as_,
+            calib_batches=cal,
+            keep_first_last_8bit=keep_first_last_8bit,
+            include=inc,
+            exclude=exc,
+            attention_points=attention_points,
+        ).to(dev)
+        layers = _layer_sqnr(qmodel, calib[0] if (as_ is not None and calib) else None, dev)
+        t_q = time.perf_counter() - t
+        t = time.perf_counter()
+        acc, n_q, c_q = evaluate_topk(qmodel, eval_loader, dev, progress=progress, desc=f"eval {b}")
+        n_eval, num_classes = n_eval or n_q, num_classes or c_q
+        t_e = time.perf_counter() - t
+        if export_dir is not None:
+            from .export import save_quantized
+
+            save_quantized(
+                qmodel,
+                Path(export_dir) / f"quantized_{b}.safetensors",
+                folded_bn_pairs=pairs,
+                metadata={"bits": b, "observer": observer, "act_observer": act_obs, "bn_reestimate": bn_reestimate,
+                          "top1": acc[1], "top5": acc[5]},
+            )
+        del qmodel
+        rows.append(
+            PTQRow(
+                bits=b,
+                weight_bits=wb,
+                act_bits=ab,
+                top1=acc[1],
+                top5=acc[5],
+                drop_top1=fp_acc[1] - acc[1],
+                drop_top5=fp_acc[5] - acc[5],
+                layers=layers,
+                quantize_seconds=t_q,
+                eval_seconds=t_e,
+                bn_reestimated=bn_reestimate,
+            )
+        )
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({b: f"{acc[1]:.2f}"})
+    timing["quantize_s"] = sum(r.quantize_seconds for r in rows)
+    timing["eval_s"] = sum(r.eval_seconds for r in rows) + timing["fp_eval_s"]
+    timing["total_s"] = time.perf_counter() - t0
+    return PTQReport(
+        fp_top1=fp_acc[1],
+        fp_top5=fp_acc[5],
+        rows=rows,
+        folded_bn_pairs=[tuple(p) for p in pairs],
+        kept_8bit=kept,
+        keep_first_last_8bit=keep_first_last_8bit,
+        observer=observer,
+        act_observer=act_obs,
+        bn_reestimate=bn_reestimate,
+        bn_batches=len(bn_data),
+        include=inc,
+        exclude=exc,
+        calib_batches=len(calib),
+        calib_batches_requested=calib_batches,
+        num_eval_samples=n_eval,
+        num_classes=num_classes,
+        top5_k=min(5, num_classes),
+        device=str(dev),
+        timing=timing,
+    )

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from lightning.pytorch.callbacks import Callback
 
+from ..quant.spec import QuantSpec
 from .noise import ActivationNoiseInjection, DifferentialNoiseInjection, NoiseSource, Ramp
 from .recorder import QuantErrorRecorder
 
@@ -20,8 +21,9 @@ __all__ = [
 
 
 def dnq_callbacks(
-    preset: str = "w4a4",
+    preset: str | QuantSpec = "w4a4",
     *,
+    act_spec: QuantSpec | None = None,
     noise_scale: float | Callable[[int], float] = 1.0,
     mode: str = "differential",
     weight_noise: bool = True,
@@ -42,6 +44,9 @@ def dnq_callbacks(
 ) -> list[Callback]:
     """The DNQ callbacks wired together: recorder, differential weight noise, activation noise.
 
+    ``preset``: the target quantizer as a preset (``"w4a4"``) or as the weight :class:`QuantSpec`, with
+    ``act_spec`` for the activations (default: the method's activation quantizer at the weight's bits).
+
     ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
     (clean training first, then DNQ). ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm attention modules
     during fit (see :class:`QuantErrorRecorder`). ``clean_bn_batches``: training batches on which the end of fit
@@ -57,6 +62,7 @@ def dnq_callbacks(
     """
     recorder = QuantErrorRecorder(
         preset,
+        act_spec,
         stats_every=stats_every,
         momentum=momentum,
         include=list(include) if isinstance(include, Sequence) and not isinstance(include, str) else include,

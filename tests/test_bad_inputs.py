@@ -142,7 +142,7 @@ def test_cifar_batch_reader_refuses_object_arrays(tmp_path):
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real flatq-train checkpoint (tiny synthetic job, DNQ + checkpoint callbacks)."""
     from flatq_lightning.app.train import run
-    from tests.test_train import TINY, _compose
+    from tests.app.test_train import TINY, _compose
 
     out = tmp_path_factory.mktemp("ckpt")
     cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]"])
@@ -292,7 +292,7 @@ def test_run_ptq_keep_first_last_8bit_must_be_a_bool():
 )
 def test_flatq_train_trainer_numbers_fail_before_fit(override, msg):
     from flatq_lightning.app.train import ConfigError, validate_config
-    from tests.test_train import _compose
+    from tests.app.test_train import _compose
 
     with pytest.raises(ConfigError) as ei:
         validate_config(_compose([override]))
@@ -318,7 +318,7 @@ def test_image_classifier_names_the_bad_argument(kwargs, exc, msg):
 
 def test_flatq_train_seed_must_be_an_integer():
     from flatq_lightning.app.train import ConfigError, validate_config
-    from tests.test_train import _compose
+    from tests.app.test_train import _compose
 
     with pytest.raises(ConfigError, match=r"^seed must be an integer, got 'abc'$"):
         validate_config(_compose(["seed=abc"]))

@@ -174,7 +174,7 @@ def test_saved_models_remeasure_and_calibration_spread(tmp_path):
 def _tiny_cifar_zip(tmp_path):
     import zipfile
 
-    from tests.data.conftest import CLASSES, N_TEST, N_TRAIN, _image, _jpeg
+    from tests.app.data.conftest import CLASSES, N_TEST, N_TRAIN, _image, _jpeg
 
     data = tmp_path / "cifar10-jpeg.zip"
     with zipfile.ZipFile(data, "w") as zf:

@@ -83,7 +83,7 @@ def test_reestimation_leaves_the_training_run_unchanged(tmp_path):
 
 def test_dnq_callbacks_and_hydra_config_pass_clean_bn_batches():
     from flatq_lightning.callbacks import dnq_callbacks as make
-    from tests.test_train import _compose
+    from tests.app.test_train import _compose
 
     noise = next(c for c in make("w4a4", clean_bn_batches=7) if isinstance(c, DifferentialNoiseInjection))
     assert noise.clean_bn_batches == 7

@@ -111,7 +111,7 @@ def test_callback_passes_the_recipe(net_and_data, monkeypatch):
 def test_hydra_ptq_group_and_flatq_ptq_take_the_recipe(tmp_path, capsys):
     from flatq_lightning import ptq_cli
     from flatq_lightning.app.train import run
-    from tests.test_train import TINY, _compose
+    from tests.app.test_train import TINY, _compose
 
     cfg = _compose([*TINY, "variants=null", "callbacks=[ptq,checkpoint]", "ptq.progress=false", "ptq.bits=[w4a4]",
                     "ptq.observer=mse", "ptq.act_observer=percentile", "ptq.bn_reestimate=true", "ptq.bn_batches=2"])
@@ -138,7 +138,7 @@ def test_flatq_ptq_starts_from_the_noisy_statistics_of_a_dnq_checkpoint(tmp_path
 
     from flatq_lightning import ptq_cli
     from flatq_lightning.app.train import run
-    from tests.test_train import TINY, _compose
+    from tests.app.test_train import TINY, _compose
 
     cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]", "ptq.bits=[w8a8]", "quant=w2a4",
                     "callbacks.dnq.stats_every=1", "callbacks.dnq.clean_bn_batches=2"])
@@ -163,7 +163,7 @@ def test_flatq_ptq_bn_stats_picks_the_set_it_quantizes(tmp_path, monkeypatch):
     from flatq_lightning import ptq_cli
     from flatq_lightning.quant import bn_state
     from flatq_lightning.app.train import run
-    from tests.test_train import TINY, _compose
+    from tests.app.test_train import TINY, _compose
 
     cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]", "ptq.bits=[w8a8]", "quant=w2a4",
                     "callbacks.dnq.stats_every=1", "callbacks.dnq.clean_bn_batches=2"])

@@ -6,17 +6,19 @@ statistics while the network trains, and quantize the result with plain PTQ afte
 
 from . import _aliases
 from .callbacks import (
+    DNQ,
     ActivationNoiseInjection,
     DifferentialNoiseInjection,
     QuantErrorRecorder,
     Ramp,
     dnq_callbacks,
 )
-from .callbacks.flatness import SharpnessMonitor
+from .callbacks.flatness import SharpnessMonitor, hessian_trace, top_eigenvalue
+from .callbacks.mse import QuantMSEMixin
+from .callbacks.sam import SAM
 from .ptq.callback import PostTrainingQuantization
 from .ptq.export import load_quantized, save_quantized
-from .callbacks.flatness import hessian_trace, top_eigenvalue
-from .callbacks.mse import QuantMSEMixin
+from .ptq.report import PTQReport
 from .ptq.runner import run_ptq
 from .quant import (
     QuantSpec,
@@ -30,14 +32,13 @@ from .quant import (
     select_modules,
     sqnr_db,
 )
-from .ptq.report import PTQReport
-from .callbacks.sam import SAM
 
 _aliases.install()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DNQ",
     "SAM",
     "SharpnessMonitor",
     "hessian_trace",

@@ -185,6 +185,16 @@ def instantiate_callbacks(
     return out
 
 
+def wire_quant_stats(module: Any, callbacks: list[Any]) -> None:
+    """Give the module's FP-vs-quantized MSE term the DNQ statistics of this fit (the config's one DNQ)."""
+    from ..callbacks import DNQ
+    from ..callbacks.mse import QuantMSEMixin
+
+    dnqs = [c for c in callbacks if isinstance(c, DNQ)]
+    if isinstance(module, QuantMSEMixin) and len(dnqs) == 1:
+        module.use_quant_stats(dnqs[0])
+
+
 def model_kwargs(cfg: DictConfig, dm: Any) -> dict[str, Any]:
     """``model.kwargs`` as a dict, with ``in_chans`` from the data module unless set there."""
     kw = cfg.model.get("kwargs")
@@ -234,12 +244,11 @@ def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> tuple[Any, dict[str, Path]]:
     """``(report, files)`` of this fit: the PostTrainingQuantization callback's (already written), else
     ``run_ptq`` on the test split, written into ``vdir`` by the one report writer."""
-    from ..ptq.report import PTQReport
+    from ..ptq.callback import PostTrainingQuantization
 
     for cb in trainer.callbacks:
-        rep = getattr(cb, "report", None)
-        if isinstance(rep, PTQReport):
-            return rep, dict(getattr(cb, "files", {}) or {}) or rep.write(vdir)
+        if isinstance(cb, PostTrainingQuantization) and cb.report is not None:
+            return cb.report, dict(cb.files or {}) or cb.report.write(vdir)
     try:
         from .. import run_ptq  # type: ignore[attr-defined]
     except ImportError:
@@ -280,6 +289,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
         cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs(cfg, dm)
     )
     callbacks = instantiate_callbacks(cfg.get("callbacks"), checkpoint_dir=vdir / "checkpoints", report_dir=vdir)
+    wire_quant_stats(module, callbacks)
     extra: dict[str, Any] = {}
     if "logger" not in cfg.trainer:  # CSV logs beside the results (set trainer.logger to change)
         from lightning.pytorch.loggers import CSVLogger

@@ -24,10 +24,11 @@ class QuantMSEMixin:
     activation quantizer to the selected layer inputs, rounding passed straight through (STE), so the
     gradient reaches the full-precision weights. Weightless selected points (the attention operands the
     recorder attaches to timm ViTs) get their input quantized, no weight.
-    When a :class:`~flatq_lightning.QuantErrorRecorder` is among
-    the Trainer's callbacks its layers, specs and EMA activation ranges are used (and the clean weights come
-    from its weight-noise callback); otherwise layers are selected from ``mse_preset`` and activation ranges
-    are taken from the batch. The term costs one extra forward and backward on the steps where it is on.
+    Given the DNQ statistics (:meth:`use_quant_stats` with a :class:`~flatq_lightning.DNQ`, or a
+    :class:`~flatq_lightning.QuantErrorRecorder` and its weight-noise callback) the term uses the recorder's
+    layers, specs and EMA activation ranges and the clean weights under the noise; without them layers are
+    selected from ``mse_preset`` and activation ranges are taken from the batch. The term costs one extra
+    forward and backward on the steps where it is on.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -52,22 +53,36 @@ class QuantMSEMixin:
     mse_preset: str = "w4a4"
     mse_keep_first_last_8bit: bool = True
 
+    def use_quant_stats(self, stats: Any, weight_noise: Any = None) -> None:
+        """Take the target quantizer from the DNQ statistics: a :class:`~flatq_lightning.DNQ` (its recorder and
+        weight noise), or a :class:`~flatq_lightning.QuantErrorRecorder` with the weight-noise callback that
+        reads it (``None`` when there is none); ``stats=None`` goes back to ``mse_preset``."""
+        from .dnq import DNQ
+        from .recorder import QuantErrorRecorder
+        from .weight_noise import DifferentialNoiseInjection
+
+        if isinstance(stats, DNQ):
+            if weight_noise is not None:
+                raise ValueError("a DNQ carries its own weight noise: pass the DNQ alone")
+            stats, weight_noise = stats.recorder, stats.weight_noise
+        if stats is not None and not isinstance(stats, QuantErrorRecorder):
+            raise ValueError(f"use_quant_stats takes a DNQ or a QuantErrorRecorder, got {type(stats).__name__}")
+        if weight_noise is not None and (
+            not isinstance(weight_noise, DifferentialNoiseInjection) or weight_noise.recorder is not stats
+        ):
+            raise ValueError("weight_noise must be the DifferentialNoiseInjection that reads this recorder")
+        self._quant_mse_stats = stats
+        self._quant_mse_noise = weight_noise
+
     def quant_mse_network(self) -> nn.Module:
         """The network whose quantized copy is compared with ``fp_outputs`` (override to return e.g. ``self.model``)."""
         return self  # type: ignore[return-value]
 
     # ---------------------------------------------------------------------------------------------------------
     def _quant_mse_targets(self) -> tuple[list[tuple[str, nn.Module]], dict[str, tuple[QuantSpec, QuantSpec]], Any, Any]:
-        from .noise import DifferentialNoiseInjection
-        from .recorder import QuantErrorRecorder
-
-        trainer = getattr(self, "_trainer", None)
-        callbacks = list(trainer.callbacks) if trainer is not None else []
-        recorder = next((c for c in callbacks if isinstance(c, QuantErrorRecorder) and c.layers), None)
-        if recorder is not None:
-            noise = next(
-                (c for c in callbacks if isinstance(c, DifferentialNoiseInjection) and c.recorder is recorder), None
-            )
+        recorder = getattr(self, "_quant_mse_stats", None)
+        if recorder is not None and recorder.layers:
+            noise = getattr(self, "_quant_mse_noise", None)
             return [(n, recorder.modules[n]) for n in recorder.layers], recorder.specs, recorder, noise
         cache = getattr(self, "_quant_mse_cache", None)
         if cache is None:

@@ -11,8 +11,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from ..quant.attention import attach_attention_points, detach_attention_points
+from ..quant.hooks import hooks_are_suspended
 from ..quant.observers import RangeObserver, make_observer
 from ..quant.ops import (
     compute_qparams,
@@ -23,7 +25,6 @@ from ..quant.ops import (
 )
 from ..quant.spec import QuantSpec, preset_name
 from ..quant.targets import has_weight, layer_specs, select_modules
-from ..quant.hooks import hooks_are_suspended
 from ._common import check_bool
 
 __all__ = ["QuantErrorRecorder", "resolve_specs"]
@@ -54,7 +55,8 @@ class QuantErrorRecorder(Callback):
       calibration uses, so min-max, percentile or MSE ranges are the same in training and in PTQ.
     Statistics refresh every ``stats_every`` optimizer steps (the first measurement initialises the EMA),
     activation statistics are averaged over DDP ranks, and per-layer SQNR (dB) plus model means go to the
-    Trainer's loggers on each refresh.
+    Trainer's loggers on each refresh. ``refresh_weights=False`` leaves the weight measurement to the caller
+    (:meth:`refresh_weight_stats`): a weight-noise callback does it, when the weights are clean.
 
     With ``attention_points`` (default) every timm ``Attention`` of the LightningModule gets quantization
     points on Q, K, V and the softmax output for the duration of ``fit`` (attached in ``setup``, removed at
@@ -83,6 +85,7 @@ class QuantErrorRecorder(Callback):
         name: str | None = None,
         attention_points: bool = True,
         check_finite: bool = True,
+        refresh_weights: bool = True,
     ) -> None:
         self.weight_spec, self.act_spec = resolve_specs(weight_spec, act_spec)
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
@@ -102,6 +105,9 @@ class QuantErrorRecorder(Callback):
             raise ValueError(f"attention_points must be True or False, got {attention_points!r}")
         self.attention_points = attention_points
         self.check_finite = check_bool("check_finite", check_finite)
+        #: False: the weight error is measured only when :meth:`refresh_weight_stats` is called, by the owner of
+        #: the weights' timing (a weight-noise callback, which knows when they are clean)
+        self.refresh_weights = check_bool("refresh_weights", refresh_weights)
         self.name = name or preset_name(self.weight_spec.bits, self.act_spec.bits)
 
         self.layers: list[str] = []
@@ -124,8 +130,6 @@ class QuantErrorRecorder(Callback):
         self.act_observers: dict[str, RangeObserver] = {}
         self.weight_refreshed_at = -1
         self.act_refreshed_at = -1
-        #: set by a noise injector that owns the timing of weight refreshes (it knows when weights are clean)
-        self.weight_refresh_owner: Callback | None = None
         self._handles: list[RemovableHandle] = []
         self._measuring = False
         self._measure_step = -1
@@ -139,6 +143,7 @@ class QuantErrorRecorder(Callback):
         return self._generate_state_key(name=self.name)
 
     # setup --------------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         fit = stage == "fit"
         if self.layers and not fit:
@@ -194,6 +199,7 @@ class QuantErrorRecorder(Callback):
             lines.append(f"  {n:<40} {type(m).__name__:<10} {shape:<20} {wbits:>6} {a.bits:>6}")
         return "\n".join(lines)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._move_stats(pl_module.device)
         if self.record_activations and not self._handles:
@@ -201,7 +207,7 @@ class QuantErrorRecorder(Callback):
                 self._handles.append(
                     self.modules[n].register_forward_pre_hook(self._make_hook(n), prepend=True)
                 )
-        if self.weight_refresh_owner is None and not self.weight_mean:
+        if self.refresh_weights and not self.weight_mean:
             self.refresh_weight_stats(trainer.global_step)
 
     def _move_stats(self, device: torch.device) -> None:
@@ -287,6 +293,7 @@ class QuantErrorRecorder(Callback):
         sig = mean_square(xf)
         return lo, hi, mean, var, sig
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._measuring = (
@@ -302,7 +309,7 @@ class QuantErrorRecorder(Callback):
             self._measuring = False
         step = trainer.global_step
         if (
-            self.weight_refresh_owner is None
+            self.refresh_weights
             and self.is_refresh_step(step)
             and step != self.weight_refreshed_at
         ):
@@ -363,14 +370,17 @@ class QuantErrorRecorder(Callback):
         self._measuring = False
         self._pending.clear()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.remove_hooks()
         self.detach_attention_points()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.remove_hooks()
         self.detach_attention_points()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_hooks()
         self.detach_attention_points()
@@ -389,6 +399,7 @@ class QuantErrorRecorder(Callback):
             "act_sqnr_db": self.act_sqnr_db,
         }
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: {n: v.detach().cpu() for n, v in d.items()} for k, d in self._stat_dicts().items()}
         state["weight_refreshed_at"] = self.weight_refreshed_at
@@ -396,6 +407,7 @@ class QuantErrorRecorder(Callback):
         state["specs"] = (self.weight_spec.to_dict(), self.act_spec.to_dict())
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for k, d in self._stat_dicts().items():
             d.clear()

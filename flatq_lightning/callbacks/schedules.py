@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["PiecewiseLinear", "trapezoid"]
+__all__ = ["PiecewiseLinear", "Ramp", "trapezoid"]
 
 
 class PiecewiseLinear:
@@ -53,3 +53,28 @@ def trapezoid(total_steps: int, up: float = 0.2, down: float = 0.2, peak: float 
         raise ValueError(f"trapezoid needs total_steps >= 1 and fractions up + down <= 1, got {total_steps}, {up}, {down}")
     a, b = int(round(up * total_steps)), int(round((1 - down) * total_steps))
     return PiecewiseLinear([(0, 0.0 if up > 0 else peak), (a, peak), (b, peak), (total_steps, 0.0 if down > 0 else peak)])
+
+
+class Ramp:
+    """A picklable schedule: ``start`` → ``end`` linearly over ``steps`` optimizer steps, then ``end``.
+
+    Example:
+        >>> kappa = Ramp(end=1.0, steps=100)
+        >>> kappa(0), kappa(50), kappa(500)
+        (0.0, 0.5, 1.0)
+    """
+
+    def __init__(self, end: float = 1.0, steps: int = 1000, start: float = 0.0) -> None:
+        if steps < 1:
+            raise ValueError(f"Ramp steps must be >= 1, got {steps}")
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Ramp {name} must be a finite float >= 0 (a noise scale), got {v!r}")
+        self.start, self.end, self.steps = float(start), float(end), int(steps)
+
+    def __call__(self, step: int) -> float:
+        f = min(max(step / self.steps, 0.0), 1.0)
+        return self.start + (self.end - self.start) * f
+
+    def __repr__(self) -> str:
+        return f"Ramp(start={self.start}, end={self.end}, steps={self.steps})"

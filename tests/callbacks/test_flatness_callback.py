@@ -134,7 +134,7 @@ def test_measures_on_clean_weights(tmp_path):
         seen_inside.append(noise.inside)
         return classification_loss(model, batch)
 
-    monitor = SharpnessMonitor(n_batches=1, n_probes=1, power_iters=2, loss_fn=loss_fn)
+    monitor = SharpnessMonitor(n_batches=1, n_probes=1, power_iters=2, loss_fn=loss_fn, weight_noise=noise)
     module = TinyModule()
     trainer(tmp_path, [noise, monitor], max_epochs=1).fit(module, loader(32))
     assert noise.entered == 1 and seen_inside and all(seen_inside)
@@ -170,7 +170,11 @@ def test_with_real_differential_noise_measures_clean_weights(tmp_path):
 
     cbs = dnq_callbacks("w4a4", noise_scale=1.0, stats_every=2)
     noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
-    monitor = SharpnessMonitor(n_batches=1, n_probes=1, power_iters=2)
+    with pytest.warns(UserWarning, match="measure the noisy weights"):  # not told which callback holds the noise
+        trainer(tmp_path, [*dnq_callbacks("w4a4"), SharpnessMonitor(n_batches=1)], max_epochs=1).fit(
+            TinyModule(), loader(8)
+        )
+    monitor = SharpnessMonitor(n_batches=1, n_probes=1, power_iters=2, weight_noise=noise)
     module = TinyModule()
     trainer(tmp_path, [*cbs, monitor], max_epochs=1).fit(module, loader(32))
     # on_train_end removed the noise: the model now holds the clean weights the monitor measured; it also

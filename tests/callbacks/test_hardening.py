@@ -273,7 +273,7 @@ def test_a_callback_list_reused_on_another_model_starts_afresh():
 def test_two_weight_noise_sets_in_one_trainer_are_refused_clearly():
     a = dnq_callbacks("w4a4")
     b = dnq_callbacks("w3a3")  # distinct state keys: Lightning accepts the list, the noise callbacks do not
-    with pytest.raises(ValueError, match=r"two weight-noise callbacks in one Trainer.*one dnq_callbacks\(\.\.\.\) set"):
+    with pytest.raises(ValueError, match=r"two weight-noise callbacks in one Trainer.*one DNQ\(\.\.\.\)"):
         _fit([*a, *b], epochs=1)
 
 

@@ -9,9 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
-from .measures import LossFn, classification_loss, hessian_trace, top_eigenvalue
 from ...quant.hooks import hooks_suspended
+from .measures import LossFn, classification_loss, hessian_trace, top_eigenvalue
 
 __all__ = ["SharpnessMonitor"]
 
@@ -38,10 +40,11 @@ class SharpnessMonitor(Callback):
     measurement). The probes use a fixed ``seed``, so successive values differ only through the weights.
 
     It runs in ``on_train_epoch_end``, after that epoch's validation, with the model in eval mode (BatchNorm on
-    running statistics) and on *clean* weights: every callback in ``trainer.callbacks`` that has a
-    ``clean_weights()`` context manager (``DifferentialNoiseInjection`` does) is entered for the duration of
-    the measurement, so injected weight noise is removed and put back afterwards. Without such a callback the
-    current weights are measured. The recorder and activation-noise hooks are suspended meanwhile, so neither
+    running statistics) and on *clean* weights: pass the weight-noise owner as ``weight_noise`` (a
+    :class:`~flatq_lightning.DNQ` or a :class:`~flatq_lightning.DifferentialNoiseInjection`) and its
+    ``clean_weights()`` is entered for the duration of the measurement, so injected weight noise is removed and
+    put back afterwards. Without it the current weights are measured (a warning says so when the Trainer has
+    weight noise). The recorder and activation-noise hooks are suspended meanwhile, so neither
     the recorded statistics nor the measured loss see the measurement's forwards as training. No gradient is left in ``param.grad`` and the parameters are unchanged.
 
     Cost per measurement: ``n_batches · (n_probes + power_iters)`` forward + double-backward passes. Under
@@ -58,6 +61,7 @@ class SharpnessMonitor(Callback):
             (cross-entropy of ``module(x)`` for ``(x, y)`` batches). Use a module-level function (picklable).
         tol: relative tolerance ending the power iteration.
         seed: seed of the probes and the power-iteration start.
+        weight_noise: the callback whose ``clean_weights()`` removes the training noise while measuring.
 
     Example:
         >>> import lightning as L
@@ -73,6 +77,7 @@ class SharpnessMonitor(Callback):
         loss_fn: LossFn | None = None,
         tol: float = 1e-3,
         seed: int = 0,
+        weight_noise: Any = None,
     ) -> None:
         for name, value in (
             ("every_n_epochs", every_n_epochs),
@@ -90,6 +95,12 @@ class SharpnessMonitor(Callback):
             raise ValueError(f"SharpnessMonitor: tol must be a number >= 0, got {tol!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"SharpnessMonitor: seed must be an int, got {seed!r}")
+        if weight_noise is not None and not callable(getattr(weight_noise, "clean_weights", None)):
+            raise ValueError(
+                "SharpnessMonitor: weight_noise must be a DNQ or a DifferentialNoiseInjection (it removes the "
+                f"training noise while measuring), got {type(weight_noise).__name__}"
+            )
+        self.weight_noise = weight_noise
         self.every_n_epochs = every_n_epochs
         self.n_batches = n_batches
         self.n_probes = n_probes
@@ -114,6 +125,7 @@ class SharpnessMonitor(Callback):
         if len(self._batches) < self.n_batches:
             self._batches.append(_to_cpu(batch))
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epochs_seen += 1
         if self.epochs_seen % self.every_n_epochs != 0 or not self._batches:
@@ -128,16 +140,24 @@ class SharpnessMonitor(Callback):
         )
 
     # ------------------------------------------------------------------------------------- measure
-    @staticmethod
-    def clean_weight_providers(trainer: pl.Trainer) -> list[Any]:
-        """The callbacks of ``trainer`` that offer a ``clean_weights()`` context manager."""
-        return [cb for cb in trainer.callbacks if callable(getattr(cb, "clean_weights", None))]
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.weight_noise is not None:
+            return
+        from ..group import flatten_callbacks
+        from ..weight_noise import DifferentialNoiseInjection
+
+        if any(isinstance(c, DifferentialNoiseInjection) and c.active for c in flatten_callbacks(trainer.callbacks)):
+            rank_zero_warn(
+                "SharpnessMonitor will measure the noisy weights W + δ: pass SharpnessMonitor(weight_noise=<the DNQ>) "
+                "to measure the clean ones"
+            )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
         """Hessian trace and top eigenvalue on the cached batches and clean weights (eval mode)."""
         with contextlib.ExitStack() as stack:
-            for cb in self.clean_weight_providers(trainer):
-                stack.enter_context(cb.clean_weights())
+            if self.weight_noise is not None:
+                stack.enter_context(self.weight_noise.clean_weights())
             stack.enter_context(hooks_suspended())  # no recorder/activation-noise hook fires while measuring
             trace = hessian_trace(
                 pl_module, self.loss_fn, self._batches, n_probes=self.n_probes, seed=self.seed
@@ -148,9 +168,11 @@ class SharpnessMonitor(Callback):
         return trace, eig
 
     # ---------------------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"epochs_seen": self.epochs_seen, "history": [dict(h) for h in self.history]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs_seen = int(state_dict.get("epochs_seen", 0))
         self.history = [dict(h) for h in state_dict.get("history", [])]

@@ -1,0 +1,159 @@
+"""DNQ in one callback: the recorder, the differential weight noise and the activation noise, composed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+from lightning.pytorch.callbacks import Callback
+
+from ..quant.spec import QuantSpec
+from .act_noise import ActivationNoiseInjection
+from .group import CallbackGroup
+from .recorder import QuantErrorRecorder
+from .weight_noise import DifferentialNoiseInjection, NoiseMode
+
+__all__ = ["DNQ", "dnq_callbacks"]
+
+
+def _names(v: str | Sequence[str] | None) -> str | list[str] | None:
+    return list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+
+
+class DNQ(CallbackGroup):
+    """Differential noise injection for a target quantizer, as one self-contained callback.
+
+    It builds and runs, in this order, a :class:`QuantErrorRecorder` (:attr:`recorder`), a
+    :class:`DifferentialNoiseInjection` (:attr:`weight_noise`, ``None`` with ``weight_noise=False``) and an
+    :class:`ActivationNoiseInjection` (:attr:`act_noise`, ``None`` with ``act_noise=False``): the same callbacks,
+    hooks and numbers as listing the three in a Trainer, in one object a config file can name::
+
+        # LightningCLI                               # Hydra
+        trainer:                                     callbacks:
+          callbacks:                                   dnq:
+            - class_path: flatq_lightning.DNQ            _target_: flatq_lightning.DNQ
+              init_args: {preset: w4a4, p: 0.5}          preset: w4a4
+
+    ``preset``: the target quantizer as a preset (``"w4a4"``) or as the weight :class:`QuantSpec`, with
+    ``act_spec`` for the activations (default: the method's activation quantizer at the weight's bits).
+    ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
+    (clean training first). ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm
+    attention modules. ``clean_bn_batches``: training batches on which the end of fit (and every checkpoint)
+    re-estimates the BatchNorm statistics on the clean weights; 0 keeps those gathered under noise. The other
+    arguments are those of the three parts.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> dnq = DNQ("w4a4", noise_scale=1.0, p=0.5)
+        >>> [type(c).__name__ for c in dnq.parts]
+        ['QuantErrorRecorder', 'DifferentialNoiseInjection', 'ActivationNoiseInjection']
+        >>> trainer = Trainer(callbacks=[dnq], logger=False, enable_checkpointing=False)
+    """
+
+    def __init__(
+        self,
+        preset: str | QuantSpec = "w4a4",
+        *,
+        act_spec: QuantSpec | None = None,
+        noise_scale: float | Callable[[int], float] = 1.0,
+        mode: str | NoiseMode = "differential",
+        weight_noise: bool = True,
+        act_noise: bool = True,
+        p: float = 0.5,
+        act_noise_scale: float | Callable[[int], float] = 1.0,
+        stats_every: int = 16,
+        momentum: float = 0.9,
+        warmup_steps: int = 0,
+        warmup_fraction: float = 0.0,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        keep_first_last_8bit: bool = True,
+        noise_source: str = "auto",
+        attention_points: bool = True,
+        clean_bn_batches: int = 32,
+    ) -> None:
+        for flag, value in (("weight_noise", weight_noise), ("act_noise", act_noise)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        #: the statistics of the target quantizer's errors, which both noise parts read
+        self.recorder = QuantErrorRecorder(
+            preset,
+            act_spec,
+            stats_every=stats_every,
+            momentum=momentum,
+            include=_names(include),
+            exclude=_names(exclude),
+            keep_first_last_8bit=keep_first_last_8bit,
+            record_activations=act_noise,
+            attention_points=attention_points,
+            refresh_weights=not weight_noise,
+        )
+        #: the weight noise (owns the clean weights and the clean BN statistics), or None
+        self.weight_noise: DifferentialNoiseInjection | None = None
+        if weight_noise:
+            self.weight_noise = DifferentialNoiseInjection(
+                self.recorder, noise_scale=noise_scale, mode=mode, warmup_steps=warmup_steps, seed=seed,
+                warmup_fraction=warmup_fraction, noise_source=noise_source, clean_bn_batches=clean_bn_batches,
+            )
+        #: the activation noise, or None
+        self.act_noise: ActivationNoiseInjection | None = None
+        if act_noise:
+            self.act_noise = ActivationNoiseInjection(
+                self.recorder, p=p, noise_scale=act_noise_scale, seed=seed, warmup_steps=warmup_steps,
+                noise_source=noise_source, warmup_fraction=warmup_fraction,
+            )
+        super().__init__([c for c in (self.recorder, self.weight_noise, self.act_noise) if c is not None])
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(recorder=self.recorder.name)
+
+    def part_names(self) -> list[str]:
+        return [n for n, c in (("recorder", self.recorder), ("weight_noise", self.weight_noise),
+                               ("act_noise", self.act_noise)) if c is not None]
+
+    @contextlib.contextmanager
+    def clean_weights(self) -> Iterator[None]:
+        """Inside the block the parameters hold the clean weights (a no-op without weight noise)."""
+        with self.weight_noise.clean_weights() if self.weight_noise is not None else contextlib.nullcontext():
+            yield
+
+
+def dnq_callbacks(
+    preset: str | QuantSpec = "w4a4",
+    *,
+    act_spec: QuantSpec | None = None,
+    noise_scale: float | Callable[[int], float] = 1.0,
+    mode: str | NoiseMode = "differential",
+    weight_noise: bool = True,
+    act_noise: bool = True,
+    p: float = 0.5,
+    act_noise_scale: float | Callable[[int], float] = 1.0,
+    stats_every: int = 16,
+    momentum: float = 0.9,
+    warmup_steps: int = 0,
+    warmup_fraction: float = 0.0,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_last_8bit: bool = True,
+    noise_source: str = "auto",
+    attention_points: bool = True,
+    clean_bn_batches: int = 32,
+) -> list[Callback]:
+    """The parts of :class:`DNQ` as separate callbacks (same arguments), for those who list them one by one.
+
+    Example:
+        >>> [type(c).__name__ for c in dnq_callbacks("w4a4", act_noise=False)]
+        ['QuantErrorRecorder', 'DifferentialNoiseInjection']
+    """
+    return list(
+        DNQ(
+            preset, act_spec=act_spec, noise_scale=noise_scale, mode=mode, weight_noise=weight_noise,
+            act_noise=act_noise, p=p, act_noise_scale=act_noise_scale, stats_every=stats_every, momentum=momentum,
+            warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, seed=seed, include=include, exclude=exclude,
+            keep_first_last_8bit=keep_first_last_8bit, noise_source=noise_source, attention_points=attention_points,
+            clean_bn_batches=clean_bn_batches,
+        ).parts
+    )

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from flatq_lightning import QuantSpec, fake_quantize, fold_batchnorm, quantize_model, select_modules
+from flatq_lightning import QuantSpec, fake_quantize, fold_batchnorm, quantize_model
 from flatq_lightning.quant import QuantizedLayer, compute_qparams, quantized_layers
 from tests.helpers import SmallConvNet, blob_data, train_small
 
@@ -48,13 +48,6 @@ def test_fold_warns_on_unmatched_bn():
     with pytest.warns(UserWarning, match="1 BatchNorm layer"):
         folded, pairs = fold_batchnorm(net, return_pairs=True)
     assert pairs == [("1", "2")]
-
-
-def test_select_modules_patterns_and_order():
-    net = SmallConvNet()
-    names = [n for n, _ in select_modules(net)]
-    assert names == ["conv1", "conv2", "conv3", "fc"]
-    assert [n for n, _ in select_modules(net, include="conv*", exclude="conv2")] == ["conv1", "conv3"]
 
 
 def test_quantize_model_does_not_mutate_and_matches_fake_quant():

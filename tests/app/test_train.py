@@ -113,7 +113,7 @@ def test_default_is_the_quickstart():
     assert list(cfg.ptq.bits) == ["w8a8", "w4a4", "w3a3", "w2a4"]
     plain, dnq = _variants(cfg)
     assert plain[0] == "plain" and plain[1].callbacks.dnq is None
-    assert dnq[0] == "dnq" and dnq[1].callbacks.dnq._target_ == "flatq_lightning.dnq_callbacks"
+    assert dnq[0] == "dnq" and dnq[1].callbacks.dnq._target_ == "flatq_lightning.DNQ"
     assert plain[1].seed == dnq[1].seed and plain[1].trainer.max_epochs == dnq[1].trainer.max_epochs
 
 

@@ -166,3 +166,26 @@ def test_lightning_cli_sets_up_dnq_and_ptq_from_a_yaml_file(tmp_path):
     assert dnq.weight_noise.noisy_bn_state is not None  # noise was applied; the end of fit cleaned BN
     assert (tmp_path / "ptq" / "ptq_report.json").is_file()
     assert (tmp_path / "ptq" / "ptq_report.png").is_file()
+
+
+def test_a_checkpoint_of_the_three_callbacks_resumes_into_dnq_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kw = dict(stats_every=2, seed=5)
+
+    def run(callbacks, epochs, ckpt=None, **tkw):
+        seed_everything(0)
+        model = TinyLM()
+        train, val = loaders()
+        trainer(max_epochs=epochs, callbacks=callbacks, **tkw).fit(model, train, val, ckpt_path=ckpt)
+        return model
+
+    ck = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    run([*dnq_callbacks("w4a4", **kw), ck], 1, enable_checkpointing=True)
+    last = str(tmp_path / "last.ckpt")
+    a = run(dnq_callbacks("w4a4", **kw), 2, ckpt=last)
+    dnq = DNQ("w4a4", **kw)
+    b = run([dnq], 2, ckpt=last)
+    assert dnq.recorder.weight_mean  # the recorder's statistics came back from the old keys
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), n

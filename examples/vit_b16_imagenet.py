@@ -25,6 +25,7 @@ from flatq_lightning import PostTrainingQuantization, dnq_callbacks
 from flatq_lightning.app.data import ImageNetDataModule, SyntheticDataModule
 from flatq_lightning.app.models import PretrainedWeightsError
 from flatq_lightning.app.module import ImageClassifier
+from flatq_lightning.progress import progress_bar_callback
 
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
 
@@ -160,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         callbacks.append(
             ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max", save_last=True)
         )
+    # in a log (not a terminal): plain progress lines instead of Lightning's tqdm bar
+    bar = progress_bar_callback(trainer_kw.get("enable_progress_bar", True), callbacks)
+    if bar is not None:
+        callbacks.append(bar)
     on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
     trainer = L.Trainer(
         accelerator=args.accelerator,

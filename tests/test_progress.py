@@ -87,3 +87,107 @@ def tiny_zip(tmp_path):
     return path
 
 
+
+
+# --- training: Lightning's progress as plain lines in a log ---------------------------------------------------
+def _prog_lm():
+    """A LightningModule that shows its loss and validation accuracy in the progress bar."""
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+
+    class M(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallConvNet()
+
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean(), prog_bar=True)
+
+        def test_step(self, batch, batch_idx):
+            self.log("test/acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean(), prog_bar=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return M()
+
+
+def _trainer(callbacks, **kw):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks, **kw)
+
+
+def _loaders():
+    x, y = blob_data(64)
+    return DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+
+
+def test_plain_progress_bar_prints_lines_per_epoch_and_within_it():
+    from flatq_lightning.progress import PlainProgressBar
+
+    out = io.StringIO()
+    train, val = _loaders()
+    tr = _trainer([PlainProgressBar(interval_s=0.0, stream=out)])
+    assert tr.progress_bar_callback is not None and not any(type(c).__name__ == "TQDMProgressBar" for c in tr.callbacks)
+    tr.fit(_prog_lm(), train, val)
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    # interval 0: a line after every batch but the epoch's last, then the epoch's line with validation's metrics
+    # (sanity check: nothing)
+    heads = [ln.split(", ")[0] for ln in lines]
+    assert heads == ["epoch 1/2: 1/4 batches", "epoch 1/2: 2/4 batches", "epoch 1/2: 3/4 batches",
+                     "validation: 1/2 batches", "epoch 1/2: done",
+                     "epoch 2/2: 1/4 batches", "epoch 2/2: 2/4 batches", "epoch 2/2: 3/4 batches",
+                     "validation: 1/2 batches", "epoch 2/2: done"], text
+    assert "train/loss " in lines[0] and "val/acc" not in lines[0]
+    done = lines[4]
+    assert done.startswith("epoch 1/2: done, 4/4 batches in ") and " train/loss " in done and ", val/acc " in done
+    # a test run on its own: a closing line with its metrics
+    out.truncate(0)
+    out.seek(0)
+    tr.test(tr.lightning_module, val, verbose=False)
+    assert out.getvalue().splitlines()[-1].startswith("test: done, 2 batches in ") and "test/acc" in out.getvalue()
+
+
+def test_plain_progress_bar_default_interval_and_disable():
+    from flatq_lightning.progress import PlainProgressBar
+
+    out = io.StringIO()
+    train, val = _loaders()
+    tr = _trainer([PlainProgressBar(stream=out)])
+    tr.fit(_prog_lm(), train, val)
+    assert [ln.split(" in ")[0] for ln in out.getvalue().splitlines()] == [
+        "epoch 1/2: done, 4/4 batches", "epoch 2/2: done, 4/4 batches"]  # a quick epoch: its closing line only
+    bar = PlainProgressBar(interval_s=0.0, stream=io.StringIO())
+    bar.disable()  # as on the ranks other than zero, or while the tuner searches
+    _trainer([bar]).fit(_prog_lm(), train, val)
+    assert bar.stream.getvalue() == "" and bar.is_disabled and not bar.is_enabled
+
+
+def test_progress_bar_callback_chooses_plain_lines_off_a_terminal(monkeypatch):
+    import sys
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from flatq_lightning.progress import PlainProgressBar, progress_bar_callback
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert isinstance(progress_bar_callback(), PlainProgressBar)
+    # enable_progress_bar=False (Lightning refuses any progress bar callback then), or a bar already given
+    assert progress_bar_callback(enabled=False) is None
+    assert progress_bar_callback(callbacks=[TQDMProgressBar()]) is None
+    _trainer([], enable_progress_bar=False)  # what the callers build when it returns None: no error
+    monkeypatch.setattr(sys, "stdout", _Tty())
+    assert isinstance(progress_bar_callback(), PlainProgressBar)  # stderr (where its lines go) is a log
+    monkeypatch.setattr(sys, "stderr", _Tty())
+    assert progress_bar_callback() is None  # a terminal: Lightning's own tqdm bar

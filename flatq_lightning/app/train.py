@@ -284,6 +284,8 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from ..progress import progress_bar_callback
+
     L.seed_everything(int(cfg.seed), workers=True)
     module = _instantiate(
         cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs(cfg, dm)
@@ -297,7 +299,14 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
         extra["logger"] = CSVLogger(save_dir=str(vdir), name="lightning_logs")
     if "enable_checkpointing" not in cfg.trainer:  # the callbacks group decides: checkpoint or none
         extra["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, default_root_dir=str(vdir), **extra)
+    extra_callbacks = []
+    # in a log (not a terminal) Lightning's tqdm bar is replaced by plain lines, one per epoch and a few within
+    bar = progress_bar_callback(bool(cfg.trainer.get("enable_progress_bar", True)), callbacks)
+    if bar is not None:
+        extra_callbacks.append(bar)
+    trainer = _instantiate(
+        cfg.trainer, "trainer", callbacks=[*callbacks, *extra_callbacks], default_root_dir=str(vdir), **extra
+    )
     log.info(
         "[%s] fitting %s on %s with %d callback(s)", name, cfg.model.name, type(dm).__name__, len(callbacks)
     )

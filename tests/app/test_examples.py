@@ -115,3 +115,30 @@ def test_example_help_shows_the_defaults(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "training epochs (default: 10)" in out and "e.g. w4a4, w3a3 (default: w4a4)" in out
     assert "--pretrained-file" in out and "plain training (the baseline)\n" in out  # switches: no "(default"
+
+
+@pytest.mark.slow
+def test_example_progress_in_a_log_is_plain_lines(image_folder, tmp_path):
+    # a batch job's view: python examples/resnet50_imagenet.py ... > out.log 2> err.log, on a real ImageFolder
+    import os
+    import subprocess
+
+    repo = EXAMPLES.parent
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])
+    argv = ["--data-root", str(image_folder), *_TINY["resnet50_imagenet"], "--epochs", "2", "--batch-size", "4",
+            "--num-workers", "0", "--ptq-bits", "w4a4", "--calib-batches", "1", "--accelerator", "cpu",
+            "--devices", "1", "--out", str(tmp_path / "run")]
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    with out.open("w") as fo, err.open("w") as fe:
+        r = subprocess.run([sys.executable, str(EXAMPLES / "resnet50_imagenet.py"), *argv], cwd=tmp_path, env=env,
+                           stdout=fo, stderr=fe, timeout=600)
+    stdout, stderr = out.read_text(), err.read_text()
+    assert r.returncode == 0, stderr[-3000:]
+    for text in (stdout, stderr):
+        assert "\r" not in text and "\x1b[" not in text
+    # 12 training images in batches of 4: a line per epoch with validation's metrics, then PTQ's plain lines
+    assert stderr.count(", 3/3 batches in ") == 2 and "epoch 2/2: done, 3/3 batches in " in stderr, stderr
+    line = next(ln for ln in stderr.splitlines() if ln.startswith("epoch 1/2: done"))
+    assert "train/loss_step " in line and "val/acc " in line
+    assert "eval w4a4: done" in stderr and "ptq/w4a4/top1" in stdout

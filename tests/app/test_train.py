@@ -73,18 +73,31 @@ def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
         return compose("train", overrides=overrides or [], return_hydra_config=hydra_cfg)
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _cli_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
     # this checkout's package, whatever the environment has installed (and from any working directory)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flatq_lightning.app.train", *args],
         cwd=cwd,
-        env=env,
+        env=_cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def _cli_to_files(args: list[str], cwd: Path, timeout: int = 300) -> tuple[int, str, str]:
+    """``flatq-train args > out.log 2> err.log`` (files, as a batch job's logs): (exit code, stdout, stderr)."""
+    out, err = cwd / "out.log", cwd / "err.log"
+    with out.open("w") as fo, err.open("w") as fe:
+        r = subprocess.run([sys.executable, "-m", "flatq_lightning.app.train", *args], cwd=cwd, env=_cli_env(),
+                           stdout=fo, stderr=fe, timeout=timeout)
+    return r.returncode, out.read_text(), err.read_text()
 
 
 # --- configs ------------------------------------------------------------------------------------------------
@@ -280,6 +293,7 @@ def test_quickstart_fast_dev_run(tmp_path, capsys):
     # PTQ progress is on by default; in a log (not a terminal) it is plain lines
     err = capsys.readouterr().err
     assert err.count("PTQ: done, 4 bit-widths in") == 2 and "eval w2a4: done" in err and "\r" not in err
+    assert "epoch 1" not in err  # quickstart's trainer.enable_progress_bar=false: no training progress
     assert list(res["variants"]) == ["plain", "dnq"]
     for name, v in res["variants"].items():
         assert set(v["ptq"]) == {"w8a8", "w4a4", "w3a3", "w2a4"}
@@ -294,6 +308,23 @@ def test_quickstart_fast_dev_run(tmp_path, capsys):
     assert "| bits | plain | dnq |" in md and "| W2A4 |" in md
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["plain", "dnq"] and "w4a4_top1" in rows[0]
+
+
+@pytest.mark.slow
+def test_cli_training_progress_in_a_log_is_plain_lines(tmp_path):
+    # the quickstart with the progress bar on, output to files: plain lines, not Lightning's tqdm bar
+    rc, out, err = _cli_to_files(
+        ["trainer.enable_progress_bar=true", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
+         "+trainer.limit_val_batches=1", "ptq.bits=[w4a4]", "ptq.calib_batches=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )
+    assert rc == 0, err[-3000:]
+    for text in (out, err):
+        assert "\r" not in text and "\x1b[" not in text
+    assert err.count("epoch 2/2: done, 3/3 batches in ") == 2, err  # plain and dnq, each with its line per epoch
+    line = next(ln for ln in err.splitlines() if ln.startswith("epoch 1/2: done"))
+    assert "train/loss_step " in line and "val/acc " in line and "val/loss " in line
+    assert err.count("PTQ: done, 1 bit-widths in") == 2 and "| W4A4 |" in out
 
 
 # the ImageNet experiments as a user runs them (the CLI, the default CSV logger on), on a real ImageFolder:

@@ -280,6 +280,39 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
     return report, files
 
 
+def _ptq_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The PTQ settings known before the fit, under the keys of :meth:`PTQReport.settings` (the report, written
+    after the fit, adds what it measured: the batches it calibrated on, the layers kept at 8 bits, …)."""
+
+    def joined(v: Any) -> str:
+        return ",".join(str(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else str(v or "")
+
+    p = cfg.ptq
+    return {
+        "ptq/bits": joined(p.bits),
+        "ptq/observer": str(p.observer),
+        "ptq/act_observer": str(p.get("act_observer") or p.observer),
+        "ptq/bn_reestimate": bool(p.get("bn_reestimate", False)),
+        "ptq/keep_first_last_8bit": bool(p.keep_first_last_8bit),
+        "ptq/calib_batches_requested": int(p.calib_batches),
+        "ptq/include": joined(p.get("include")),
+        "ptq/exclude": joined(p.get("exclude")),
+    }
+
+
+def _settings_callback(settings: dict[str, Any]) -> Any:
+    """A callback that adds ``settings`` to the loggers' hyperparameters at fit start (with the module's)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from ..callbacks._common import log_settings
+
+    class LogSettings(Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            log_settings(trainer, settings)
+
+    return LogSettings()
+
+
 def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, Any] | None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -299,7 +332,13 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
         extra["logger"] = CSVLogger(save_dir=str(vdir), name="lightning_logs")
     if "enable_checkpointing" not in cfg.trainer:  # the callbacks group decides: checkpoint or none
         extra["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    from ..ptq.callback import PostTrainingQuantization
+
     extra_callbacks = []
+    if cfg.ptq.get("bits") and not any(isinstance(c, PostTrainingQuantization) for c in callbacks):
+        # PTQ runs after the fit (no PostTrainingQuantization callback): its settings go to the loggers with the
+        # module's hyperparameters at fit start, as the callback's would (TensorBoard's HPARAMS shows that set)
+        extra_callbacks.append(_settings_callback(_ptq_settings(cfg)))
     # in a log (not a terminal) Lightning's tqdm bar is replaced by plain lines, one per epoch and a few within
     bar = progress_bar_callback(bool(cfg.trainer.get("enable_progress_bar", True)), callbacks)
     if bar is not None:

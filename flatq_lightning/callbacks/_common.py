@@ -134,11 +134,67 @@ def recorder_settings(recorder: object) -> dict[str, object]:
     }
 
 
+#: the hooks that run before Lightning logs the module's and data module's hyperparameters (``Trainer._run``:
+#: setup, configure_model, on_fit_start, then ``_log_hyperparams``)
+_BEFORE_AUTOLOG = ("setup", "configure_model", "on_fit_start")
+
+
+def _autolog_pending(trainer: object) -> bool:
+    """Whether Lightning is still to log the module's/data module's hyperparameters in this run: a callback is
+    in one of the hooks before that call, and the Trainer and the module (or the data module) let it log."""
+    if not getattr(trainer, "enable_autolog_hparams", True):
+        return False
+    module = getattr(trainer, "lightning_module", None)
+    if module is None or getattr(module, "_current_fx_name", None) not in _BEFORE_AUTOLOG:
+        return False
+    dm = getattr(trainer, "datamodule", None)
+    return bool(getattr(module, "_log_hyperparams", True) or getattr(dm, "_log_hyperparams", False))
+
+
+def _hold(logger: Any, settings: dict[str, object]) -> None:
+    """Keep ``settings`` for ``logger``'s next ``log_hyperparams`` call (Lightning's own, at fit start): that one
+    call then sends the module's hyperparameters and every callback's settings together."""
+    pending = logger.__dict__.get("_flatq_pending_settings")
+    if pending is None:
+        pending = {}
+        before = logger.__dict__.get("log_hyperparams")  # an instance attribute someone else set, else None
+        send = logger.log_hyperparams
+
+        def log_hyperparams(params: Any, *args: Any, **kwargs: Any) -> Any:
+            from lightning.fabric.utilities.logger import _convert_params
+
+            if before is None:
+                del logger.log_hyperparams  # back to the class's method: this runs once
+            else:
+                logger.log_hyperparams = before
+            held = logger.__dict__.pop("_flatq_pending_settings", {})
+            return send({**(_convert_params(params) or {}), **held}, *args, **kwargs)
+
+        logger.log_hyperparams = log_hyperparams
+        logger.__dict__["_flatq_pending_settings"] = pending
+    pending.update(settings)
+
+
 def log_settings(trainer: object, settings: dict[str, object]) -> None:
-    """Add ``settings`` to every logger's hyperparameters (each logger writes on rank zero only)."""
+    """Add ``settings`` to every logger's hyperparameters (each logger writes on rank zero only).
+
+    From the hooks before Lightning logs the module's hyperparameters (``setup``, ``on_fit_start``), the settings
+    are held and go out with Lightning's own ``log_hyperparams`` call: one write holds the module's, the data
+    module's and every callback's settings, which is what TensorBoard's HPARAMS view shows (it reads the first
+    hyperparameter summary of a run only). Later, or when Lightning does not log hyperparameters
+    (``enable_autolog_hparams=False``, ``save_hyperparameters(logger=False)``), the merged set is sent at once;
+    CSV and the other loggers merge it into what they have.
+    """
     from ..ptq.report import log_hyperparams
 
+    hold = _autolog_pending(trainer)
     for logger in getattr(trainer, "loggers", None) or []:
+        if hold:
+            try:
+                _hold(logger, settings)
+                continue
+            except (AttributeError, TypeError):  # a logger that takes no instance attributes: write now
+                pass
         log_hyperparams(logger, settings)
 
 

@@ -102,9 +102,13 @@ class ActivationNoiseInjection(Callback):
         }
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        log_settings(trainer, self.settings())  # with the module's hyperparameters, in one set
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
-        log_settings(trainer, self.settings())
         kind = self.noise_source
         if kind == "auto":
             kind = "pool" if pl_module.device.type == "cpu" else "generator"

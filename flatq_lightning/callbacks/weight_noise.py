@@ -464,9 +464,14 @@ class DifferentialNoiseInjection(Callback):
             pl_module.log("dnq/warmup", float(step < self.warmup_steps), on_step=True, on_epoch=False)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before Lightning logs the module's hyperparameters: the settings go out with them, in one set
+        self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        log_settings(trainer, self.settings())
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
-        log_settings(trainer, self.settings())  # warmup_steps resolved from warmup_fraction by now
         self._prepare(pl_module)
         self.noisy_bn_state = None
         resume_bn, self._resume_bn = self._resume_bn, None

@@ -443,8 +443,10 @@ class PTQReport:
 def log_hyperparams(logger: Any, settings: dict[str, Any]) -> None:
     """Add ``settings`` to a Lightning logger's hyperparameters, sent together with the ones it already has.
 
-    TensorBoard's HPARAMS tab keeps only the set sent last, so each call sends the merged set (the model's and
-    data module's, the callbacks' settings); CSV and other loggers merge either way.
+    Each call sends the merged set (the model's and data module's, the callbacks' settings), so that a logger
+    that keeps only one set keeps them all; CSV and other loggers merge either way. TensorBoard's HPARAMS view
+    reads the first set of a run: the callbacks' settings known at fit start go out with Lightning's own call
+    (:func:`flatq_lightning.callbacks._common.log_settings`).
     """
     known = getattr(logger, "hparams", None)
     merged = {**known, **settings} if isinstance(known, dict) else dict(settings)

@@ -41,6 +41,7 @@ def _has_module(name: str) -> bool:
 
 
 HAS_SUBMITIT = _has_module("hydra_plugins.hydra_submitit_launcher")
+HAS_TENSORBOARD = _has_module("tensorboard")
 EXPERIMENTS = [
     "quickstart",
     "cifar10_resnet20_plain",
@@ -396,6 +397,28 @@ def test_cifar_experiment_fast_dev_run_on_synthetic_data(tmp_path):
     res = run(cfg, tmp_path)
     main = res["variants"]["main"]
     assert main["model"] == "cifar_resnet20" and main["mse_weight"] == 0.0 and set(main["ptq"]) == {"w4a4"}
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
+def test_tensorboard_hparams_session_holds_module_data_dnq_and_ptq_settings(tmp_path):
+    # trainer.logger=TensorBoardLogger, PTQ run by the app after the fit (no PTQ callback): TensorBoard's HPARAMS
+    # view reads the first hparams summary of the run; it holds every setting
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    tb = tmp_path / "tb"
+    cfg = _compose([*TINY, "variants.plain=null", "+trainer.logger._target_=lightning.pytorch.loggers.TensorBoardLogger",
+                    f"+trainer.logger.save_dir={tb}", "+trainer.logger.name=tb"])
+    run(cfg, tmp_path / "run")
+    (log_dir,) = {p.parent for p in tb.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.SummaryMetadata(hp_metadata.SESSION_START_INFO_TAG).plugin_data.content
+    session = hp_metadata.parse_session_start_info_plugin_data(content).hparams
+    assert {"lr", "optimizer", "num_samples", "dnq/preset", "dnq/weight_noise/mode", "dnq/act_noise/p", "ptq/bits",
+            "ptq/observer", "ptq/calib_batches_requested"} <= set(session), sorted(session)
+    assert session["ptq/bits"].string_value == "w8a8,w4a4" and session["dnq/preset"].string_value == "w4a4"
+    assert session["num_samples"].number_value == 64 and session["lr"].number_value == 0.1
 
 
 def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):

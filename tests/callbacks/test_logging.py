@@ -19,12 +19,20 @@ from tests.callbacks.lm import TinyLM, loaders, trainer
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
-def _fit(logger: Any, tmp_path, steps: int = 6) -> PostTrainingQuantization:
+class _HParamsLM(TinyLM):
+    """TinyLM with hyperparameters of its own (``save_hyperparameters``), as most modules have."""
+
+    def __init__(self, lr: float = 0.05, momentum: float = 0.9) -> None:
+        super().__init__(lr=lr, momentum=momentum)
+        self.save_hyperparameters()
+
+
+def _fit(logger: Any, tmp_path, steps: int = 6, module: Any = None, **trainer_kw: Any) -> PostTrainingQuantization:
     ptq = PostTrainingQuantization(bits=("w8a8", "w4a4"), calib_batches=1, progress=False, print_report=False)
     cbs = [*dnq_callbacks("w4a4", warmup_steps=2, stats_every=2, p=0.5), ptq]
     train, val = loaders(n=steps * 32)
-    tr = trainer(tmp_path, logger=logger, callbacks=cbs, log_every_n_steps=1, limit_val_batches=1)
-    tr.fit(TinyLM(), train_dataloaders=train, val_dataloaders=val)
+    tr = trainer(tmp_path, logger=logger, callbacks=cbs, log_every_n_steps=1, limit_val_batches=1, **trainer_kw)
+    tr.fit(module if module is not None else TinyLM(), train_dataloaders=train, val_dataloaders=val)
     return ptq
 
 
@@ -96,13 +104,50 @@ def test_log_to_sends_the_plot_to_loggers_that_take_images():
     assert lg.hparams["ptq/bits"] == "w4a4"
 
 
+class _CallsLogger(Logger):
+    """Keeps every ``log_hyperparams`` call, in order."""
+
+    name = "calls"
+    version = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict[str, Any]] = []
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(dict(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+def _all_kinds(hparams: dict[str, Any]) -> bool:
+    """The module's, the DNQ callbacks' and the PTQ callback's keys, all in ``hparams``."""
+    return {"lr", "momentum", "dnq/preset", "dnq/weight_noise/mode", "dnq/act_noise/p", "ptq/bits", "ptq/observer"} <= set(hparams)
+
+
+@pytest.mark.parametrize("autolog", [True, False])
+def test_the_first_hyperparameter_set_holds_the_module_and_every_callback(tmp_path, autolog):
+    # the callbacks' settings ride with Lightning's own log_hyperparams call at fit start: the first set a logger
+    # gets (the one TensorBoard's HPARAMS shows) is complete; without Lightning's call they are still sent
+    logger = _CallsLogger()
+    _fit(logger, tmp_path, steps=2, module=_HParamsLM(lr=0.02), enable_autolog_hparams=autolog)
+    first = logger.calls[0]
+    if autolog:
+        assert _all_kinds(first) and first["lr"] == 0.02 and first["dnq/preset"] == "w4a4"
+        assert first["ptq/bits"] == "w8a8,w4a4" and first["dnq/weight_noise/warmup_steps"] == 2
+    else:  # no module hyperparameters from Lightning: the settings, each merged with what was sent before
+        assert "lr" not in first and {"dnq/preset", "ptq/bits"} <= set().union(*logger.calls)
+    assert "log_hyperparams" not in vars(logger) and "_flatq_pending_settings" not in vars(logger)  # nothing left
+
+
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
 def test_tensorboard_gets_scalars_hyperparameters_and_the_ptq_plot(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    ptq = _fit(logger, tmp_path)
+    ptq = _fit(logger, tmp_path, module=_HParamsLM(lr=0.02))
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -114,3 +159,14 @@ def test_tensorboard_gets_scalars_hyperparameters_and_the_ptq_plot(tmp_path):
     # the hparams summaries (TensorBoard's HPARAMS tab) in the event file carry the DNQ and PTQ settings
     events = b"".join(p.read_bytes() for p in Path(logger.log_dir).glob("events.out.tfevents.*"))
     assert b"dnq/weight_noise/mode" in events and b"ptq/observer" in events and b"dnq/act_noise/p" in events
+    # TensorBoard's HPARAMS view: the run's session is its first hparams summary (later ones are ignored); it
+    # holds the module's hyperparameters and the DNQ and PTQ settings together
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.SummaryMetadata(hp_metadata.SESSION_START_INFO_TAG).plugin_data.content
+    session = hp_metadata.parse_session_start_info_plugin_data(content).hparams
+    assert _all_kinds(session), sorted(session)
+    assert session["lr"].number_value == 0.02 and session["dnq/preset"].string_value == "w4a4"
+    assert session["ptq/bits"].string_value == "w8a8,w4a4" and session["dnq/act_noise/p"].number_value == 0.5

@@ -535,6 +535,44 @@ def test_sweep_jobs_reuse_a_fit_that_depends_on_nothing_swept(tmp_path, monkeypa
     assert fitted[7:] == [("plain", "w8a8"), ("dnq", "w8a8")]
 
 
+@pytest.mark.slow
+def test_multirun_over_quant_and_seed_fits_the_baseline_once_per_seed(tmp_path):
+    # flatq-train -m quant=w4a4,w3a3 seed=0,1 as a user types it (the quickstart's plain and dnq variants, on
+    # tiny synthetic data): 4 jobs in the order (w4a4,0) (w4a4,1) (w3a3,0) (w3a3,1)
+    sweep = tmp_path / "sweep"
+    r = _cli(["-m", "quant=w4a4,w3a3", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name for p in sweep.iterdir()} >= {"0", "1", "2", "3", "summary.md", "summary.csv", "summary_seeds.csv"}
+    res = {j: json.loads((sweep / str(j) / "results.json").read_text()) for j in range(4)}
+    swept = [sorted(o for o in job["overrides"] if o.startswith(("quant=", "seed="))) for job in res.values()]
+    assert swept == [["quant=w4a4", "seed=0"], ["quant=w4a4", "seed=1"], ["quant=w3a3", "seed=0"], ["quant=w3a3", "seed=1"]]
+    assert [job["seed"] for job in res.values()] == [0, 1, 0, 1]
+    # plain depends on nothing quant changes: fitted in jobs 0 and 1 (one per seed), reused by jobs 2 and 3
+    plain = {j: job["variants"]["plain"] for j, job in res.items()}
+    assert "reused_from" not in plain[0] and "reused_from" not in plain[1]
+    assert plain[2]["reused_from"] == str(sweep / "0" / "plain") and plain[3]["reused_from"] == str(sweep / "1" / "plain")
+    assert plain[2]["fp_top1"] == plain[0]["fp_top1"] and plain[3]["ptq"] == plain[1]["ptq"]
+    assert plain[0]["fingerprint"] != plain[1]["fingerprint"]  # another seed, another fit
+    assert [(sweep / str(j) / "plain").is_dir() for j in range(4)] == [True, True, False, False]
+    assert r.stderr.count("[plain] reused from") == 2
+    # dnq depends on quant: fitted in every job
+    assert all("reused_from" not in job["variants"]["dnq"] for job in res.values())
+    assert all((sweep / str(j) / "dnq" / "lightning_logs").is_dir() for j in range(4))
+    # the summary: one row per job and variant, then mean ± std and n over the seeds per quant and variant
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 8 and {row["variant"] for row in rows} == {"plain", "dnq"}
+    md = (sweep / "summary.md").read_text()
+    assert "## Mean ± std over seeds (sample std; n seeds)" in md
+    agg = {(row["overrides"], row["variant"]): row for row in csv.DictReader((sweep / "summary_seeds.csv").open())}
+    assert set(agg) == {(q, v) for q in ("quant=w4a4", "quant=w3a3") for v in ("plain", "dnq")}
+    assert all(row["n"] == "2" and row["seeds"] == "0,1" and " ± " in row["w4a4_top1"] for row in agg.values())
+    a, b = (plain[0]["ptq"]["w4a4"]["top1"], plain[1]["ptq"]["w4a4"]["top1"])
+    mean = float(agg[("quant=w4a4", "plain")]["w4a4_top1"].split(" ± ")[0])
+    assert mean == pytest.approx((a + b) / 2, abs=0.006)
+    assert agg[("quant=w4a4", "plain")]["fp_top1"] == agg[("quant=w3a3", "plain")]["fp_top1"]  # the same two fits
+    assert "| quant=w3a3 | dnq | 2 | 0,1 |" in md and "multirun summary:" in r.stdout
+
+
 def test_sweep_summary_aggregates_over_seeds(tmp_path):
     accs = {("w8a8", 0): 90.0, ("w8a8", 1): 92.0, ("w8a8", 2): 94.0, ("w4a4", 0): 70.0, ("w4a4", 1): 80.0}
     for job, ((q, seed), acc) in enumerate(accs.items()):

@@ -1,6 +1,6 @@
 """DNQ pre-conditioning of a ResNet-50 on ImageNet, then plain PTQ, with an ordinary Lightning Trainer.
 
-The DNQ callbacks (error recorder, differential weight noise, activation noise) are added to the Trainer
+The DNQ callback (error recorder, differential weight noise, activation noise in one) is added to the Trainer
 explicitly, next to the PostTrainingQuantization callback that quantizes the result after fit; nothing else
 about the training loop changes. The output is an ordinary FP checkpoint plus a PTQ report.
 
@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from flatq_lightning import PostTrainingQuantization, dnq_callbacks
+from flatq_lightning import DNQ, PostTrainingQuantization
 from flatq_lightning.app.data import ImageNetDataModule, SyntheticDataModule
 from flatq_lightning.app.models import PretrainedWeightsError
 from flatq_lightning.app.module import ImageClassifier
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         progress=not args.smoke,
     )
     callbacks: list[Any] = [
-        *(dnq_callbacks(args.bits, seed=args.seed) if args.dnq else []),
+        *([DNQ(args.bits, seed=args.seed)] if args.dnq else []),
         ptq,
         LearningRateMonitor("step"),
     ]

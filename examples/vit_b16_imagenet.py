@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from flatq_lightning import PostTrainingQuantization, dnq_callbacks
+from flatq_lightning import DNQ, PostTrainingQuantization
 from flatq_lightning.app.data import ImageNetDataModule, SyntheticDataModule
 from flatq_lightning.app.models import PretrainedWeightsError
 from flatq_lightning.app.module import ImageClassifier
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         progress=not args.smoke,
     )
     callbacks: list[Any] = [
-        *(dnq_callbacks(args.bits, seed=args.seed) if args.dnq else []),
+        *([DNQ(args.bits, seed=args.seed)] if args.dnq else []),
         ptq,
         LearningRateMonitor("step"),
     ]

@@ -101,6 +101,26 @@ def _check_trainer_numbers(trainer: Any) -> None:
             raise ConfigError(f"trainer.{key} must be {kind} (or null), got {v!r}")
 
 
+def _check_quant_specs(quant: DictConfig, weight_bits: int, act_bits: int) -> None:
+    """``quant.weight`` / ``quant.act`` (QuantSpec fields) build, and their bits are the ones ``quant.preset`` names
+    (so that ``quant.preset=w3a3`` alone cannot label a W4A4 run as W3A3)."""
+    for side, bits in (("weight", weight_bits), ("act", act_bits)):
+        node = quant.get(side)
+        if node is None:
+            continue
+        try:
+            spec = hydra.utils.instantiate(node)
+        except Exception as err:  # noqa: BLE001 - the QuantSpec's own message names the field
+            cause = err.__cause__ or err
+            raise ConfigError(f"quant.{side}: {cause}") from None
+        if getattr(spec, "bits", bits) != bits:
+            raise ConfigError(
+                f"quant.preset={quant.preset!r} names {bits}-bit {side}s but quant.{side}.bits={spec.bits}: choose "
+                f"the target with quant=<preset> (the config group 'quant' has {group_options('quant')}), or set "
+                "quant.preset, quant.weight.bits and quant.act.bits together"
+            )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the values a typo would make fail late (model name, presets, bits) with a clear message.
 
@@ -118,11 +138,12 @@ def validate_config(cfg: DictConfig) -> None:
             "architecture (timm.list_models())"
         )
     try:
-        parse_bits(str(cfg.quant.preset))
+        wb, ab = parse_bits(str(cfg.quant.preset))
     except ValueError as err:
         raise ConfigError(
             f"quant.preset: {err}; the config group 'quant' has {group_options('quant')}"
         ) from None
+    _check_quant_specs(cfg.quant, wb, ab)
     bits = cfg.ptq.get("bits") or []
     if isinstance(bits, str):
         raise ConfigError(f"ptq.bits must be a list like [w8a8,w4a4], got the string {bits!r}")
@@ -387,15 +408,15 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
 
 #: callback targets that make a fit depend on ``quant.preset`` (DNQ); without them (and with mse_weight 0) the
 #: preset does not change the fit, so a sweep over ``quant`` can reuse it
-_QUANT_CALLBACKS = ("dnq_callbacks", "QuantErrorRecorder", "NoiseInjection")
+_QUANT_CALLBACKS = ("dnq_callbacks", ".DNQ", "QuantErrorRecorder", "NoiseInjection")
 _NOT_RESULTS = ("experiment_name", "print_table", "reuse_variants", "variants")
 
 
 def variant_fingerprint(vcfg: DictConfig) -> str:
     """A hash of everything a variant's fit and PTQ depend on (its resolved config).
 
-    Left out: the names and printing (``experiment_name``, ``print_table``), and ``quant``/``module.mse_preset``
-    when nothing uses them (no DNQ callback, ``module.mse_weight`` 0): the plain baseline of a sweep over
+    Left out: the names and printing (``experiment_name``, ``print_table``), and ``quant`` (preset and QuantSpec
+    fields)/``module.mse_preset`` when nothing uses them (no DNQ callback, ``module.mse_weight`` 0): the plain baseline of a sweep over
     ``quant`` has the same fingerprint in every job.
     """
     import hashlib

@@ -15,7 +15,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from flatq_lightning import ptq_cli
+from flatq_lightning import QuantSpec, ptq_cli
 from flatq_lightning.app.train import (
     CONF_DIR,
     ConfigError,
@@ -114,6 +114,7 @@ def test_config_groups_have_the_documented_options():
     }
     assert set(group_options("data")) >= {"digits", "synthetic", "cifar10", "cifar100", "imagenet"}
     assert set(group_options("trainer")) >= {"cpu", "gpu", "ddp"}
+    assert set(group_options("module")) >= {"classifier"}
     assert set(group_options("callbacks")) >= {"dnq", "ptq", "checkpoint", "none"}
     assert set(group_options("quant")) >= {"w8a8", "w4a8", "w4a4", "w3a3", "w2a4"}
     assert set(group_options("experiment")) == set(EXPERIMENTS)
@@ -123,7 +124,7 @@ def test_default_is_the_quickstart():
     cfg = _compose()
     assert cfg.experiment_name == "quickstart"
     assert cfg.model.name == "small_cnn" and cfg.data._target_.endswith("DigitsDataModule")
-    assert cfg.quant.preset == "w4a4" and cfg.callbacks.dnq.preset == "w4a4"
+    assert cfg.quant.preset == "w4a4" and cfg.callbacks.dnq.preset.bits == cfg.callbacks.dnq.act_spec.bits == 4
     assert list(cfg.ptq.bits) == ["w8a8", "w4a4", "w3a3", "w2a4"]
     plain, dnq = _variants(cfg)
     assert plain[0] == "plain" and plain[1].callbacks.dnq is None
@@ -133,7 +134,40 @@ def test_default_is_the_quickstart():
 
 def test_quant_group_sets_the_preset_everywhere():
     cfg = _compose(["quant=w3a3"])
-    assert cfg.callbacks.dnq.preset == "w3a3" and cfg.module.mse_preset == "w3a3"
+    assert cfg.module.mse_preset == "w3a3"
+    rec = instantiate_callbacks(cfg.callbacks)[0]
+    assert (rec.weight_spec, rec.act_spec) == QuantSpec.parse("w3a3") and rec.name == "w3a3"
+
+
+@pytest.mark.parametrize("preset", ["w2a4", "w3a3", "w4a4", "w4a8", "w8a8"])
+def test_quant_group_files_hold_the_preset_quantspecs(preset):
+    quant = _compose([f"quant={preset}"]).quant
+    assert quant.preset == preset
+    assert (_instantiate(quant.weight, "w"), _instantiate(quant.act, "a")) == QuantSpec.parse(preset)
+
+
+def test_quant_spec_fields_from_the_command_line():
+    cfg = _compose(["quant=w3a3", "quant.weight.observer=mse", "quant.act.observer=percentile",
+                    "quant.act.percentile=99.9", "quant.weight.granularity=per_tensor"])
+    validate_config(cfg)
+    rec = instantiate_callbacks(cfg.callbacks)[0]
+    assert rec.weight_spec == QuantSpec(bits=3, granularity="per_tensor", symmetric=True, observer="mse")
+    assert rec.act_spec == QuantSpec.activation(3, observer="percentile", percentile=99.9)
+    assert rec.name == "w3a3" and cfg.quant.preset == "w3a3"
+    with pytest.raises(ConfigError, match=r"quant.weight: QuantSpec.observer must be one of"):
+        validate_config(_compose(["quant.weight.observer=bogus"]))
+    # the preset names the run: it may not say other bits than the specs hold
+    with pytest.raises(ConfigError, match=r"quant.preset='w3a3' names 3-bit weights but quant.weight.bits=4"):
+        validate_config(_compose(["quant.preset=w3a3"]))
+    validate_config(_compose(["quant.preset=w3a4", "quant.weight.bits=3"]))
+
+
+def test_trainer_files_inherit_the_default():
+    cpu, gpu, ddp = (_compose([f"trainer={t}"]).trainer for t in ("cpu", "gpu", "ddp"))
+    shared = ("_target_", "max_epochs", "enable_progress_bar", "enable_model_summary", "num_sanity_val_steps")
+    assert {k: cpu[k] for k in shared} == {k: gpu[k] for k in shared} == {k: ddp[k] for k in shared}
+    assert (cpu.accelerator, cpu.precision, gpu.accelerator, gpu.precision) == ("cpu", "32-true", "gpu", "bf16-mixed")
+    assert {k: v for k, v in ddp.items() if k in gpu and k != "devices"} == {k: v for k, v in gpu.items() if k != "devices"}
 
 
 def test_command_line_group_overrides_beat_the_experiment():
@@ -605,6 +639,8 @@ def test_variant_fingerprints_and_leaving_a_variant_out():
 
     a, b = fps("quant=w4a4"), fps("quant=w3a3")
     assert a["plain"] == b["plain"] and a["dnq"] != b["dnq"]  # plain: no DNQ callback, no MSE term
+    mse = fps("quant=w4a4", "quant.weight.observer=mse")  # a QuantSpec field, not only the preset
+    assert mse["plain"] == a["plain"] and mse["dnq"] != a["dnq"]
     assert fps("quant=w4a4", "seed=1")["plain"] != a["plain"]
     assert fps("quant=w4a4", "ptq.bits=[w4a4]")["plain"] != a["plain"]  # PTQ settings matter
     assert fps("quant=w4a4", "experiment_name=other")["plain"] == a["plain"]
@@ -647,7 +683,8 @@ def test_summarize_sweep_and_comparison_table(tmp_path):
 def test_w3a3_experiment_is_the_dnq_recipe_aimed_at_w3a3_with_a_clean_first_half(tmp_path):
     w3, dnq = _compose(["experiment=cifar10_resnet20_dnq_w3a3"]), _compose(["experiment=cifar10_resnet20_dnq"])
     assert w3.quant.preset == "w3a3" and dnq.quant.preset == "w4a4"
-    assert w3.callbacks.dnq.preset == "w3a3" and w3.callbacks.dnq.warmup_fraction == 0.5
+    assert w3.callbacks.dnq.preset.bits == w3.callbacks.dnq.act_spec.bits == 3
+    assert w3.callbacks.dnq.warmup_fraction == 0.5
     for key in ("model", "data", "trainer", "ptq"):
         assert w3[key] == dnq[key], key
     assert w3.module.mse_preset == "w3a3"  # the MSE term (off by default) follows the target too
@@ -655,23 +692,6 @@ def test_w3a3_experiment_is_the_dnq_recipe_aimed_at_w3a3_with_a_clean_first_half
     rec, noise, act = instantiate_callbacks(w3.callbacks, checkpoint_dir=tmp_path)[0].parts
     assert (rec.weight_spec.bits, rec.act_spec.bits) == (3, 3)
     assert noise.warmup_fraction == act.warmup_fraction == 0.5
-    # the docs report this experiment's DNQ settings through the quality benchmark's dnq_wa_late@w3a3 variant:
-    # the callbacks must be configured alike (the benchmark's training schedule is its own, shorter one)
-    spec = importlib.util.spec_from_file_location(
-        "bench_quality", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
-    )
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    b_rec, b_noise, b_act = quality.variant_setup("dnq_wa_late@w3a3", total_steps=100, seed=0)[0]
-
-    def settings(rec, noise, act):
-        return (
-            (rec.weight_spec, rec.act_spec, rec.stats_every, rec.momentum, rec.keep_first_last_8bit),
-            (noise.mode, noise.noise_scale, noise.warmup_steps, noise.warmup_fraction, noise.noise_source),
-            (act.p, act.noise_scale, act.warmup_steps, act.warmup_fraction, act.noise_source),
-        )
-
-    assert settings(rec, noise, act) == settings(b_rec, b_noise, b_act)
 
 
 def test_sam_experiment_is_the_plain_recipe_with_sam():
@@ -681,3 +701,20 @@ def test_sam_experiment_is_the_plain_recipe_with_sam():
         assert sam[key] == plain[key], key
     assert {k: v for k, v in sam.module.items() if k != "sam_rho"} == {k: v for k, v in plain.module.items() if k != "sam_rho"}
     assert "dnq" not in (sam.get("callbacks") or {})
+
+
+def test_dnq_experiment_is_the_plain_recipe_with_the_dnq_callbacks():
+    dnq, plain = _compose(["experiment=cifar10_resnet20_dnq"]), _compose(["experiment=cifar10_resnet20_plain"])
+    for key in ("model", "data", "trainer", "quant", "ptq", "module"):
+        assert dnq[key] == plain[key], key
+    assert list(dnq.callbacks) == ["dnq", "checkpoint"] and list(plain.callbacks) == ["checkpoint"]
+    assert dnq.module.scheduler == "cosine" and dnq.trainer.max_epochs == 100
+
+
+def test_vit_experiment_is_the_resnet50_set_up_with_vit_and_adamw():
+    vit, r50 = _compose(["experiment=imagenet_vit_b16_dnq"]), _compose(["experiment=imagenet_resnet50_dnq"])
+    assert vit.model.name == "vit_base_patch16_224" and vit.model.pretrained and vit.module.optimizer == "adamw"
+    assert (vit.data.mean, vit.data.interpolation, vit.data.batch_size) == ([0.5, 0.5, 0.5], "bicubic", 64)
+    for key in ("callbacks", "quant", "ptq"):
+        assert vit[key] == r50[key], key
+    assert vit.trainer.strategy == "ddp" and vit.module.mse_weight == r50.module.mse_weight == 0.1

@@ -14,6 +14,10 @@ model is printed and all results are written to ``--out``.
 
     python benchmarks/overhead.py                       # CPU: CIFAR ResNet-20 @32 px b128, resnet50 @64 px b32
     python benchmarks/overhead.py --device cuda         # GPU: + resnet50 @224 px b128, bf16
+    python benchmarks/overhead.py --summarize benchmarks/results/overhead/cpu   # the folder's summary.md
+
+Results go to ``benchmarks/results/overhead/<cpu|gpu>/<date>_<models>_<variants>.json`` (``--out`` to choose),
+and the folder's generated ``summary.md`` is rewritten.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,6 +38,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.profilers import Profiler  # noqa: E402
 
 from flatq_lightning import dnq_callbacks  # noqa: E402
 from flatq_lightning.app.models import create_model  # noqa: E402
@@ -110,8 +116,31 @@ class DeviceBatches(torch.utils.data.IterableDataset):
             yield self.x, self.y
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) dict/list/tuple."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _noise_pool_bytes(cb: Callback) -> int:
+    """The pre-drawn noise pool of a noise callback. No public API exposes it (nor the memory a callback holds):
+    this is the one read of private state left here, ``cb._source._pools``."""
+    source = getattr(cb, "_source", None)
+    return _tensor_bytes(getattr(source, "_pools", {})) if source is not None else 0
+
+
 def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
-    """Bytes held by the callbacks: weight side (statistics, pool, snapshots) and activation side."""
+    """Bytes held by the callbacks: weight side (statistics, pool, applied noise) and activation side.
+
+    From the callbacks' public state (Lightning's ``state_dict()``): the recorder's statistics (``weight_*`` keys
+    on the weight side, ``act_*`` on the activation side) and the weight-noise callback's applied noise
+    (``applied``: the coefficients it must remove next step); plus the noise pools (``_noise_pool_bytes``).
+    """
     from flatq_lightning.callbacks import (
         ActivationNoiseInjection,
         DifferentialNoiseInjection,
@@ -121,69 +150,111 @@ def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
     weight, act = 0, 0
     for c in cbs:
         if isinstance(c, QuantErrorRecorder):
-            for name, d in c._stat_dicts().items():
-                b = sum(t.numel() * t.element_size() for t in d.values())
-                if name.startswith("act"):
-                    act += b
-                else:
-                    weight += b
+            for key, stats in c.state_dict().items():
+                if key.startswith("act_"):
+                    act += _tensor_bytes(stats)
+                elif key.startswith("weight_"):
+                    weight += _tensor_bytes(stats)
         elif isinstance(c, DifferentialNoiseInjection):
-            if c._source is not None:
-                weight += sum(p.numel() * p.element_size() for p in c._source._pools.values())
-            for snap in (c._applied,):
-                if snap is not None:
-                    weight += sum(t.numel() * t.element_size() for t in snap.b)
-                    weight += sum(t.numel() * t.element_size() for t in snap.a if t is not None)
-        elif isinstance(c, ActivationNoiseInjection) and c._source is not None:
-            act += sum(p.numel() * p.element_size() for p in c._source._pools.values())
+            applied = c.state_dict().get("applied") or {}
+            weight += _noise_pool_bytes(c) + _tensor_bytes([applied.get("a"), applied.get("b")])
+        elif isinstance(c, ActivationNoiseInjection):
+            act += _noise_pool_bytes(c)
     return {"weight_side": weight, "act_side": act}
 
 
-class HookProfile:
+class HookProfile(Profiler):
     """CPU time spent inside the DNQ callbacks' hooks, per optimizer step (CPU runs only: on a GPU the hooks
     only enqueue kernels). Keys: ``weight_update`` (the noise callback's batch-end: the differential swap, and
     the weight-statistics refresh every ``stats_every`` steps), ``act_stats`` (the recorder's input hooks and
     batch-end: input statistics on refresh steps; in the ``recorder`` variant, where no noise callback owns the
     weight refresh, the weight statistics too), ``act_noise`` (the activation-noise pre-hooks' forward work).
     What the callbacks add outside their hooks (the backward through the noisy inputs, memory traffic) is the
-    rest of the measured overhead."""
+    rest of the measured overhead.
 
-    def __init__(self, timer: StepTimer) -> None:
+    Public APIs only. The batch-end hooks are timed as a Lightning :class:`Profiler` (the Trainer's ``profiler``:
+    Lightning names each callback hook ``[Callback]<state_key>.<hook>``). The forward pre-hooks on the recorder's
+    layers (``recorder.modules``) are bracketed by timing pre-hooks: ``before`` (first in the callback list)
+    appends a marker before the DNQ callbacks register theirs, ``after`` (last) prepends a start marker and
+    appends an end marker once they have. So each layer runs: start, the recorder's hook (it registers with
+    ``prepend=True``), the marker, the activation noise's hook, end; start→marker is ``act_stats``,
+    marker→end ``act_noise``.
+    """
+
+    def __init__(self, timer: StepTimer, cbs: list[Callback]) -> None:
+        super().__init__()
+        from flatq_lightning.callbacks import DifferentialNoiseInjection, QuantErrorRecorder
+
         self.timer = timer
         self.bins: dict[str, dict[int, float]] = {}
-
-    def wrap(self, fn, key: str):
-        def timed(*args, **kwargs):
-            t0 = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                step = len(self.timer.times)
-                d = self.bins.setdefault(key, {})
-                d[step] = d.get(step, 0.0) + time.process_time() - t0
-
-        return timed
-
-    def instrument(self, cbs: list[Callback]) -> None:
-        from flatq_lightning.callbacks import (
-            ActivationNoiseInjection,
-            DifferentialNoiseInjection,
-            QuantErrorRecorder,
-        )
-
+        self.actions: dict[str, str] = {}
         for c in cbs:
-            if isinstance(c, DifferentialNoiseInjection):
-                c.on_train_batch_end = self.wrap(c.on_train_batch_end, "weight_update")
-            elif isinstance(c, QuantErrorRecorder):
-                c.on_train_batch_end = self.wrap(c.on_train_batch_end, "act_stats")
-                make = c._make_hook
-                c._make_hook = lambda n, _m=make: self.wrap(_m(n), "act_stats")
-            elif isinstance(c, ActivationNoiseInjection):
-                make = c._make_hook
-                c._make_hook = lambda n, _m=make: self.wrap(_m(n), "act_noise")
+            key = "weight_update" if isinstance(c, DifferentialNoiseInjection) else (
+                "act_stats" if isinstance(c, QuantErrorRecorder) else None)
+            if key:
+                self.actions[f"[Callback]{c.state_key}.on_train_batch_end"] = key
+        self.recorder = next((c for c in cbs if isinstance(c, QuantErrorRecorder) and c.record_activations), None)
+        self._t0: dict[str, float] = {}
+        self._layer_t0 = 0.0
+        self.before, self.after = _HookBracket(self, first=True), _HookBracket(self, first=False)
+
+    def _add(self, key: str, seconds: float) -> None:
+        step = len(self.timer.times)
+        d = self.bins.setdefault(key, {})
+        d[step] = d.get(step, 0.0) + seconds
+
+    # Lightning's Profiler interface -------------------------------------------------------------------------
+    def start(self, action_name: str) -> None:
+        if action_name in self.actions:
+            self._t0[action_name] = time.process_time()
+
+    def stop(self, action_name: str) -> None:
+        t0 = self._t0.pop(action_name, None)
+        if t0 is not None:
+            self._add(self.actions[action_name], time.process_time() - t0)
+
+    def summary(self) -> str:
+        return ""
+
+    # the forward pre-hook markers ----------------------------------------------------------------------------
+    def _start_hook(self, module, args):
+        self._layer_t0 = time.process_time()
+
+    def _marker_hook(self, module, args):
+        now = time.process_time()
+        self._add("act_stats", now - self._layer_t0)
+        self._layer_t0 = now
+
+    def _end_hook(self, module, args):
+        self._add("act_noise", time.process_time() - self._layer_t0)
 
     def per_step(self, warmup: int, steps: int) -> dict[str, float]:
         return {k: sum(v for s, v in d.items() if warmup <= s < warmup + steps) / steps for k, d in self.bins.items()}
+
+
+class _HookBracket(Callback):
+    """Registers :class:`HookProfile`'s timing pre-hooks at ``on_train_start`` (``first``: before the DNQ
+    callbacks register theirs; else after) and removes them at ``on_train_end``."""
+
+    def __init__(self, profile: HookProfile, first: bool) -> None:
+        self.profile, self.first = profile, first
+        self.handles: list[Any] = []
+
+    def on_train_start(self, trainer, pl_module):
+        p = self.profile
+        if p.recorder is None:
+            return
+        for module in p.recorder.modules.values():
+            if self.first:
+                self.handles.append(module.register_forward_pre_hook(p._marker_hook))
+            else:
+                self.handles.append(module.register_forward_pre_hook(p._start_hook, prepend=True))
+                self.handles.append(module.register_forward_pre_hook(p._end_hook))
+
+    def on_train_end(self, trainer, pl_module):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
 
 
 def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, stats_every, timer_sync):
@@ -197,9 +268,7 @@ def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, s
         cbs = dnq_callbacks("w4a4", stats_every=stats_every, act_noise=False)
     elif variant == "dnq":
         cbs = dnq_callbacks("w4a4", stats_every=stats_every)
-    profile = HookProfile(timer)
-    if device == "cpu":
-        profile.instrument(cbs)
+    profile = HookProfile(timer, cbs if device == "cpu" else [])
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
@@ -209,7 +278,8 @@ def run_fit(name, make_model, x, y, variant, steps, warmup, precision, device, s
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[_Start(timer), *cbs, _End(timer)],
+        callbacks=[profile.before, _Start(timer), *cbs, _End(timer), profile.after],
+        profiler=profile,
     )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -243,8 +313,13 @@ def main() -> None:
     ap.add_argument("--stats-every", type=int, default=16)
     ap.add_argument("--variants", default="plain,recorder,weight,dnq", help="any of plain,recorder,weight,dnq,sam")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU default 1: CPU time per step is then meaningful)")
-    ap.add_argument("--out", default="benchmarks/results/overhead.json")
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default: benchmarks/results/overhead/<cpu|gpu>/<date>_<models>_<variants>.json)")
+    ap.add_argument("--summarize", metavar="DIR", default=None, help="only (re)write DIR/summary.md from its JSON files")
     args = ap.parse_args()
+    if args.summarize:
+        print(write_summary(Path(args.summarize)).read_text())
+        return
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
 
@@ -326,20 +401,60 @@ def main() -> None:
         results.append(row)
         print(json.dumps({k: row[k] for k in ("model", "plain_ms", "dnq_ms", "ratio", "ratio_min", "extra_mem_mb")}), flush=True)
     print()
-    print("| model | res | batch | plain ms | recorder | + weight noise | DNQ (w+a) ms | ratio (paired median) | ratio (fastest) | SAM | weight-side extra MB (% params) | device |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['plain_ms']} | {r['ratio_recorder']}x | "
-            f"{r['ratio_weight_noise']}x | {r['dnq_ms']} | {r['ratio']}x | {r['ratio_min']}x | {r['ratio_sam']}x | {r['extra_mem_mb']} ({r['extra_mem_pct_of_params']}%) | {r['device']} |"
-        )
-    for r in results:
-        for v, d in r["hook_ms"].items():
-            parts = ", ".join(f"{k} {ms} ms ({100 * ms / r['plain_ms']:.1f}% of plain)" for k, ms in d.items())
-            print(f"  {r['model']} {v}: inside the hooks per step: {parts}")
-    out = Path(args.out)
+    print(markdown(results))
+    out = Path(args.out or default_out(args.device, specs, variants))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}, indent=2))
+    print(f"\n{out}; summary of its folder: {write_summary(out.parent)}")
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One table row per model, then the CPU time inside the hooks per variant."""
+    lines = [
+        "| model | res | batch | plain ms | recorder | + weight noise | DNQ (w+a) ms | ratio (paired median) | ratio (fastest) | SAM | weight-side extra MB (% params) | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        r = {k: "—" if v is None else v for k, v in row.items()}  # older files lack some keys
+        r = {k: r.get(k, "—") for k in ("model", "resolution", "batch", "plain_ms", "ratio_recorder", "ratio_weight_noise",
+                                        "dnq_ms", "ratio", "ratio_min", "ratio_sam", "extra_mem_mb",
+                                        "extra_mem_pct_of_params", "device")}
+        for k in ("ratio_recorder", "ratio_weight_noise", "ratio", "ratio_min", "ratio_sam"):
+            r[k] = f"{r[k]}x" if r[k] != "—" else r[k]
+        lines.append(
+            f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['plain_ms']} | {r['ratio_recorder']} | "
+            f"{r['ratio_weight_noise']} | {r['dnq_ms']} | {r['ratio']} | {r['ratio_min']} | {r['ratio_sam']} | {r['extra_mem_mb']} ({r['extra_mem_pct_of_params']}%) | {r['device']} |"
+        )
+    lines.append("")
+    for r in results:
+        for v, d in r.get("hook_ms", {}).items():
+            parts = ", ".join(f"{k} {ms} ms ({100 * ms / r['plain_ms']:.1f}% of plain)" for k, ms in d.items())
+            lines.append(f"- {r['model']} {v}: inside the hooks per step: {parts}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def default_out(device: str, specs: list[tuple[str, int, int]], variants: list[str]) -> Path:
+    """``benchmarks/results/overhead/<cpu|gpu>/<date>_<models>_<variants>.json``: named by what it holds."""
+    models = "+".join(f"{n.removeprefix('cifar_')}@{res}" for n, res, _ in specs)
+    kinds = "+".join(v for v in variants if v != "plain") or "plain"
+    folder = "gpu" if device == "cuda" else "cpu"
+    return Path("benchmarks/results/overhead") / folder / f"{time.strftime('%Y-%m-%d')}_{models}_{kinds}.json"
+
+
+def write_summary(folder: Path) -> Path:
+    """``<folder>/summary.md``: every result file of the folder (oldest first) with its date, command and table."""
+    folder = Path(folder)
+    parts = [f"# Overhead results in `{folder.as_posix()}`", "",
+             f"Generated by `python benchmarks/overhead.py --summarize {folder.as_posix()}` from the JSON files beside "
+             "it (one per run; the `.log` beside a JSON is that run's output). What the columns mean: "
+             "`benchmarks/overhead.py`, docs/results.md section 1.", ""]
+    for f in sorted(folder.glob("*.json")):
+        doc = json.loads(f.read_text())
+        parts += [f"## `{f.name}`", "", f"{doc.get('date', '?')}: `python {doc.get('command', '?')}`", "",
+                  markdown(doc.get("results", []))]
+    path = folder / "summary.md"
+    path.write_text("\n".join(parts))
+    return path
 
 
 if __name__ == "__main__":

@@ -10,56 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatq_lightning import run_ptq
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-
-def _resnet20(num_classes: int = 10) -> nn.Module:
-    try:
-        from flatq_lightning.app.models import cifar_resnet20
-
-        return cifar_resnet20(num_classes=num_classes)
-    except ImportError:  # a self-contained ResNet-20 (He et al. 2016, option-B shortcuts)
-        return _LocalResNet20(num_classes)
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class _LocalResNet20(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        blocks, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(3):
-                blocks.append(_Block(cin, cout, stride if i == 0 else 1))
-                cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+from flatq_lightning import run_ptq  # noqa: E402
+from flatq_lightning.app.models import cifar_resnet20  # noqa: E402
 
 
 def main() -> None:
@@ -75,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = _resnet20().eval()
+    net = cifar_resnet20(num_classes=10).eval()
     g = torch.Generator().manual_seed(0)
     xe, ye = torch.randn(args.n_eval, 3, 32, 32, generator=g), torch.randint(0, 10, (args.n_eval,), generator=g)
     n_cal = args.calib_batches * args.calib_batch_size

@@ -3,22 +3,27 @@
 Trains the same network on the same data and budget as each variant, then runs the project's PTQ
 (BN folded, per-channel min-max weights, per-tensor min-max activations, first/last layer at 8 bit) at
 W8A8, W4A8, W4A4, W3A3 and W2A4 on the test set, and measures flatness (Hessian trace, top eigenvalue,
-a 1-D filter-normalised loss slice) on clean weights. Variants:
+a 1-D filter-normalised loss slice) on clean weights.
 
-    plain            SGD, no callbacks
-    sam              SAM (rho 0.05) around the same SGD
-    dnq_w            recorder + differential weight noise
-    dnq_wa           + activation noise (p = 0.5)
-    dnq_wa_mse       + the FP-vs-quantized MSE term
+Each variant is an experiment of the app (``conf/experiment/<name>.yaml``, what ``flatq-train experiment=<name>``
+runs) with Hydra overrides (``VARIANTS``), under the benchmark's own training schedule (``recipe_overrides``:
+CIFAR ResNet-20, one-cycle to lr 0.2, the size's epochs and data subset, no validation or checkpoints):
+
+    plain            cifar10_resnet20_plain: SGD, no callbacks
+    sam              cifar10_resnet20_sam: SAM (rho 0.05) around the same SGD
+    dnq_w            cifar10_resnet20_dnq callbacks.dnq.act_noise=false: recorder + differential weight noise
+    dnq_wa           cifar10_resnet20_dnq: + activation noise (p = 0.5)
+    dnq_wa_mse       + the FP-vs-quantized MSE term (module.mse_weight)
     dnq_wa_addrem    weight noise in add_remove mode instead of differential
-    dnq_uniform      DiffQ-style uniform pseudo-quantization weight noise
+    dnq_uniform      DiffQ-style uniform pseudo-quantization weight noise (weights only)
     dnq_wa_trap      dnq_wa with the noise ramped in over the first 20% of the steps and cooled down over the last 20%
-    dnq_wa_late      dnq_wa with no noise in the first half of the steps (clean training first, then DNQ)
+    dnq_wa_late      cifar10_resnet20_dnq_w3a3: dnq_wa with no noise in the first half of the steps
     dnq_wa_late_k05  dnq_wa_late at half the noise scale (κ = 0.5 for weights and activations)
 
-A DNQ variant takes its noise statistics from the W4A4 quantizer unless a target follows an ``@``:
-``dnq_wa@w3a3`` trains with the statistics of the W3A3 quantizer it will meet (what a user sweeping bit-widths
-does: one run per target).
+A DNQ variant takes its noise statistics from the W4A4 quantizer (``quant=w4a4``) unless a target follows an
+``@``: ``dnq_wa@w3a3`` trains with the statistics of the W3A3 quantizer it will meet (``quant=w3a3``; what a user
+sweeping bit-widths does: one run per target), so ``dnq_wa_late@w3a3`` is the ``cifar10_resnet20_dnq_w3a3``
+experiment as it is. ``--show-config VARIANT`` prints a variant's experiment, overrides and composed config.
 
 Sizes: ``--size cpu`` (CIFAR ResNet-20 on a 10,000-image subset, 10 epochs, batch 128, float32, one seed) and
 ``--size gpu`` (full CIFAR-10, 30 epochs, batch 256, bf16, 3 seeds). Each finished variant is appended to
@@ -47,8 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from flatq_lightning import dnq_callbacks  # noqa: E402
+from benchmarks._common import Timer  # noqa: E402
 from flatq_lightning.app.data import CIFAR10DataModule  # noqa: E402
+from flatq_lightning.app.models import create_model  # noqa: E402
+from flatq_lightning.app.train import (  # noqa: E402
+    CONF_DIR,
+    group_options,
+    instantiate_callbacks,
+    model_kwargs,
+    validate_config,
+)
 from flatq_lightning.callbacks.flatness.measures import (  # noqa: E402
     classification_loss,
     hessian_trace,
@@ -56,16 +69,31 @@ from flatq_lightning.callbacks.flatness.measures import (  # noqa: E402
     plot_landscape_1d,
     top_eigenvalue,
 )
-from flatq_lightning.app.models import create_model  # noqa: E402
-from flatq_lightning.app.module import ImageClassifier  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
-from flatq_lightning.quant import QuantSpec  # noqa: E402
-from flatq_lightning.callbacks.schedules import trapezoid  # noqa: E402
+from flatq_lightning.quant.spec import parse_bits  # noqa: E402
 
 BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 #: λ of the MSE variant (λ = 1 destabilised DNQ training on the digits quickstart; --mse-weight sets it)
 MSE_WEIGHT = 0.1
-VARIANTS = ("plain", "dnq_wa", "sam", "dnq_w", "dnq_wa_trap", "dnq_wa_mse", "dnq_uniform", "dnq_wa_addrem", "dnq_wa_late", "dnq_wa_late_k05")
+#: the noise scale of dnq_wa_trap: 0 -> 1 over the first 20 % of the steps, 1 -> 0 over the last 20 %
+TRAPEZOID = "{_target_:flatq_lightning.callbacks.schedules.trapezoid,total_steps:TOTAL_STEPS,up:0.2,down:0.2}"
+#: each variant: (the experiment it runs, its overrides of that experiment). RHO, MSE_WEIGHT and TOTAL_STEPS are
+#: filled in from --rho, --mse-weight and the fit's optimizer steps; the target quantizer (``@``) is ``quant=``.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "plain": ("cifar10_resnet20_plain", ()),
+    "dnq_wa": ("cifar10_resnet20_dnq", ()),
+    "sam": ("cifar10_resnet20_sam", ("module.sam_rho=RHO",)),
+    "dnq_w": ("cifar10_resnet20_dnq", ("callbacks.dnq.act_noise=false",)),
+    "dnq_wa_trap": ("cifar10_resnet20_dnq", (f"callbacks.dnq.noise_scale={TRAPEZOID}",
+                                             f"callbacks.dnq.act_noise_scale={TRAPEZOID}")),
+    "dnq_wa_mse": ("cifar10_resnet20_dnq", ("module.mse_weight=MSE_WEIGHT",)),
+    "dnq_uniform": ("cifar10_resnet20_dnq", ("callbacks.dnq.mode=uniform", "callbacks.dnq.act_noise=false")),
+    "dnq_wa_addrem": ("cifar10_resnet20_dnq", ("callbacks.dnq.mode=add_remove",)),
+    "dnq_wa_late": ("cifar10_resnet20_dnq_w3a3", ()),
+    "dnq_wa_late_k05": ("cifar10_resnet20_dnq_w3a3", ("callbacks.dnq.noise_scale=0.5", "callbacks.dnq.act_noise_scale=0.5")),
+}
+#: the target quantizer of a variant without ``@<bits>``
+DEFAULT_TARGET = "w4a4"
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {"train_subset": 10_000, "epochs": 10, "batch_size": 128, "precision": "32-true", "seeds": [0], "accelerator": "cpu"},
     "gpu": {"train_subset": None, "epochs": 30, "batch_size": 256, "precision": "bf16-mixed", "seeds": [0, 1, 2], "accelerator": "gpu"},
@@ -76,10 +104,80 @@ SIZES: dict[str, dict[str, Any]] = {
 CALIB_IMAGES = 1024
 
 
+def _hydra(value: Any) -> str:
+    """A value as a Hydra override writes it (``null``, ``true``, numbers as Python prints them: exact floats)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def data_overrides(size: dict[str, Any]) -> list[str]:
+    """The size's data: the seeded training subset is the same for every variant and seed (``data.seed=0``)."""
+    return [f"data.batch_size={size['batch_size']}", f"data.train_subset={_hydra(size['train_subset'])}",
+            f"data.test_subset={_hydra(size.get('test_subset'))}", "data.num_workers=0", "data.seed=0"]
+
+
+def recipe_overrides(args: argparse.Namespace, size: dict[str, Any]) -> list[str]:
+    """The benchmark's training schedule, the same for every variant, as overrides of the experiments: the size's
+    trainer, epochs and data, one-cycle to ``--lr`` with 15 % warm-up, no validation, logger or checkpoints."""
+    trainer = ["trainer=gpu", "trainer.benchmark=null"] if size["accelerator"] == "gpu" else ["trainer=cpu"]
+    return [
+        *trainer, f"trainer.precision={size['precision']}", f"trainer.max_epochs={size['epochs']}",
+        f"trainer.enable_progress_bar={_hydra(args.progress)}", "++trainer.logger=false",
+        "++trainer.enable_checkpointing=false", "++trainer.limit_val_batches=0", "~callbacks.checkpoint",
+        f"model.name={args.model}", *data_overrides(size),
+        f"module.lr={args.lr}", "module.scheduler=onecycle", "module.warmup_fraction=0.15",
+    ]
+
+
+def variant_overrides(name: str, args: argparse.Namespace, total_steps: int | None = None) -> tuple[str, list[str]]:
+    """``(experiment, overrides)`` of a variant (``dnq_wa``, ``dnq_wa_late@w3a3``, …), without the recipe's."""
+    base, _, target = name.partition("@")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)} (and <variant>@<bits>)")
+    experiment, overrides = VARIANTS[base]
+    target = target or DEFAULT_TARGET
+    if target in group_options("quant"):
+        quant = [f"quant={target}"]
+    else:  # any other preset (e.g. w4a3): the quantizer's bits on the method's specs
+        wb, ab = parse_bits(target)  # a clear error for a bad target before any training
+        quant = [f"quant.preset={target}", f"quant.weight.bits={wb}", f"quant.act.bits={ab}"]
+    fill = {"RHO": str(args.rho), "MSE_WEIGHT": str(args.mse_weight)}
+    if total_steps is not None:  # known once the data is loaded (--show-config leaves the name)
+        fill["TOTAL_STEPS"] = str(int(total_steps))
+    out = []
+    for o in overrides:
+        for key, value in fill.items():
+            o = o.replace(key, value)
+        out.append(o)
+    return experiment, [*quant, *out]
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The app's config (``conf/train.yaml``) composed with these overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def variant_config(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any],
+                   total_steps: int | None = None) -> tuple[Any, list[str]]:
+    """The composed, validated config one fit of a variant runs, and its command-line overrides."""
+    experiment, overrides = variant_overrides(name, args, total_steps)
+    overrides = [f"experiment={experiment}", f"seed={seed}", *recipe_overrides(args, size), *overrides]
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    return cfg, overrides
+
+
 def make_datamodule(data: str, size: dict[str, Any]) -> CIFAR10DataModule:
-    """The CIFAR-10 data of a size: its seeded training subset (the same for every variant), set up for fit."""
-    dm = CIFAR10DataModule(data, batch_size=size["batch_size"], train_subset=size["train_subset"],
-                           test_subset=size.get("test_subset"), seed=0, num_workers=0)
+    """The CIFAR-10 data of a size (the experiments' ``data`` node with ``data_overrides``): its seeded training
+    subset (the same for every variant), set up for fit."""
+    import hydra
+
+    cfg = compose_config(["experiment=cifar10_resnet20_plain", *data_overrides(size)])
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all", path=data)
     dm.setup("fit")
     return dm
 
@@ -99,49 +197,6 @@ def load_saved(path: Path, model: str) -> torch.nn.Module:
     return net.eval()
 
 
-def variant_setup(
-    name: str, total_steps: int, seed: int, mse_weight: float = MSE_WEIGHT
-) -> tuple[list[pl.Callback], dict[str, Any], bool]:
-    """Callbacks, extra classifier kwargs, and whether SAM is used."""
-    if name == "plain":
-        return [], {}, False
-    if name == "sam":
-        return [], {}, True
-    base, _, target = name.partition("@")
-    target = target or "w4a4"
-    QuantSpec.parse(target)  # a clear error for a bad target before any training
-    common = {"stats_every": 16, "seed": seed}
-    if base == "dnq_w":
-        return dnq_callbacks(target, act_noise=False, **common), {}, False
-    if base == "dnq_wa":
-        return dnq_callbacks(target, **common), {}, False
-    if base == "dnq_wa_mse":
-        return dnq_callbacks(target, **common), {"mse_weight": mse_weight, "mse_every": 1}, False
-    if base == "dnq_wa_addrem":
-        return dnq_callbacks(target, mode="add_remove", **common), {}, False
-    if base == "dnq_uniform":
-        return dnq_callbacks(target, mode="uniform", act_noise=False, **common), {}, False
-    if base == "dnq_wa_late":
-        return dnq_callbacks(target, warmup_fraction=0.5, **common), {}, False
-    if base == "dnq_wa_late_k05":
-        return dnq_callbacks(target, warmup_fraction=0.5, noise_scale=0.5, act_noise_scale=0.5, **common), {}, False
-    if base == "dnq_wa_trap":
-        kappa = trapezoid(total_steps, up=0.2, down=0.2)
-        return dnq_callbacks(target, noise_scale=kappa, act_noise_scale=kappa, **common), {}, False
-    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
-
-
-class _Timer(pl.Callback):
-    """Wall seconds of fit, and the process CPU seconds (steadier on a shared CPU machine)."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.t0
-        self.cpu_seconds = time.process_time() - self.c0
-
-
 class StopOnDivergence(pl.Callback):
     """Stop the run with a clear message when the training loss is NaN or inf (checked every ``every`` steps,
     one host sync each time), instead of training on and failing at PTQ."""
@@ -159,30 +214,28 @@ class StopOnDivergence(pl.Callback):
 
 
 def fit_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]):
-    """Seed, build and fit one variant: ``(module, trainer, timer, datamodule, callbacks)``."""
+    """Seed, build (from the variant's composed config: the app's nodes) and fit one variant:
+    ``(module, trainer, timer, datamodule, callbacks, overrides)``."""
+    import hydra
+
     pl.seed_everything(seed, workers=True)
     dm = make_datamodule(args.data, size)
     steps = size["epochs"] * math.ceil(len(dm.train_dataset) / size["batch_size"])
-    cbs, extra, use_sam = variant_setup(name, steps, seed, args.mse_weight)
-    kwargs = dict(
-        model=args.model, num_classes=10, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, scheduler="onecycle", warmup_fraction=0.15, **extra,
-    )
-    module = ImageClassifier(sam_rho=args.rho if use_sam else 0.0, **kwargs)  # SAM wraps the same SGD
-    timer = _Timer()
-    trainer = pl.Trainer(
-        accelerator=size["accelerator"], devices=1, max_epochs=size["epochs"], precision=size["precision"],
-        logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[*cbs, timer, StopOnDivergence(f"{name} seed {seed}")],
-    )
+    cfg, overrides = variant_config(name, seed, args, size, total_steps=steps)
+    cbs = instantiate_callbacks(cfg.callbacks)
+    module = hydra.utils.instantiate(cfg.module, _convert_="all", num_classes=dm.num_classes,
+                                     model_kwargs=model_kwargs(cfg, dm))
+    timer = Timer()
+    trainer = hydra.utils.instantiate(cfg.trainer, _convert_="all",
+                                      callbacks=[*cbs, timer, StopOnDivergence(f"{name} seed {seed}")])
     if size["accelerator"] == "gpu":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=dm)
-    return module, trainer, timer, dm, cbs
+    return module, trainer, timer, dm, cbs, overrides
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
-    module, trainer, timer, dm, _ = fit_variant(name, seed, args, size)
+    module, trainer, timer, dm, _, overrides = fit_variant(name, seed, args, size)
     peak = torch.cuda.max_memory_allocated() / 2**20 if size["accelerator"] == "gpu" else None
     net = module.model.eval()
     report = run_ptq(
@@ -208,6 +261,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
         "flatness": flat,
         "landscape": {"alphas": [float(a) for a in alphas], "losses": [float(v) for v in losses]},
         "device": str(device),
+        "overrides": overrides,
     }
 
 
@@ -225,7 +279,7 @@ def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[st
     """
     from flatq_lightning.quant import load_bn_state
 
-    module, trainer, timer, _, cbs = fit_variant(name, seed, args, size)
+    module, trainer, timer, _, cbs, overrides = fit_variant(name, seed, args, size)
     for cb in cbs:
         if getattr(cb, "noisy_bn_state", None):
             load_bn_state(module, cb.noisy_bn_state)
@@ -238,7 +292,7 @@ def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[st
     record = {
         "variant": name, "seed": seed, "train_s": timer.seconds, "train_cpu_s": timer.cpu_seconds,
         "steps": trainer.global_step, "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join(sys.argv),
-        "settings": {**size, "model": args.model, "lr": args.lr, "rho": args.rho},
+        "settings": {**size, "model": args.model, "lr": args.lr, "rho": args.rho}, "overrides": overrides,
         "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads" if size["accelerator"] == "cpu" else torch.cuda.get_device_name(),
     }
     tmpj = d / f".seed{seed}.train.json.tmp"
@@ -590,6 +644,8 @@ def main() -> None:
                     help="train nothing: measure Hessian trace and top eigenvalue again on <out>/models/*.pt "
                          "with --flat-batches and --flat-probes")
     ap.add_argument("--flat-probes", type=int, default=16, help="Hutchinson probes for --remeasure-flatness")
+    ap.add_argument("--show-config", metavar="VARIANT", default=None,
+                    help="print the variant's experiment, overrides and composed config (under the size), train nothing")
     args = ap.parse_args()
     args.bits = tuple(args.bits.split(","))
     if args.threads:
@@ -603,6 +659,17 @@ def main() -> None:
         size["test_subset"] = args.test_subset
     if args.seeds:
         size["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.show_config:
+        from omegaconf import OmegaConf
+
+        seed = size["seeds"][0]
+        cfg, overrides = variant_config(args.show_config, seed, args, size)
+        import shlex
+
+        print(f"# {args.show_config}, seed {seed}: flatq-train \\\n#   " + " \\\n#   ".join(map(shlex.quote, overrides)))
+        print(f"# data.path: {args.data}; TOTAL_STEPS: the fit's optimizer steps\n")
+        print(OmegaConf.to_yaml(cfg))
+        return
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)

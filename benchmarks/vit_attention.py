@@ -37,6 +37,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from benchmarks._common import Timer  # noqa: E402
 from flatq_lightning import dnq_callbacks  # noqa: E402
 from flatq_lightning.app.data import CIFAR10DataModule  # noqa: E402
 from flatq_lightning.app.models.vit import vit_cifar  # noqa: E402
@@ -47,14 +48,6 @@ from flatq_lightning.quant import QuantPoint, batch_inputs, quantize_model  # no
 BITS = ("w8a8", "w6a6", "w4a4")
 VARIANTS = ("plain", "dnq")
 MODES = {"linear": False, "attn": True}
-
-
-class _Timer(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.t0 = time.perf_counter()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds = time.perf_counter() - self.t0
 
 
 def train(variant: str, args: argparse.Namespace, dm: CIFAR10DataModule) -> tuple[nn.Module, dict[str, Any]]:
@@ -68,7 +61,7 @@ def train(variant: str, args: argparse.Namespace, dm: CIFAR10DataModule) -> tupl
         scheduler="cosine", warmup_fraction=args.warmup_fraction, label_smoothing=0.1,
     )
     cbs: list[pl.Callback] = dnq_callbacks("w4a4", stats_every=args.stats_every, seed=args.seed) if variant == "dnq" else []
-    timer = _Timer()
+    timer = Timer()
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, max_epochs=args.epochs, precision=args.precision,
         logger=False, enable_checkpointing=False, enable_progress_bar=args.progress, enable_model_summary=False,
@@ -131,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--num-workers", type=int, default=0)
-    ap.add_argument("--out", default="benchmarks/results/vit_attention.json")
+    ap.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/vit_attention/<cpu|gpu>/"
+                    "<date>_vit-cifar-depth<d>_<variants>.json)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -179,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "markdown": table_md,
     }
-    out = Path(args.out)
+    folder = "gpu" if args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    out = Path(args.out or f"benchmarks/results/vit_attention/{folder}/{time.strftime('%Y-%m-%d')}_vit-cifar-depth"
+                           f"{args.depth}_{args.variants.replace(',', '+')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -26,52 +26,88 @@ def test_help(script):
     assert "usage" in out.stdout
 
 
-def test_quality_variants_build_the_right_callbacks():
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"model": "cifar_resnet20", "lr": 0.2, "rho": 0.05, "mse_weight": 0.1, "progress": False, **kw})
+
+
+def _variant(q, name, total_steps=100, **kw):
+    """The callbacks, module config and composed config a variant's fit gets (no data, no training)."""
+    from flatq_lightning.app.train import instantiate_callbacks
+
+    cfg, overrides = q.variant_config(name, 0, _args(**kw), dict(q.SIZES["cpu"]), total_steps=total_steps)
+    return instantiate_callbacks(cfg.callbacks), cfg, overrides
+
+
+def test_quality_variants_are_app_experiments_with_overrides():
     q = _load("quality")
-    kinds = {}
-    for v in q.VARIANTS:
-        cbs, extra, sam = q.variant_setup(v, total_steps=100, seed=0, mse_weight=0.3)
-        kinds[v] = ({type(c).__name__ for c in cbs}, extra, sam)
-    assert kinds["plain"] == (set(), {}, False)
-    assert kinds["sam"] == (set(), {}, True)
-    assert kinds["dnq_w"][0] == {"QuantErrorRecorder", "DifferentialNoiseInjection"}
-    assert kinds["dnq_wa"][0] == {"QuantErrorRecorder", "DifferentialNoiseInjection", "ActivationNoiseInjection"}
-    assert kinds["dnq_wa_mse"][1] == {"mse_weight": 0.3, "mse_every": 1}
-    cbs, _, _ = q.variant_setup("dnq_wa_addrem", 100, 0)
-    assert next(c for c in cbs if isinstance(c, DifferentialNoiseInjection)).mode == "add_remove"
-    cbs, _, _ = q.variant_setup("dnq_uniform", 100, 0)
-    assert next(c for c in cbs if isinstance(c, DifferentialNoiseInjection)).mode == "uniform"
-    cbs, _, _ = q.variant_setup("dnq_wa_trap", 100, 0)
-    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
-    act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
-    assert noise.kappa(0) == 0.0 and noise.kappa(50) == 1.0 and noise.kappa(100) == 0.0
-    assert act.noise_scale(50) == 1.0
-    cbs, _, _ = q.variant_setup("dnq_wa_late", 100, 0)
-    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
-    act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
-    assert noise.warmup_fraction == act.warmup_fraction == 0.5 and noise.warmup_steps == act.warmup_steps == 0
-    cbs, _, _ = q.variant_setup("dnq_wa_late_k05", 100, 0)
-    noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
-    act = next(c for c in cbs if isinstance(c, ActivationNoiseInjection))
-    assert noise.warmup_fraction == act.warmup_fraction == 0.5 and noise.kappa(60) == act.noise_scale == 0.5
+    kinds = {v: _variant(q, v, mse_weight=0.3, rho=0.1) for v in q.VARIANTS}
+    names = {v: {type(c).__name__ for c in cbs} for v, (cbs, _, _) in kinds.items()}
+    assert names["plain"] == names["sam"] == set()
+    assert kinds["sam"][1].module.sam_rho == 0.1 and kinds["plain"][1].module.sam_rho == 0.0
+    assert names["dnq_w"] == names["dnq_uniform"] == {"QuantErrorRecorder", "DifferentialNoiseInjection"}
+    for v in ("dnq_wa", "dnq_wa_mse", "dnq_wa_addrem", "dnq_wa_trap", "dnq_wa_late", "dnq_wa_late_k05"):
+        assert names[v] == {"QuantErrorRecorder", "DifferentialNoiseInjection", "ActivationNoiseInjection"}, v
+    assert kinds["dnq_wa_mse"][1].module.mse_weight == 0.3 and kinds["dnq_wa"][1].module.mse_weight == 0.0
+
+    def noise(v):
+        cbs = kinds[v][0]
+        return (next(c for c in cbs if isinstance(c, DifferentialNoiseInjection)),
+                next((c for c in cbs if isinstance(c, ActivationNoiseInjection)), None))
+
+    assert noise("dnq_wa_addrem")[0].mode == "add_remove" and noise("dnq_uniform")[0].mode == "uniform"
+    w, a = noise("dnq_wa_trap")
+    assert w.kappa(0) == 0.0 and w.kappa(50) == 1.0 and w.kappa(100) == 0.0 and a.noise_scale(50) == 1.0
+    w, a = noise("dnq_wa_late")
+    assert w.warmup_fraction == a.warmup_fraction == 0.5 and w.warmup_steps == a.warmup_steps == 0
+    w, a = noise("dnq_wa_late_k05")
+    assert w.warmup_fraction == a.warmup_fraction == 0.5 and w.kappa(60) == a.noise_scale == 0.5
+    for v, (cbs, cfg, _) in kinds.items():
+        # the benchmark's schedule on every variant; every variant trains on the data make_datamodule builds
+        assert (cfg.module.lr, cfg.module.scheduler, cfg.module.warmup_fraction) == (0.2, "onecycle", 0.15), v
+        assert cfg.data == kinds["plain"][1].data and cfg.data.seed == 0 and cfg.data.train_subset == 10_000, v
+        assert cfg.trainer.max_epochs == 10 and cfg.trainer.limit_val_batches == 0 and "checkpoint" not in cfg.callbacks
+        assert all(c.seed == 0 for c in cbs if hasattr(c, "seed"))
     with pytest.raises(ValueError, match="unknown variant"):
-        q.variant_setup("nope", 100, 0)
+        _variant(q, "nope")
+
+
+def test_quality_recipe_builds_the_benchmark_trainer(tmp_path):
+    import hydra
+
+    q = _load("quality")
+    _, cfg, overrides = _variant(q, "dnq_wa")
+    assert overrides[0] == "experiment=cifar10_resnet20_dnq"
+    trainer = hydra.utils.instantiate(cfg.trainer, _convert_="all", default_root_dir=str(tmp_path))
+    assert trainer.logger is None and trainer.checkpoint_callback is None and trainer.limit_val_batches == 0
+    assert trainer.max_epochs == 10 and trainer.num_sanity_val_steps == 0
 
 
 def test_quality_variant_target_sets_the_noise_statistics_quantizer():
     q = _load("quality")
-    default = next(c for c in q.variant_setup("dnq_wa", 100, 0)[0] if isinstance(c, QuantErrorRecorder))
-    assert (default.weight_spec.bits, default.act_spec.bits) == (4, 4)
-    cbs, _, _ = q.variant_setup("dnq_wa@w3a3", 100, 0)
-    rec = next(c for c in cbs if isinstance(c, QuantErrorRecorder))
-    assert (rec.weight_spec.bits, rec.act_spec.bits) == (3, 3)
-    assert any(isinstance(c, ActivationNoiseInjection) for c in cbs)
-    rec = next(c for c in q.variant_setup("dnq_w@w2a4", 100, 0)[0] if isinstance(c, QuantErrorRecorder))
-    assert rec.weight_spec.bits == 2
+
+    def specs(name):
+        rec = next(c for c in _variant(q, name)[0] if isinstance(c, QuantErrorRecorder))
+        return rec.weight_spec.bits, rec.act_spec.bits
+
+    assert specs("dnq_wa") == (4, 4) and specs("dnq_wa@w3a3") == (3, 3) and specs("dnq_w@w2a4")[0] == 2
+    assert specs("dnq_wa_late@w4a3") == (4, 3)  # a target without a quant/ file: its bits on the method's specs
+    assert any(isinstance(c, ActivationNoiseInjection) for c in _variant(q, "dnq_wa@w3a3")[0])
+    # dnq_wa_late@w3a3 is the cifar10_resnet20_dnq_w3a3 experiment with nothing but the benchmark's schedule
+    assert q.variant_overrides("dnq_wa_late@w3a3", _args()) == ("cifar10_resnet20_dnq_w3a3", ["quant=w3a3"])
     with pytest.raises(ValueError, match="preset"):
-        q.variant_setup("dnq_wa@foo", 100, 0)
+        _variant(q, "dnq_wa@foo")
     with pytest.raises(ValueError, match="unknown variant"):
-        q.variant_setup("nope@w3a3", 100, 0)
+        _variant(q, "nope@w3a3")
+
+
+def test_quality_show_config_prints_the_overrides():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--show-config", "dnq_wa@w3a3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "experiment=cifar10_resnet20_dnq" in out.stdout and "quant=w3a3" in out.stdout
+    assert "_target_: flatq_lightning.QuantSpec" in out.stdout
 
 
 def test_quality_summary_table():
@@ -118,6 +154,24 @@ def test_overhead_callback_bytes_counts_the_pool_not_weights():
     assert o.callback_bytes([rec]) == {"weight_side": 0, "act_side": 0}
 
 
+def test_overhead_summary_of_a_results_folder(tmp_path):
+    import json
+
+    o = _load("overhead")
+    row = {"model": "cifar_resnet20", "resolution": 32, "batch": 128, "device": "CPU", "plain_ms": 900.0,
+           "dnq_ms": 990.0, "ratio": 1.1, "ratio_recorder": 1.02, "ratio_weight_noise": 1.05, "ratio_sam": None,
+           "extra_mem_mb": 0.009, "extra_mem_pct_of_params": 0.88, "hook_ms": {"dnq": {"act_noise": 29.6}}}
+    (tmp_path / "2026-11-27_resnet20_dnq.json").write_text(json.dumps(
+        {"date": "2026-11-27", "command": "benchmarks/overhead.py --variants plain,dnq", "results": [row]}))
+    text = o.write_summary(tmp_path).read_text()
+    assert "## `2026-11-27_resnet20_dnq.json`" in text and "`python benchmarks/overhead.py --variants plain,dnq`" in text
+    # a file written before ratio_min existed still gets its row
+    assert "| cifar_resnet20 | 32 | 128 | 900.0 | 1.02x | 1.05x | 990.0 | 1.1x | — | — | 0.009 (0.88%) | CPU |" in text
+    assert "- cifar_resnet20 dnq: inside the hooks per step: act_noise 29.6 ms (3.3% of plain)" in text
+    assert o.default_out("cpu", [("cifar_resnet20", 32, 128)], ["plain", "dnq"]).as_posix().startswith(
+        "benchmarks/results/overhead/cpu/")
+
+
 @pytest.mark.slow
 def test_overhead_runs_and_reports_paired_ratios(tmp_path):
     out = tmp_path / "o.json"
@@ -134,6 +188,10 @@ def test_overhead_runs_and_reports_paired_ratios(tmp_path):
     assert row["ratio"] == pytest.approx(sum(paired) / 2, abs=2e-3)  # the median of two paired ratios
     assert row["ratio_min"] == pytest.approx(min(times["dnq"]) / min(times["plain"]), abs=2e-3)
     assert row["ratio_sam"] is None and row["extra_mem_mb"] > 0
+    # the hooks' CPU time comes from the public profiler and module hooks: every part of the full DNQ is seen
+    assert set(row["hook_ms"]["dnq"]) == {"weight_update", "act_stats", "act_noise"}
+    assert all(ms > 0 for ms in row["hook_ms"]["dnq"].values())
+    assert (tmp_path / "summary.md").read_text().count("## `o.json`") == 1
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ from flatq_lightning.app.train import (  # noqa: E402
     instantiate_callbacks,
     model_kwargs,
     validate_config,
+    wire_quant_stats,
 )
 from flatq_lightning.callbacks.flatness.measures import (  # noqa: E402
     classification_loss,
@@ -225,6 +226,7 @@ def fit_variant(name: str, seed: int, args: argparse.Namespace, size: dict[str, 
     cbs = instantiate_callbacks(cfg.callbacks)
     module = hydra.utils.instantiate(cfg.module, _convert_="all", num_classes=dm.num_classes,
                                      model_kwargs=model_kwargs(cfg, dm))
+    wire_quant_stats(module, cbs)  # the MSE term (dnq_wa_mse) on the DNQ's statistics, as flatq-train does
     timer = Timer()
     trainer = hydra.utils.instantiate(cfg.trainer, _convert_="all",
                                       callbacks=[*cbs, timer, StopOnDivergence(f"{name} seed {seed}")])
@@ -280,9 +282,9 @@ def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[st
     from flatq_lightning.quant import load_bn_state
 
     module, trainer, timer, _, cbs, overrides = fit_variant(name, seed, args, size)
-    for cb in cbs:
-        if getattr(cb, "noisy_bn_state", None):
-            load_bn_state(module, cb.noisy_bn_state)
+    for part in (p for cb in cbs for p in getattr(cb, "parts", (cb,))):  # the DNQ's weight noise keeps them
+        if getattr(part, "noisy_bn_state", None):
+            load_bn_state(module, part.noisy_bn_state)
     d = run_dir(args.out, name)
     d.mkdir(parents=True, exist_ok=True)
     net = module.model.eval()

@@ -37,7 +37,9 @@ def _variant(q, name, total_steps=100, **kw):
     from flatq_lightning.app.train import instantiate_callbacks
 
     cfg, overrides = q.variant_config(name, 0, _args(**kw), dict(q.SIZES["cpu"]), total_steps=total_steps)
-    return instantiate_callbacks(cfg.callbacks), cfg, overrides
+    cbs = instantiate_callbacks(cfg.callbacks)
+    assert [type(c).__name__ for c in cbs] in ([], ["DNQ"])
+    return [p for c in cbs for p in c.parts], cfg, overrides  # the DNQ's recorder, weight and activation noise
 
 
 def test_quality_variants_are_app_experiments_with_overrides():

@@ -135,7 +135,7 @@ def test_default_is_the_quickstart():
 def test_quant_group_sets_the_preset_everywhere():
     cfg = _compose(["quant=w3a3"])
     assert cfg.module.mse_preset == "w3a3"
-    rec = instantiate_callbacks(cfg.callbacks)[0]
+    rec = instantiate_callbacks(cfg.callbacks)[0].recorder
     assert (rec.weight_spec, rec.act_spec) == QuantSpec.parse("w3a3") and rec.name == "w3a3"
 
 
@@ -150,7 +150,7 @@ def test_quant_spec_fields_from_the_command_line():
     cfg = _compose(["quant=w3a3", "quant.weight.observer=mse", "quant.act.observer=percentile",
                     "quant.act.percentile=99.9", "quant.weight.granularity=per_tensor"])
     validate_config(cfg)
-    rec = instantiate_callbacks(cfg.callbacks)[0]
+    rec = instantiate_callbacks(cfg.callbacks)[0].recorder
     assert rec.weight_spec == QuantSpec(bits=3, granularity="per_tensor", symmetric=True, observer="mse")
     assert rec.act_spec == QuantSpec.activation(3, observer="percentile", percentile=99.9)
     assert rec.name == "w3a3" and cfg.quant.preset == "w3a3"

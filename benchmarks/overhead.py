@@ -128,10 +128,8 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def _noise_pool_bytes(cb: Callback) -> int:
-    """The pre-drawn noise pool of a noise callback. No public API exposes it (nor the memory a callback holds):
-    this is the one read of private state left here, ``cb._source._pools``."""
-    source = getattr(cb, "_source", None)
-    return _tensor_bytes(getattr(source, "_pools", {})) if source is not None else 0
+    """The pre-drawn noise pool of a noise callback (its public ``noise_memory_bytes()``)."""
+    return cb.noise_memory_bytes()
 
 
 def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
@@ -139,7 +137,7 @@ def callback_bytes(cbs: list[Callback]) -> dict[str, int]:
 
     From the callbacks' public state (Lightning's ``state_dict()``): the recorder's statistics (``weight_*`` keys
     on the weight side, ``act_*`` on the activation side) and the weight-noise callback's applied noise
-    (``applied``: the coefficients it must remove next step); plus the noise pools (``_noise_pool_bytes``).
+    (``applied``: the coefficients it must remove next step); plus the noise pools (``noise_memory_bytes()``).
     """
     from flatq_lightning.callbacks import (
         ActivationNoiseInjection,

@@ -80,6 +80,10 @@ class ActivationNoiseInjection(Callback):
         self._source: NoiseSource | None = None
         self._coef: dict[str, tuple[int, float, Tensor, Tensor]] = {}
 
+    def noise_memory_bytes(self) -> int:
+        """Bytes of pre-drawn noise this callback holds (its pool; 0 before fit or with the exact generator)."""
+        return self._source.memory_bytes() if self._source is not None else 0
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(recorder=self.recorder.name, p=self.p)

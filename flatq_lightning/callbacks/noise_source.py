@@ -50,6 +50,10 @@ class NoiseSource:
         g.manual_seed(seed)
         return g
 
+    def memory_bytes(self) -> int:
+        """Bytes held by the pre-drawn pools (0 for the exact generator)."""
+        return sum(t.numel() * t.element_size() for t in self._pools.values())
+
     def pool(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (device, dtype)
         if key not in self._pools:

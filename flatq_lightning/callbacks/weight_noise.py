@@ -271,6 +271,10 @@ class DifferentialNoiseInjection(Callback):
         self._noised = False  # some noise was applied in this fit (BN statistics saw it)
         self._resume_bn: dict[str, dict[str, Tensor]] | None = None
 
+    def noise_memory_bytes(self) -> int:
+        """Bytes of pre-drawn noise this callback holds (its pool; 0 before fit or with the exact generator)."""
+        return self._source.memory_bytes() if self._source is not None else 0
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(recorder=self.recorder.name)

@@ -205,9 +205,11 @@ def test_noise_statistics_match_recorded_error():
 
 def test_pool_source_memory_and_windows():
     src = NoiseSource("pool", "normal", seed=1, pool_numel=1 << 12)
+    assert src.memory_bytes() == 0  # drawn on first use
     chunks = list(src.chunks((0, 0), rows=100, cols=300, device=torch.device("cpu"), dtype=torch.float32))
     assert sum(r1 - r0 for r0, r1, _ in chunks) == 100
     pool = src.pool(torch.device("cpu"), torch.float32)
+    assert src.memory_bytes() == (1 << 12) * 4
     for _, _, e in chunks:
         assert e.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()  # views, no copies
     big = src.full((1, 2), torch.Size([3, 5000]), torch.device("cpu"), torch.float32)
@@ -231,6 +233,8 @@ def test_auto_pool_is_small_relative_to_weights():
     total = sum(m_.weight.numel() for m_ in rec.modules.values())
     assert total >= 1 << 21 and noise._source.kind == "pool"
     assert noise._source.pool_numel <= total / 32 + 1
+    noise._source.pool(torch.device("cpu"), torch.float32)
+    assert noise.noise_memory_bytes() == noise._source.pool_numel * 4  # what overhead.py reports
 
 
 def test_ramp_schedule_and_warmup():

@@ -118,12 +118,13 @@ class QuantMSEMixin:
                 if local is None:
                     continue
                 w_spec, a_spec = specs[name]
-                if has_weight(mod):  # weightless points (attention operands): input quantization only
+                if w_spec is not None and has_weight(mod):  # weightless points (attention operands): input only
                     w = noise.clean_weight(name) if noise is not None else mod.weight
                     scale, zp = compute_qparams(w.detach(), w_spec, check=False)
                     weights[f"{local}.weight" if local else "weight"] = fake_quantize(w, w_spec, scale, zp, check_scale=False)
-                qp = recorder.act_qparams(name) if recorder is not None else None
-                handles.append(mod.register_forward_pre_hook(_act_quant_hook(a_spec, qp)))
+                if a_spec is not None:  # None: the activations stay float (a16 preset)
+                    qp = recorder.act_qparams(name) if recorder is not None else None
+                    handles.append(mod.register_forward_pre_hook(_act_quant_hook(a_spec, qp)))
             for m in net.modules():  # keep BN running statistics from seeing the quantized forward
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     bn_momentum.append((m, m.momentum))

@@ -23,7 +23,7 @@ from ..quant.ops import (
     quant_error_stats,
     sqnr_db_from_error_stats,
 )
-from ..quant.spec import QuantSpec, preset_name
+from ..quant.spec import QuantSpec, preset_name, preset_specs
 from ..quant.targets import has_weight, layer_specs, select_modules
 from ._common import check_bool
 
@@ -33,8 +33,15 @@ __all__ = ["QuantErrorRecorder", "resolve_specs"]
 def resolve_specs(weight_spec: str | QuantSpec, act_spec: QuantSpec | None) -> tuple[QuantSpec, QuantSpec]:
     """``("w4a4", None)`` → the preset's pair; a ``QuantSpec`` weight spec needs an explicit or default act spec."""
     if isinstance(weight_spec, str):
-        w, a = QuantSpec.parse(weight_spec)
-        return w, act_spec if act_spec is not None else a
+        w, a = preset_specs(weight_spec)
+        a = act_spec if act_spec is not None else a
+        if w is None or a is None:
+            raise ValueError(
+                f"{weight_spec!r}: DNQ trains against a quantizer on both sides, and a 16-bit side stays float. "
+                "Give the bits the network will be quantized to (e.g. 'w4a8'); for weight noise only, keep a "
+                "quantized activation side and pass act_noise=False"
+            )
+        return w, a
     if not isinstance(weight_spec, QuantSpec):
         raise ValueError(f"weight_spec must be a preset string like 'w4a4' or a QuantSpec, got {weight_spec!r}")
     if act_spec is None:

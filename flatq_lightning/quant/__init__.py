@@ -34,7 +34,7 @@ from .quantize import (
     quantized_layers,
     reestimate_bn_quantized,
 )
-from .spec import QuantSpec, parse_bits, preset_name
+from .spec import FLOAT_BITS, QuantSpec, parse_bits, preset_name, preset_specs
 from .targets import QUANTIZABLE_TYPES, first_last_names, has_weight, layer_specs, select_modules
 
 __all__ = [
@@ -70,6 +70,8 @@ __all__ = [
     "observe_range",
     "parse_bits",
     "preset_name",
+    "preset_specs",
+    "FLOAT_BITS",
     "qparams_from_range",
     "quant_error",
     "quant_error_stats",

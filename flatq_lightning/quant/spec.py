@@ -14,6 +14,8 @@ from typing import Any
 GRANULARITIES = ("per_channel", "per_tensor")
 OBSERVERS = ("minmax", "percentile", "mse")
 MIN_BITS, MAX_BITS = 2, 16
+#: a preset side at this many bits stays float (``"w4a16"``: weights only); its spec is ``None``
+FLOAT_BITS = MAX_BITS
 #: the most dimensions a quantized tensor has (a Conv3d weight: out, in, kD, kH, kW)
 MAX_DIMS = 5
 
@@ -98,15 +100,14 @@ class QuantSpec:
 
     @staticmethod
     def parse(
-        preset: str, weight_observer: str = "minmax", act_observer: str = "minmax"
-    ) -> tuple[QuantSpec, QuantSpec]:
-        """Parse ``"w4a4"``-style strings into ``(weight_spec, act_spec)``.
+        preset: str, weight_observer: str = "minmax", act_observer: str | None = None
+    ) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """``(weight_spec, act_spec)`` of a ``"w4a4"``-style preset: :func:`preset_specs`, the one reader.
 
-        ``"w4a16"`` quantizes weights only (16-bit activations are numerically transparent);
-        ``"w16a4"`` activations only.
+        A side at 16 bits stays float and is ``None``: ``"w4a16"`` quantizes weights only, ``"w16a4"``
+        activations only. ``act_observer`` defaults to ``weight_observer``.
         """
-        wb, ab = parse_bits(preset)
-        return QuantSpec.weight(wb, observer=weight_observer), QuantSpec.activation(ab, observer=act_observer)
+        return preset_specs(preset, weight_observer, act_observer)
 
 
 _PRESET = re.compile(r"^\s*w(\d+)a(\d+)\s*$", re.IGNORECASE)
@@ -129,6 +130,30 @@ def parse_bits(preset: str) -> tuple[int, int]:
                 f"preset {preset!r}: {name} bits must be in [{MIN_BITS}, {MAX_BITS}], got {b}"
             )
     return wb, ab
+
+
+def preset_specs(
+    preset: str, observer: str = "minmax", act_observer: str | None = None
+) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """The one reader of bit-width presets: ``(weight_spec, act_spec)`` with the method's quantizers.
+
+    Weights symmetric per output channel, activations asymmetric per tensor; ``observer`` picks the weight
+    observer and, unless ``act_observer`` is given, the activation observer. A side at :data:`FLOAT_BITS`
+    (16) bits stays float and is ``None`` everywhere in the package (PTQ leaves it alone, the DNQ callbacks
+    refuse it).
+
+    Example:
+        >>> w, a = preset_specs("w4a16")
+        >>> (w.bits, w.granularity, a)
+        (4, 'per_channel', None)
+        >>> w, a = preset_specs("w4a4", "mse", act_observer="percentile")
+        >>> (w.observer, a.observer, a.symmetric)
+        ('mse', 'percentile', False)
+    """
+    wb, ab = parse_bits(preset)
+    w = QuantSpec.weight(wb, observer=observer) if wb < FLOAT_BITS else None
+    a = QuantSpec.activation(ab, observer=act_observer or observer) if ab < FLOAT_BITS else None
+    return w, a
 
 
 def preset_name(weight_bits: int, act_bits: int) -> str:

@@ -82,13 +82,14 @@ def first_last_names(selected: Sequence[tuple[str, nn.Module]]) -> set[str]:
 
 def layer_specs(
     selected: Sequence[tuple[str, nn.Module]],
-    weight_spec: QuantSpec,
-    act_spec: QuantSpec,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
     keep_first_last_8bit: bool = True,
-) -> dict[str, tuple[QuantSpec, QuantSpec]]:
+) -> dict[str, tuple[QuantSpec | None, QuantSpec | None]]:
     """Per-layer ``(weight_spec, act_spec)``: the first and last weighted layer at ``max(bits, 8)`` when asked.
 
-    Weightless points get the pair too (only the act spec applies to them).
+    Weightless points get the pair too (only the act spec applies to them); a ``None`` side (stays float)
+    stays ``None``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), QuantPoint(), nn.Linear(4, 4), nn.Linear(4, 2))
@@ -101,7 +102,7 @@ def layer_specs(
     for name, _ in selected:
         w, a = weight_spec, act_spec
         if name in keep:
-            w = replace(w, bits=max(w.bits, 8))
-            a = replace(a, bits=max(a.bits, 8))
+            w = None if w is None else replace(w, bits=max(w.bits, 8))
+            a = None if a is None else replace(a, bits=max(a.bits, 8))
         specs[name] = (w, a)
     return specs

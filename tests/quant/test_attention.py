@@ -205,7 +205,7 @@ def test_quantize_model_16_bit_matches_fp():
     with torch.no_grad():
         ref = vit(x)
         # calibrated on data that covers x: no clipping, so only 16-bit rounding is left
-        q = quantize_model(vit, *QuantSpec.parse("w16a16"), calib_batches=[x, *_calib()])
+        q = quantize_model(vit, QuantSpec.weight(16), QuantSpec.activation(16), calib_batches=[x, *_calib()])
         out = q(x)
     assert sum(isinstance(m.module, QuantPoint) for _, m in quantized_layers(q)) == 8
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4

@@ -14,13 +14,28 @@ def test_grid_limits():
 
 
 @pytest.mark.parametrize(
-    "preset,expected", [("w4a4", (4, 4)), ("w3a3", (3, 3)), ("W8A8", (8, 8)), ("w2a4", (2, 4)), ("w4a16", (4, 16))]
+    "preset,expected", [("w4a4", (4, 4)), ("w3a3", (3, 3)), ("W8A8", (8, 8)), ("w2a4", (2, 4)), ("w12a6", (12, 6))]
 )
 def test_parse_presets(preset, expected):
     w, a = QuantSpec.parse(preset)
     assert (w.bits, a.bits) == expected
     assert w.granularity == "per_channel" and w.symmetric
     assert a.granularity == "per_tensor" and not a.symmetric
+
+
+def test_one_preset_reader_and_one_spelling_of_float():
+    """QuantSpec.parse, PTQ's specs_for and the recorder all read presets through preset_specs: a 16-bit side
+    is None (stays float) everywhere, and the training side refuses it with the way out."""
+    from flatq_lightning import QuantErrorRecorder
+    from flatq_lightning.ptq.runner import specs_for
+    from flatq_lightning.quant import preset_specs
+
+    for preset in ("w4a16", "w16a4", "w3a3"):
+        assert QuantSpec.parse(preset) == preset_specs(preset) == specs_for(preset)
+    assert QuantSpec.parse("w4a16")[1] is None and QuantSpec.parse("w16a4")[0] is None
+    assert QuantSpec.parse("w4a4", "mse", "percentile") == specs_for("w4a4", "mse", act_observer="percentile")
+    with pytest.raises(ValueError, match="a 16-bit side stays float"):
+        QuantErrorRecorder("w4a16")
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,51 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerSQNR", "PTQRow", "PTQReport", "REPORT_FORMATS", "REPORT_STEM", "log_hyperparams", "report_paths"]
+__all__ = [
+    "LayerSQNR",
+    "PTQRow",
+    "PTQReport",
+    "REPORT_FORMATS",
+    "REPORT_STEM",
+    "free_path",
+    "log_hyperparams",
+    "numbered_paths",
+    "report_paths",
+    "write_file_atomic",
+]
 
 PathLike = str | os.PathLike
 
 #: every PTQ report (the callback, ``flatq-train``, ``flatq-ptq``) is ``ptq_report.{json,md,csv,png}``
 REPORT_STEM = "ptq_report"
 REPORT_FORMATS: tuple[str, ...] = ("json", "md", "csv", "png")
+
+
+def numbered_paths(
+    save_dir: PathLike, stem: str, formats: Sequence[str], overwrite: bool = False,
+    taken: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """``{fmt: save_dir/<stem>.<fmt>}``, or, when any ``<stem>.<t>`` (``t`` in ``taken``, default ``formats``)
+    exists and ``overwrite`` is False, the first free numbered set ``<stem>_2.<fmt>``, ``<stem>_3.<fmt>``, …
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> numbered_paths(d, "quantized_w4a4", ("onnx",))["onnx"].name
+        'quantized_w4a4.onnx'
+        >>> _ = (d / "quantized_w4a4.onnx").write_bytes(b"")
+        >>> numbered_paths(d, "quantized_w4a4", ("onnx",))["onnx"].name
+        'quantized_w4a4_2.onnx'
+    """
+    d = Path(save_dir)
+    taken = tuple(taken) if taken is not None else tuple(formats)
+    n = 1
+    while True:
+        s = stem if n == 1 else f"{stem}_{n}"
+        # a number is taken as soon as any file of its set exists: two sets are never mixed
+        if overwrite or not any((d / f"{s}.{f}").exists() for f in taken):
+            return {f: d / f"{s}.{f}" for f in formats}
+        n += 1
 
 
 def report_paths(
@@ -42,14 +80,78 @@ def report_paths(
         >>> report_paths(d, ("json", "md"))["md"].name, report_paths(d, ("json",), overwrite=True)["json"].name
         ('ptq_report_2.md', 'ptq_report.json')
     """
-    d = Path(save_dir)
-    n = 1
-    while True:
-        stem = REPORT_STEM if n == 1 else f"{REPORT_STEM}_{n}"
-        # a number is taken as soon as any file of its set exists: two reports are never mixed
-        if overwrite or not any((d / f"{stem}.{f}").exists() for f in REPORT_FORMATS):
-            return {f: d / f"{stem}.{f}" for f in formats}
-        n += 1
+    return numbered_paths(save_dir, REPORT_STEM, formats, overwrite=overwrite, taken=REPORT_FORMATS)
+
+
+def free_path(path: PathLike, overwrite: bool = False) -> Path:
+    """``path`` itself, or with ``overwrite`` False and ``path`` taken, the first free ``<stem>_<n><suffix>``
+    beside it (the numbering of :func:`numbered_paths`).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "q.safetensors").write_bytes(b"")
+        >>> free_path(d / "q.safetensors").name, free_path(d / "q.safetensors", overwrite=True).name
+        ('q_2.safetensors', 'q.safetensors')
+    """
+    p = Path(path)
+    fmt = p.suffix.removeprefix(".")
+    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+    if not fmt:
+        n, q = 1, p
+        while q.exists() and not overwrite:
+            n += 1
+            q = p.with_name(f"{p.name}_{n}")
+        return q
+    return numbered_paths(p.parent, stem, (fmt,), overwrite=overwrite)[fmt]
+
+
+def write_file_atomic(path: PathLike, write: Any, overwrite: bool = False) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a temporary file beside ``path`` (``write`` may also be
+    ``bytes`` or ``str``), which is then moved into place. With ``overwrite`` False an existing ``path`` is never
+    replaced: ``FileExistsError`` (the move is a hard link, which fails if the name was taken meanwhile, where
+    the file system has hard links). A reader never sees a half-written file; a failure leaves nothing behind.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.bin"
+        >>> write_file_atomic(p, b"one").read_bytes()
+        b'one'
+        >>> write_file_atomic(p, b"two")
+        Traceback (most recent call last):
+        ...
+        FileExistsError: a.bin exists already: not replaced (pass overwrite=True to replace it)
+    """
+    p = Path(path)
+    if not overwrite and p.exists():
+        raise FileExistsError(f"{p.name} exists already: not replaced (pass overwrite=True to replace it)")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(p)
+    try:
+        if isinstance(write, bytes):
+            tmp.write_bytes(write)
+        elif isinstance(write, str):
+            tmp.write_text(write)
+        else:
+            write(tmp)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)  # atomic and never clobbers
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{p.name} exists already: not replaced (pass overwrite=True to replace it)"
+                ) from None
+            except OSError:  # no hard links on this file system: checked above, then the rename
+                if p.exists():
+                    raise FileExistsError(
+                        f"{p.name} exists already: not replaced (pass overwrite=True to replace it)"
+                    ) from None
+                os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -115,6 +217,9 @@ class PTQRow:
     eval_seconds: float = 0.0
     #: the BatchNorm statistics were re-estimated for this quantizer before folding (``run_ptq(bn_reestimate=True)``)
     bn_reestimated: bool = False
+    #: files written for this bit-width (``run_ptq(export_dir=...)``): ``{"format", "path", "bytes"}`` and, for
+    #: ONNX, the parity check against ONNX Runtime (:class:`~flatq_lightning.ptq.onnx_export.OnnxParity` fields)
+    exports: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -306,6 +411,34 @@ class PTQReport:
             lines.append(f"| {r.bits} | {r.top1:.2f} | {r.top5:.2f} | {r.drop_top1:.2f} |")
         return "\n".join(lines)
 
+    def export_table(self) -> str:
+        """The exported files, one line each; ONNX files with the parity check against ONNX Runtime (top-1 of
+        flatq's fake-quant model and of ONNX Runtime on the same batches, argmax agreement, max |Δ logit|).
+        Empty when nothing was exported.
+
+        Example:
+            >>> row = PTQRow("w8a8", 8, 8, 90.9, 99.5, 0.1, 0.0, exports=[{"format": "onnx", "path": "q.onnx",
+            ...     "bytes": 1_048_576, "samples": 100, "top1_flatq": 91.0, "top1_ort": 91.0, "agreement": 100.0,
+            ...     "max_abs_logit_diff": 0.002}])
+            >>> print(PTQReport(91.0, 99.5, rows=[row]).export_table().splitlines()[2])
+            | w8a8 | onnx | q.onnx | 1.00 MiB | 91.00 | 91.00 | 100.00 | 0.002 | 100 |
+        """
+        lines = []
+        for r in self.rows:
+            for e in r.exports:
+                par = [_fmt(e.get("top1_flatq")), _fmt(e.get("top1_ort")), _fmt(e.get("agreement")),
+                       _fmt(e.get("max_abs_logit_diff"), 3), str(e.get("samples", "—"))] if "top1_ort" in e else ["—"] * 5
+                lines.append(f"| {r.bits} | {e['format']} | {Path(e['path']).name} | {_size(e['bytes'])} | "
+                             + " | ".join(par) + " |")
+        if not lines:
+            return ""
+        return "\n".join([
+            "| bits | format | file | size | top-1 flatq (%) | top-1 ONNX Runtime (%) | argmax agree (%) | "
+            "max abs Δ logit | images |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            *lines,
+        ])
+
     def policy_line(self) -> str:
         kept = ", ".join(self.kept_8bit) if self.kept_8bit else "none"
         sel = ""
@@ -349,6 +482,8 @@ class PTQReport:
                     f"| {layer.name} | {_bits_label(layer.weight_bits)} | {_bits_label(layer.act_bits)} | "
                     f"{_fmt(layer.weight_sqnr_db)} | {_fmt(layer.act_sqnr_db)} |"
                 )
+        if any(r.exports for r in self.rows):
+            out += ["", "## Exported files", "", self.export_table()]
         if self.timing:
             out += ["", "Timing (s): " + ", ".join(f"{k}={v:.2f}" for k, v in self.timing.items()) + "."]
         return "\n".join(out) + "\n"
@@ -478,6 +613,13 @@ def _log_image(
     return png
 
 
+def _size(n: int) -> str:
+    """``1536`` → ``'1.5 KiB'``; bytes, KiB or MiB."""
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
+
+
 def _csv_num(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
@@ -491,11 +633,4 @@ def _temp_beside(path: Path) -> Path:
 
 def _write(path: PathLike, text: str) -> None:
     """Write ``text`` atomically: a temporary file beside ``path``, then ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(p)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file_atomic(path, text, overwrite=True)

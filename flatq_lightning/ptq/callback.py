@@ -14,10 +14,11 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from .runner import DEFAULT_BITS, run_ptq, validate_ptq_args
-from ..quant.spec import OBSERVERS
-from .report import PTQReport
 from ..callbacks._common import log_settings
+from ..quant.spec import OBSERVERS
+from .export import normalize_export_formats
+from .report import PTQReport
+from .runner import DEFAULT_BITS, run_ptq, validate_ptq_args
 
 __all__ = ["PostTrainingQuantization", "STAGES"]
 
@@ -115,7 +116,10 @@ class PostTrainingQuantization(Callback):
     SQNR, and the accuracy plot; :meth:`PTQReport.write`, atomically) to ``save_dir`` (default: the logger's
     ``trainer.log_dir``; with ``logger=False`` ``<default_root_dir>/ptq_reports``); an earlier report there is
     kept and the new one numbered (``ptq_report_2.*``) unless ``overwrite=True``. With
-    ``export=True`` ``quantized_<bits>.safetensors`` (see :func:`flatq_lightning.ptq.export.save_quantized`); logs
+    ``export="onnx"`` (or ``"safetensors"``, ``("onnx", "safetensors")``; ``True`` is ``"safetensors"``) each
+    quantized model is written beside the report as ``quantized_<bits>.onnx`` (QuantizeLinear/DequantizeLinear,
+    checked in ONNX Runtime on the evaluation data: :func:`flatq_lightning.ptq.onnx_export.export_onnx`) and/or
+    ``quantized_<bits>.safetensors`` (packed integer weights: :func:`flatq_lightning.ptq.export.save_quantized`); logs
     ``ptq/fp/top1``, ``ptq/<bits>/top1`` and ``ptq/<bits>/top5`` to every logger and prints the table.
     The report is kept in :attr:`report`.
 
@@ -128,7 +132,10 @@ class PostTrainingQuantization(Callback):
         save_dir: where the report files go.
         overwrite: replace an earlier ``ptq_report.*`` in ``save_dir`` instead of writing ``ptq_report_<n>.*``.
         include, exclude: shell patterns on layer names selecting what is quantized.
-        export: also save each quantized model as safetensors.
+        export: formats to save each quantized model in: ``"onnx"``, ``"safetensors"``, both (a list or
+            ``"onnx,safetensors"``); ``True`` means ``"safetensors"``, ``False`` nothing. ONNX needs the ``[onnx]``
+            extra and is checked against ONNX Runtime on the first ``parity_batches`` evaluation batches (default:
+            all); the parity numbers are in ``report.rows[i].exports`` and the report's Markdown.
         progress: tqdm bars; ``print_report``: print the Markdown table at the end.
         attention_points: on timm ViTs also quantize Q, K, V and the softmax output (``False``: Linear inputs only).
         act_observer: the activation observer (default: ``observer``, which then sets the weights' only).
@@ -156,7 +163,7 @@ class PostTrainingQuantization(Callback):
         save_dir: str | os.PathLike | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
-        export: bool = False,
+        export: bool | str | Sequence[str] = False,
         progress: bool = True,
         print_report: bool = True,
         attention_points: bool = True,
@@ -164,6 +171,7 @@ class PostTrainingQuantization(Callback):
         bn_reestimate: bool = False,
         bn_batches: int = 32,
         overwrite: bool = False,
+        parity_batches: int | None = None,
     ) -> None:
         super().__init__()
         self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, observer, include, exclude)
@@ -176,7 +184,11 @@ class PostTrainingQuantization(Callback):
         self.bn_batches = bn_batches
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        for name, flag in (("keep_first_last_8bit", keep_first_last_8bit), ("export", export),
+        self.export_formats = normalize_export_formats(export)
+        if parity_batches is not None and (isinstance(parity_batches, bool) or not isinstance(parity_batches, int) or parity_batches < 1):
+            raise ValueError(f"parity_batches must be None (all) or a positive int, got {parity_batches!r}")
+        self.parity_batches = parity_batches
+        for name, flag in (("keep_first_last_8bit", keep_first_last_8bit),
                            ("progress", progress), ("print_report", print_report),
                            ("attention_points", attention_points), ("bn_reestimate", bn_reestimate),
                            ("overwrite", overwrite)):
@@ -212,8 +224,8 @@ class PostTrainingQuantization(Callback):
         Writes the report files (and exports) to ``save_dir`` or the callback's ``save_dir`` when one is set.
         """
         out = save_dir if save_dir is not None else self.save_dir
-        if self.export and out is None:
-            rank_zero_warn("PostTrainingQuantization(export=True) has no save_dir: nothing is exported")
+        if self.export_formats and out is None:
+            rank_zero_warn(f"PostTrainingQuantization(export={self.export!r}) has no save_dir: nothing is exported")
         report = run_ptq(
             module,
             calib_loader,
@@ -226,7 +238,10 @@ class PostTrainingQuantization(Callback):
             exclude=self.exclude,
             device=device,
             progress=self.progress,
-            export_dir=out if self.export else None,
+            export_dir=out if self.export_formats else None,
+            export_formats=self.export_formats,
+            overwrite=self.overwrite,
+            parity_batches=self.parity_batches,
             attention_points=self.attention_points,
             act_observer=self.act_observer,
             bn_reestimate=self.bn_reestimate,
@@ -249,10 +264,15 @@ class PostTrainingQuantization(Callback):
             "ptq/include": ",".join(self.include or []),
             "ptq/exclude": ",".join(self.exclude or []),
             "ptq/attention_points": self.attention_points,
+            "ptq/export": ",".join(self.export_formats),
         }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_settings(trainer, self.settings())  # known before the fit: logged with the model's hyperparameters
+        if "onnx" in self.export_formats:
+            from .onnx_export import require_onnx
+
+            require_onnx("PostTrainingQuantization(export='onnx')")  # fail before training, not after it
         # fail before training, not after it, when the evaluation stage has no data
         if (
             _data_source(trainer, self.stage) is not None
@@ -288,5 +308,7 @@ class PostTrainingQuantization(Callback):
         report.log_to(trainer.loggers, step=trainer.global_step, image_path=self.files.get("png"))
         if self.print_report:
             _print(report.markdown_table())
+            if any(r.exports for r in report.rows):
+                _print(report.export_table())
             if self.files:
                 _print(f"PTQ report: {', '.join(str(f) for f in self.files.values())}")

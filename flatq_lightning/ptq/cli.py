@@ -10,6 +10,13 @@ Folds BatchNorm, calibrates on training images (no augmentation), quantizes at e
 on the test split with :func:`flatq_lightning.ptq.runner.run_ptq`; prints the accuracy table and writes
 ``ptq_report.{json,md,csv,png}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
 A second run keeps the first report and writes ``ptq_report_2.*`` (``--overwrite`` replaces it instead).
+
+``--export onnx`` (``safetensors``, or ``onnx,safetensors``) also writes each quantized model into the same
+folder, ``quantized_<bits>.onnx`` (QuantizeLinear/DequantizeLinear, needs ``pip install "flatq_lightning[onnx]"``)
+and/or ``quantized_<bits>.safetensors`` (packed integer weights), and checks every ONNX file in ONNX Runtime on
+the test split against the flatq model (top-1 of both, argmax agreement, largest logit difference)::
+
+    flatq-ptq model.ckpt --bits w8a8,w4a8 --export onnx --save-dir deploy
 """
 
 from __future__ import annotations
@@ -82,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an earlier ptq_report.* in the save directory (default: keep it, write ptq_report_<n>.*)",
     )
+    p.add_argument("--export", default="", metavar="FORMATS",
+                   help="also write each quantized model: onnx (QDQ, checked in ONNX Runtime on the test split), "
+                   "safetensors (packed integer weights), or onnx,safetensors")
+    p.add_argument("--parity-batches", type=int, default=None,
+                   help="test batches for the ONNX Runtime parity check (default: the whole test split)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress (default: a bar on a terminal, a few plain lines in a log)")
     return p
 
@@ -184,12 +196,25 @@ def datamodule_from_checkpoint(
     return build_datamodule(name, **kwargs)
 
 
+def _input_description(dm: Any) -> dict[str, Any]:
+    """What the exported model takes as input: the data module's normalisation, when it has one."""
+    out: dict[str, Any] = {"layout": "NCHW", "dtype": "float32"}
+    mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
+    if mean is not None and std is not None:
+        out.update(pixels="scaled to [0, 1], then (x - mean) / std per channel",
+                   mean=[float(m) for m in mean], std=[float(s) for s in std])
+    size = getattr(dm, "image_size", None)
+    if isinstance(size, int):
+        out["image_size"] = size
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..callbacks.noise import NOISY_BN_KEY
     from ..app.data.base import DataNotFoundError
     from ..app.module import ImageClassifier
+    from ..callbacks.noise import NOISY_BN_KEY
     from ..quant.bn import load_bn_state
 
     try:
@@ -203,6 +228,21 @@ def _run(args: argparse.Namespace) -> int:
     bits = [b.strip() for b in str(args.bits).split(",") if b.strip()]
     if not bits:
         raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
+    from .export import normalize_export_formats
+
+    try:
+        formats = normalize_export_formats(args.export)
+    except ValueError as err:
+        raise _CliError(f"--export: {err}") from None
+    if args.parity_batches is not None and args.parity_batches < 1:
+        raise _CliError(f"--parity-batches must be a positive number, got {args.parity_batches}")
+    if "onnx" in formats:
+        from .onnx_export import require_onnx
+
+        try:
+            require_onnx("--export onnx")
+        except ImportError as err:
+            raise _CliError(str(err)) from None
     save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
     _check_save_dir(save_dir)
     raw = _load_raw(ckpt_path)
@@ -264,12 +304,20 @@ def _run(args: argparse.Namespace) -> int:
             bn_batches=args.bn_batches,
             bn_loader=dm.train_dataloader(),
             bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
+            export_dir=save_dir if formats else None,
+            export_formats=formats,
+            overwrite=args.overwrite,
+            parity_batches=args.parity_batches,
+            export_metadata={"checkpoint": ckpt_path.name, "input": _input_description(dm)},
         )
     except ValueError as err:
         raise _CliError(str(err)) from None
     files = report.write(save_dir, overwrite=args.overwrite)
     print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
     print(report.markdown_table())
+    if formats:
+        print("\nexported (top-1 of the flatq model and of ONNX Runtime on the same test images):\n")
+        print(report.export_table())
     print(f"\nreport in {save_dir}: {', '.join(f.name for f in files.values())}")
     return 0
 

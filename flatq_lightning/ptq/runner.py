@@ -35,7 +35,8 @@ from ..quant import (
     sqnr_db,
 )
 from ..quant.spec import MAX_BITS, OBSERVERS
-from .report import LayerSQNR, PTQReport, PTQRow
+from .export import normalize_export_formats
+from .report import LayerSQNR, PTQReport, PTQRow, free_path
 
 __all__ = [
     "DEFAULT_BITS",
@@ -334,6 +335,38 @@ def _layer_sqnr(qmodel: nn.Module, x: Tensor | None, device: torch.device) -> li
     return out
 
 
+def _export(
+    qmodel: nn.Module,
+    bits: str,
+    export_dir: Path,
+    formats: Sequence[str],
+    pairs: list[tuple[str, str]],
+    meta: dict[str, Any],
+    overwrite: bool,
+    eval_loader: Iterable[Any],
+    parity_batches: int | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Write one quantized model in each format (never replacing a file unless ``overwrite``); ONNX files are
+    followed by the parity check on the evaluation batches."""
+    out = []
+    for fmt in formats:
+        target = free_path(export_dir / f"quantized_{bits}.{fmt}", overwrite=overwrite)
+        if fmt == "safetensors":
+            from .export import save_quantized
+
+            path = save_quantized(qmodel, target, folded_bn_pairs=pairs, metadata=meta, overwrite=overwrite)
+            out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
+        else:
+            from .onnx_export import check_onnx_parity, export_onnx
+
+            example = batch_inputs(next(iter(eval_loader)))[:1]
+            path = export_onnx(qmodel, target, example, metadata=meta, overwrite=overwrite)
+            parity = check_onnx_parity(qmodel, path, eval_loader, max_batches=parity_batches, progress=progress)
+            out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size, **parity.to_dict()})
+    return out
+
+
 def _collect_calibration(loader: Iterable[Any], n: int, progress: bool) -> list[Tensor]:
     """The inputs of the first ``n`` batches (kept, so every bit-width calibrates on the same data)."""
     it = _progress(itertools.islice(loader, n), progress, desc="calibration data", total=n, leave=False)
@@ -360,6 +393,10 @@ def run_ptq(
     bn_loader: Iterable[Any] | None = None,
     bn_transform: Callable[[Tensor], Tensor] | None = None,
     evaluate_fp: bool = True,
+    export_formats: str | Sequence[str] = "safetensors",
+    overwrite: bool = False,
+    parity_batches: int | None = None,
+    export_metadata: dict[str, Any] | None = None,
 ) -> PTQReport:
     """Fold BN, calibrate, quantize at each bit-width and evaluate top-1/top-5 against the FP network.
 
@@ -387,7 +424,15 @@ def run_ptq(
         include, exclude: shell patterns on layer names (see ``select_modules``).
         device: where the copies run (default: the model's device).
         progress: tqdm bars over calibration data, bit-widths and evaluation.
-        export_dir: if given, each quantized model is saved there as ``quantized_<bits>.safetensors``.
+        export_dir: if given, each quantized model is saved there in each of ``export_formats``:
+            ``quantized_<bits>.safetensors`` (packed integer weights, :func:`~flatq_lightning.ptq.export.save_quantized`)
+            and/or ``quantized_<bits>.onnx`` (QuantizeLinear/DequantizeLinear,
+            :func:`~flatq_lightning.ptq.onnx_export.export_onnx`, needs the ``[onnx]`` extra), each followed by
+            the parity check: ONNX Runtime and the flatq model on the evaluation batches (the first
+            ``parity_batches``; default all), top-1 of both and the largest logit difference. The files and the
+            parity numbers are in each row's ``exports``. An existing file is kept and the new one numbered
+            (``quantized_<bits>_2.onnx``) unless ``overwrite``. ``export_metadata`` (JSON-serialisable, e.g. the
+            input normalisation) goes into every file with the bit-width and the PTQ settings.
         attention_points: on timm ViTs also quantize attention's Q, K, V and softmax output (ViT-PTQ
             convention); ``False`` quantizes the Linear/Conv inputs only.
 
@@ -404,6 +449,15 @@ def run_ptq(
     """
     t0 = time.perf_counter()
     bits_t, inc, exc = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+    formats = normalize_export_formats(export_formats) if export_dir is not None else ()
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    if parity_batches is not None and (isinstance(parity_batches, bool) or not isinstance(parity_batches, int) or parity_batches < 1):
+        raise ValueError(f"parity_batches must be None (all) or a positive int, got {parity_batches!r}")
+    if "onnx" in formats:
+        from .onnx_export import require_onnx
+
+        require_onnx("run_ptq(export_formats=('onnx',))")  # before any PTQ work
     if act_observer is not None and act_observer not in OBSERVERS:
         raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
     if not isinstance(bn_reestimate, bool):
@@ -496,16 +550,12 @@ def run_ptq(
         acc, n_q, c_q = evaluate_topk(qmodel, eval_loader, dev, progress=progress, desc=f"eval {b}")
         n_eval, num_classes = n_eval or n_q, num_classes or c_q
         t_e = time.perf_counter() - t
-        if export_dir is not None:
-            from .export import save_quantized
-
-            save_quantized(
-                qmodel,
-                Path(export_dir) / f"quantized_{b}.safetensors",
-                folded_bn_pairs=pairs,
-                metadata={"bits": b, "observer": observer, "act_observer": act_obs, "bn_reestimate": bn_reestimate,
-                          "top1": acc[1], "top5": acc[5]},
-            )
+        exports = []
+        if formats:
+            meta = {**(export_metadata or {}), "bits": b, "observer": observer, "act_observer": act_obs,
+                    "bn_reestimate": bn_reestimate, "top1": acc[1], "top5": acc[5]}
+            exports = _export(qmodel, b, Path(export_dir), formats, pairs, meta, overwrite, eval_loader,
+                              parity_batches, progress)
         del qmodel
         rows.append(
             PTQRow(
@@ -520,6 +570,7 @@ def run_ptq(
                 quantize_seconds=t_q,
                 eval_seconds=t_e,
                 bn_reestimated=bn_reestimate,
+                exports=exports,
             )
         )
         if hasattr(bar, "set_postfix"):

@@ -184,7 +184,9 @@ def test_progress_bar_writes_to_stderr(capsys):
         ({"calib_batches": 0}, "calib_batches must be a positive int"),
         ({"calib_batches": 2.5}, "calib_batches must be a positive int"),
         ({"include": 3}, "include must be None, a pattern string"),
-        ({"export": "yes"}, "export must be True or False"),
+        ({"export": "yes"}, "unknown export format 'yes'"),
+        ({"export": 3}, "export formats must be a name or a list"),
+        ({"parity_batches": 0}, "parity_batches must be None"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -1,8 +1,9 @@
-"""save_quantized / load_quantized: integer weights in safetensors, bit-for-bit round trip."""
+"""save_quantized / load_quantized: packed integer weights in safetensors (format 2), bit-for-bit round trip."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import fold_batchnorm, load_quantized, quantize_model, run_ptq, save_quantized
-from flatq_lightning.ptq.export import read_metadata
+from flatq_lightning.ptq.export import read_metadata, unpack_codes
 from flatq_lightning.quant import QuantSpec, quantized_layers
 from tests.helpers import SmallConvNet, blob_data
 
@@ -54,23 +55,121 @@ def test_round_trip_is_bit_exact(tmp_path, bits, keep):
         assert l1.weight_sqnr_db == pytest.approx(l2.weight_sqnr_db)
 
 
-def test_file_holds_integer_weights_scales_and_metadata(tmp_path):
+def test_file_holds_packed_weights_integer_zero_points_and_original_names(tmp_path):
     net = _randomize_bn(SmallConvNet())
     folded, pairs = fold_batchnorm(net, return_pairs=True)
     q = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[torch.randn(16, 1, 8, 8)])
     path = save_quantized(q, tmp_path / "q.safetensors", folded_bn_pairs=pairs, metadata={"run": "test"})
     t = load_file(str(path))
-    qi, scale = t["conv2.weight_int"], t["conv2.weight_scale"]
-    assert qi.dtype == torch.int8 and scale.shape == (16,)
-    assert int(qi.min()) >= -8 and int(qi.max()) <= 7  # 4-bit grid
-    assert t["conv1.weight_int"].abs().max() <= 127 and int(t["conv1.weight_int"].abs().max()) > 7  # kept at 8
-    assert torch.equal(qi, torch.round(q.conv2.module.weight / scale[:, None, None, None]).to(torch.int8))
-    assert "conv2.module.weight" not in t
-    assert t["conv2.act_scale"].shape == () and t["conv2.act_zero_point"].shape == ()
+    assert not [k for k in t if ".module." in k or k.endswith(("weight_int", "act_scale", "act_calibrated"))]
+    # conv2: 16x8x3x3 4-bit codes, two per byte, unsigned with zero point 8
+    packed, scale, zp = t["conv2.weight_packed"], t["conv2.weight_scale"], t["conv2.weight_zero_point"]
+    assert packed.dtype == torch.uint8 and packed.numel() == 16 * 8 * 9 // 2
+    assert scale.dtype == torch.float32 and scale.shape == (16,)
+    assert zp.dtype == torch.int32 and torch.equal(zp, torch.full((16,), 8, dtype=torch.int32))
+    codes = torch.round(q.conv2.module.weight / scale[:, None, None, None])
+    assert codes.min() >= -8 and codes.max() <= 7
+    u = unpack_codes(packed, 4, codes.numel()).reshape(codes.shape)
+    assert torch.equal(u.float() - 8, codes)
+    assert torch.equal(packed[0], (u.flatten()[0] | (u.flatten()[1] << 4)).to(torch.uint8))  # first code low
+    # conv1 and fc stay at 8 bits: one code per byte, zero point 128
+    assert t["conv1.weight_packed"].numel() == 8 * 9 and int(t["conv1.weight_zero_point"][0]) == 128
+    assert torch.equal(t["conv3.bias"], q.conv3.module.bias) and "bn1.running_mean" not in t  # folded
+    assert t["conv2.input_scale"].shape == () and t["conv2.input_zero_point"].dtype == torch.int32
+    assert float(t["conv2.input_zero_point"]) == float(q.conv2.act_zero_point)
     meta = read_metadata(path)
+    assert meta["version"] == 2 and meta["format"] == "flatq-quantized"
     assert meta["folded_bn_pairs"] == [["conv1", "bn1"], ["conv2", "bn2"], ["conv3", "bn3"]]
-    assert meta["layers"]["conv2"]["weight_spec"]["bits"] == 4 and meta["layers"]["fc"]["act_spec"]["bits"] == 8
+    info = meta["layers"]["conv2"]
+    assert info["weight_spec"]["bits"] == 4 and info["storage_bits"] == 4 and info["weight_shape"] == [16, 8, 3, 3]
+    assert meta["layers"]["fc"]["act_spec"]["bits"] == 8
     assert meta["user"] == {"run": "test"}
+
+
+@pytest.mark.parametrize("wbits, width, per_byte", [(2, 2, 4), (3, 4, 2), (4, 4, 2), (6, 8, 1), (8, 8, 1)])
+def test_low_bit_weights_are_packed(tmp_path, wbits, width, per_byte):
+    folded, pairs = fold_batchnorm(_randomize_bn(SmallConvNet()), return_pairs=True)
+    q = quantize_model(folded, QuantSpec.weight(wbits), None, keep_first_last_8bit=False)
+    path = save_quantized(q, tmp_path / "q.safetensors", folded_bn_pairs=pairs)
+    t = load_file(str(path))
+    n = q.conv2.module.weight.numel()
+    assert t["conv2.weight_packed"].numel() == -(-n // per_byte)
+    assert read_metadata(path)["layers"]["conv2"]["storage_bits"] == width
+    assert torch.equal(load_quantized(SmallConvNet(), path).conv2.module.weight, q.conv2.module.weight)
+
+
+def test_a_4bit_file_is_smaller_than_an_8bit_one(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    x = torch.randn(32, 256)
+    size = {}
+    for bits in ("w8a8", "w4a8", "w2a8"):
+        q = quantize_model(net, *QuantSpec.parse(bits), calib_batches=[x], keep_first_last_8bit=False)
+        size[bits] = save_quantized(q, tmp_path / f"{bits}.safetensors").stat().st_size
+    weights = 256 * 256 * 2 + 256 * 4
+    assert size["w8a8"] > weights and size["w4a8"] < 0.55 * size["w8a8"] and size["w2a8"] < 0.6 * size["w4a8"]
+
+
+def test_the_reader_in_docs_rebuilds_the_float_weights_bit_exact(tmp_path):
+    """docs/export.md's ten-line reader, run as it is printed there, against the quantized model."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
+    code = doc.split("<!-- reader:start -->")[1].split("<!-- reader:end -->")[0]
+    code = code.split("```python")[1].split("```")[0]
+    ns: dict = {}
+    exec(compile(code, "docs/export.md", "exec"), ns)  # noqa: S102 - the repository's own documentation
+    net = _randomize_bn(SmallConvNet())
+    folded, pairs = fold_batchnorm(net, return_pairs=True)
+    for bits, keep in (("w4a4", True), ("w2a4", False), ("w3a8", False), ("w8a8", True), ("w12a8", False)):
+        q = quantize_model(folded, *QuantSpec.parse(bits), calib_batches=[torch.randn(16, 1, 8, 8)],
+                           keep_first_last_8bit=keep)
+        path = save_quantized(q, tmp_path / f"{bits}.safetensors", folded_bn_pairs=pairs)
+        weights, inputs, meta = ns["read_flatq"](str(path))
+        for name, layer in quantized_layers(q):
+            assert torch.equal(weights[f"{name}.weight"], layer.module.weight)
+            assert torch.equal(inputs[name][0], layer.act_scale) and inputs[name][1] == int(layer.act_zero_point)
+        # what the reader returns is the folded FP network's state dict with the quantized weights
+        plain = fold_batchnorm(SmallConvNet())
+        plain.load_state_dict(weights, strict=True)
+        for name, layer in quantized_layers(q):
+            assert torch.equal(plain.get_submodule(name).weight, layer.module.weight)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """The first format (one int8 per weight, the wrapper's state-dict names) is still read."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from flatq_lightning.quant.ops import quantize_int
+
+    folded, pairs = fold_batchnorm(_randomize_bn(SmallConvNet()), return_pairs=True)
+    x = torch.randn(16, 1, 8, 8)
+    q = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[x])
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    layers = {}
+    for name, layer in quantized_layers(q):
+        w = state.pop(f"{name}.module.weight")
+        state[f"{name}.weight_int"] = quantize_int(w, layer.weight_spec, layer.weight_scale).to(torch.int8)
+        layers[name] = {"module_type": "Conv2d" if name != "fc" else "Linear", "weight_spec": layer.weight_spec.to_dict(),
+                        "act_spec": layer.act_spec.to_dict(), "weight_dtype": "float32", "weight_sqnr_db": None}
+    meta = {"format": "flatq-quantized", "version": 1, "folded_bn_pairs": [list(p) for p in pairs], "layers": layers,
+            "user": {}}
+    save_file(state, str(tmp_path / "v1.safetensors"), metadata={"flatq": json.dumps(meta), "format": "pt"})
+    r = load_quantized(SmallConvNet(), tmp_path / "v1.safetensors")
+    with torch.no_grad():
+        assert torch.equal(q(x), r(x))
+
+
+def test_files_are_never_silently_replaced(tmp_path):
+    folded = fold_batchnorm(SmallConvNet())
+    q = quantize_model(folded, QuantSpec.weight(4), None)
+    path = save_quantized(q, tmp_path / "q.safetensors")
+    before = path.read_bytes()
+    q8 = quantize_model(folded, QuantSpec.weight(8), None)
+    with pytest.raises(FileExistsError, match="q.safetensors exists already"):
+        save_quantized(q8, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]  # no temp left
+    save_quantized(q8, path, overwrite=True)
+    assert path.read_bytes() != before
 
 
 def test_unfolded_model_round_trip(tmp_path):
@@ -95,6 +194,11 @@ def test_run_ptq_export_matches_quantize_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(ref(x), r(x))
     assert (tmp_path / "quantized_w4a16.safetensors").exists()
+    # a second run keeps the first files and numbers its own
+    rep = run_ptq(net, loader, loader, bits=("w4a4",), calib_batches=2, progress=False, export_dir=tmp_path)
+    assert (tmp_path / "quantized_w4a4_2.safetensors").exists()
+    (e,) = rep.row("w4a4").exports
+    assert e["format"] == "safetensors" and e["path"].endswith("quantized_w4a4_2.safetensors") and e["bytes"] > 0
 
 
 def test_errors(tmp_path):
@@ -115,3 +219,16 @@ def test_errors(tmp_path):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a flatq quantized model"):
         load_quantized(SmallConvNet(), tmp_path / "plain.safetensors")
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "bad.safetensors"), metadata={"flatq": "{not json"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_quantized(SmallConvNet(), tmp_path / "bad.safetensors")
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "v9.safetensors"),
+              metadata={"flatq": '{"format": "flatq-quantized", "version": 9, "layers": {}}'})
+    with pytest.raises(ValueError, match="version 9"):
+        load_quantized(SmallConvNet(), tmp_path / "v9.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_quantized(SmallConvNet(), tmp_path / "junk.safetensors")
+    q = quantize_model(folded, QuantSpec(bits=4, granularity="per_channel", symmetric=False), None)
+    with pytest.raises(ValueError, match="asymmetric weight quantization is not exported"):
+        save_quantized(q, tmp_path / "asym.safetensors")

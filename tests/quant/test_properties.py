@@ -86,7 +86,7 @@ def test_int_export_round_trip_is_bit_exact(tmp_path, wbits, abits, keep, seed):
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2))
     x = torch.randn(8, 1, 6, 6, generator=g)
     q = quantize_model(net, QuantSpec.weight(wbits), QuantSpec.activation(abits), calib_batches=[x], keep_first_last_8bit=keep)
-    path = save_quantized(q, tmp_path / f"q_{seed}_{wbits}_{abits}.safetensors")
+    path = save_quantized(q, tmp_path / f"q_{seed}_{wbits}_{abits}.safetensors", overwrite=True)  # hypothesis may repeat
     fresh = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2))
     r = load_quantized(fresh, path)
     with torch.no_grad():

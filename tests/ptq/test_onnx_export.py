@@ -1,0 +1,255 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear and its parity check in ONNX Runtime.
+
+Skipped as a whole without ``onnx``/``onnxruntime`` (``pip install -e ".[onnx]"``; the ``dev`` extra has them);
+the behaviour without them is tested in ``test_onnx_missing.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, numpy_helper  # noqa: E402
+
+from flatq_lightning import fold_batchnorm, quantize_model, run_ptq  # noqa: E402
+from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx, ort_session  # noqa: E402
+from flatq_lightning.quant import QuantSpec, quantized_layers  # noqa: E402
+from flatq_lightning.quant.ops import quantize_int  # noqa: E402
+from tests.helpers import SmallConvNet, blob_data, train_small  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    x, y = blob_data(256)
+    net = train_small(SmallConvNet(), x, y)
+    return net, x, y
+
+
+def _quantize(net, x, bits, **kw):
+    return quantize_model(fold_batchnorm(net), *QuantSpec.parse(bits), calib_batches=[x[:128], x[128:]], **kw)
+
+
+def _batches(x, y, bs=64):
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
+
+
+def _ops(model) -> dict[str, int]:
+    ops = [n.op_type for n in model.graph.node]
+    return {o: ops.count(o) for o in set(ops)}
+
+
+def _dequantized_weight(model, layer: str):
+    """``(q − z)·s`` of a weight from the ONNX file's own initializers (numpy, per channel)."""
+    init = {t.name: t for t in model.graph.initializer}
+    q = numpy_helper.to_array(init[f"{layer}.weight_quantized"]).astype("float32")
+    s = numpy_helper.to_array(init[f"{layer}.weight_scale"])
+    z = numpy_helper.to_array(init[f"{layer}.weight_zero_point"]).astype("float32")
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{layer}.weight_quantized")
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    return q, (q - z.reshape(shape)) * s.reshape(shape), init
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
+def test_parity_with_onnx_runtime(trained, tmp_path, bits):
+    """The issue's check: at W8A8 and with 4-bit weights ONNX Runtime agrees with the flatq model."""
+    net, x, y = trained
+    q = _quantize(net, x, bits)
+    path = export_onnx(q, tmp_path / f"{bits}.onnx", x[:1])
+    for optimization in ("all", "disable"):
+        p = check_onnx_parity(q, path, _batches(x, y), optimization=optimization)
+        assert p.samples == 256
+        assert p.top1_flatq > 90.0
+        assert abs(p.top1_ort - p.top1_flatq) <= 1.0, p.line()
+        assert p.agreement >= 99.0, p.line()
+        with torch.no_grad():
+            scale = float(torch.cat([q(xb) for xb, _ in _batches(x, y)]).abs().max())
+        assert p.max_abs_logit_diff <= 0.05 * scale, p.line()
+    # unoptimised, ONNX Runtime runs the graph as written: the same float math on the same dequantized values
+    assert check_onnx_parity(q, path, _batches(x, y), optimization="disable").max_abs_logit_diff <= 1e-3 * scale
+
+
+def test_graph_is_qdq_with_flatq_numbers(trained, tmp_path):
+    net, x, _ = trained
+    q = _quantize(net, x, "w4a8")
+    path = export_onnx(q, tmp_path / "q.onnx", x[:1], metadata={"input": {"mean": [0.5]}})
+    m = onnx.load(path)
+    ops = _ops(m)
+    layers = quantized_layers(q)
+    assert ops["QuantizeLinear"] == len(layers)  # one per quantized input
+    assert ops["DequantizeLinear"] == 2 * len(layers)  # inputs and weights
+    assert "Clip" not in ops  # 8-bit activations: the saturation is the clamp
+    assert not [n for n in m.graph.node if n.domain == "flatq"]
+    assert {o.domain: o.version for o in m.opset_import}[""] == 21 and m.ir_version >= 10  # int4
+    for name, layer in layers:
+        codes, w, init = _dequantized_weight(m, name)
+        ref = quantize_int(layer.module.weight, layer.weight_spec, layer.weight_scale)
+        if name == "fc":  # Linear: stored (in, out) for MatMul
+            ref = ref.t()
+        assert torch.equal(torch.from_numpy(codes), ref)
+        assert torch.equal(torch.from_numpy(w), layer.module.weight.t() if name == "fc" else layer.module.weight)
+        want = TensorProto.INT8 if name in ("conv1", "fc") else TensorProto.INT4  # first/last kept at 8 bits
+        assert init[f"{name}.weight_quantized"].data_type == want
+        assert init[f"{name}.weight_zero_point"].data_type == want
+        assert float(numpy_helper.to_array(init[f"{name}.input_scale"])) == float(layer.act_scale)
+        assert int(numpy_helper.to_array(init[f"{name}.input_zero_point"])) == int(layer.act_zero_point)
+        assert init[f"{name}.input_zero_point"].data_type == TensorProto.UINT8
+        assert f"{name}.weight" not in init  # no float copy of a quantized weight
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["flatq.format"] == "flatq-onnx-qdq" and json.loads(props["flatq.user"]) == {"input": {"mean": [0.5]}}
+    assert json.loads(props["flatq.layers"])["conv2"]["weight_container"] == "int4"
+    sess = ort_session(path)
+    assert [i.name for i in sess.get_inputs()] == ["input"] and sess.get_outputs()[0].name == "logits"
+    assert sess.run(None, {"input": x[:5].numpy()})[0].shape == (5, 4)  # free batch dimension
+
+
+def test_int4_weights_are_smaller_and_pack_int4_false_keeps_int8(trained, tmp_path):
+    net, x, y = trained
+    q = _quantize(net, x, "w4a8", keep_first_last_8bit=False)
+    p4 = export_onnx(q, tmp_path / "int4.onnx", x[:1])
+    p8 = export_onnx(q, tmp_path / "int8.onnx", x[:1], pack_int4=False)
+    m8 = onnx.load(p8)
+    assert {o.domain: o.version for o in m8.opset_import}[""] == 18
+    assert {t.data_type for t in m8.graph.initializer if t.name.endswith("weight_quantized")} == {TensorProto.INT8}
+    codes4 = numpy_helper.to_array(next(t for t in onnx.load(p4).graph.initializer if t.name == "conv2.weight_quantized"))
+    codes8 = numpy_helper.to_array(next(t for t in m8.graph.initializer if t.name == "conv2.weight_quantized"))
+    assert (codes4 == codes8).all()
+    assert p4.stat().st_size < p8.stat().st_size
+    assert check_onnx_parity(q, p8, _batches(x, y)).agreement >= 99.0
+
+
+@pytest.mark.parametrize("bits", ["w4a4", "w3a3", "w2a4"])
+def test_activations_below_8_bits_are_clipped_to_their_grid(trained, tmp_path, bits):
+    net, x, y = trained
+    q = _quantize(net, x, bits)
+    m = onnx.load(export_onnx(q, tmp_path / "q.onnx", x[:1]))
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    for name, layer in quantized_layers(q):
+        spec, s, z = layer.act_spec, layer.act_scale, layer.act_zero_point
+        if spec.bits == 8:
+            assert f"{name}.input_clip_min" not in init
+            continue
+        assert float(init[f"{name}.input_clip_min"]) == float((spec.qmin - z) * s)
+        assert float(init[f"{name}.input_clip_max"]) == float((spec.qmax - z) * s)
+    # run as written, ONNX Runtime reproduces the narrow grid
+    p = check_onnx_parity(q, tmp_path / "q.onnx", _batches(x, y), optimization="disable")
+    assert p.agreement >= 99.0 and abs(p.top1_ort - p.top1_flatq) <= 1.0
+
+
+def test_vit_with_attention_points(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False, img_size=16, patch_size=8, depth=2, num_classes=4).eval()
+    x = torch.randn(32, 3, 16, 16)
+    q = quantize_model(vit, *QuantSpec.parse("w8a8"), calib_batches=[x])
+    points = [n for n, _ in quantized_layers(q) if n.rsplit(".", 1)[-1].startswith("quant_")]
+    assert len(points) == 8
+    path = export_onnx(q, tmp_path / "vit.onnx", x[:1])
+    m = onnx.load(path)
+    init = {t.name for t in m.graph.initializer}
+    assert {f"{p}.input_scale" for p in points} <= init
+    assert _ops(m)["QuantizeLinear"] == len(quantized_layers(q))
+    yv = q(x).argmax(1)
+    p = check_onnx_parity(q, path, [(x, yv)])
+    assert p.agreement >= 90.0 and p.top1_flatq == 100.0  # random weights: small margins
+    assert check_onnx_parity(q, path, [(x, yv)], optimization="disable").max_abs_logit_diff < 1e-3
+
+
+def test_fp_model_exports_without_quantizers(trained, tmp_path):
+    net, x, y = trained
+    path = export_onnx(net, tmp_path / "fp.onnx", x[:1])
+    ops = _ops(onnx.load(path))
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    p = check_onnx_parity(net, path, _batches(x, y))
+    assert p.agreement == 100.0 and p.max_abs_logit_diff < 1e-4
+
+
+def test_export_never_replaces_a_file(trained, tmp_path):
+    net, x, _ = trained
+    q = _quantize(net, x, "w8a8")
+    path = export_onnx(q, tmp_path / "q.onnx", x[:1])
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="q.onnx exists already"):
+        export_onnx(_quantize(net, x, "w4a8"), path, x[:1])
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+    export_onnx(_quantize(net, x, "w4a8"), path, x[:1], overwrite=True)
+    assert path.read_bytes() != before
+
+
+def test_run_ptq_exports_and_reports_parity(trained, tmp_path):
+    net, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    rep = run_ptq(net, loader, loader, bits=("w8a8", "w4a8"), calib_batches=2, progress=False, export_dir=tmp_path,
+                  export_formats="onnx,safetensors", export_metadata={"input": {"std": [1.0]}})
+    for b in ("w8a8", "w4a8"):
+        row = rep.row(b)
+        onnx_e, st_e = row.exports
+        assert onnx_e["format"] == "onnx" and onnx_e["path"].endswith(f"quantized_{b}.onnx")
+        assert st_e["format"] == "safetensors" and (tmp_path / f"quantized_{b}.safetensors").exists()
+        assert onnx_e["samples"] == 256 and onnx_e["top1_flatq"] == pytest.approx(row.top1)  # same images
+        assert onnx_e["agreement"] >= 99.0 and abs(onnx_e["top1_ort"] - row.top1) <= 1.0
+        props = {p.key: p.value for p in onnx.load(onnx_e["path"]).metadata_props}
+        assert json.loads(props["flatq.user"])["bits"] == b
+    md = rep.markdown()
+    assert "## Exported files" in md and "quantized_w4a8.onnx" in md
+    files = rep.write(tmp_path)
+    assert json.loads(files["json"].read_text())["rows"][1]["exports"][0]["top1_ort"] == rep.row("w4a8").exports[0]["top1_ort"]
+    # a second run keeps the first files; parity on the first batch only
+    rep2 = run_ptq(net, loader, loader, bits=("w4a8",), calib_batches=2, progress=False, export_dir=tmp_path,
+                   export_formats="onnx", parity_batches=1)
+    assert rep2.row("w4a8").exports[0]["path"].endswith("quantized_w4a8_2.onnx")
+    assert rep2.row("w4a8").exports[0]["samples"] == 64
+
+
+def test_flatq_ptq_export_onnx(tmp_path, capsys):
+    from flatq_lightning import ptq_cli
+    from flatq_lightning.app.train import run
+    from tests.app.test_train import TINY, _compose
+
+    cfg = _compose([*TINY, "variants=null", "callbacks=[checkpoint]"])
+    ckpt = run(cfg, tmp_path)["variants"]["main"]["checkpoint"]
+    out = tmp_path / "deploy"
+    rc = ptq_cli.main([ckpt, "--bits", "w8a8,w4a8", "--calib-batches", "1", "--no-progress", "--device", "cpu",
+                       "--save-dir", str(out), "--export", "onnx"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "top-1 ONNX Runtime" in printed and "quantized_w4a8.onnx" in printed
+    for b in ("w8a8", "w4a8"):
+        m = onnx.load(out / f"quantized_{b}.onnx")
+        user = json.loads({p.key: p.value for p in m.metadata_props}["flatq.user"])
+        assert user["bits"] == b and user["input"]["layout"] == "NCHW" and user["checkpoint"].endswith(".ckpt")
+    rep = json.loads((out / "ptq_report.json").read_text())
+    assert rep["rows"][0]["exports"][0]["samples"] == rep["num_eval_samples"]
+    assert ptq_cli.main([ckpt, "--export", "tflite"]) == 2
+    assert "unknown export format 'tflite'" in capsys.readouterr().err
+
+
+def test_export_benchmark_smoke(tmp_path):
+    """benchmarks/export.py end to end on tiny synthetic data: the table and the JSON it writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "export.json"
+    r = subprocess.run([sys.executable, str(repo / "benchmarks" / "export.py"), "--smoke", "--threads", "1",
+                        "--models", "resnet20", "--no-parity-nofusion", "--files", str(tmp_path / "files"),
+                        "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| resnet20 | W4A8 |" in r.stdout
+    rec = json.loads(out.read_text())
+    rows = rec["results"][0]["rows"]
+    assert set(rows) == {"fp", "w8a8", "w4a8"}
+    assert rows["w4a8"]["onnx_bytes"] < rows["w8a8"]["onnx_bytes"] < rows["fp"]["onnx_bytes"]
+    assert rows["w8a8"]["latency_batch_ms"]["median_ms"] > 0 and rec["machine"]["onnxruntime"]

@@ -56,7 +56,6 @@ def _cpu_name() -> str:
 def machine() -> dict[str, Any]:
     import onnx
     import onnxruntime
-
     import timm
 
     return {

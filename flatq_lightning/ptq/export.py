@@ -46,6 +46,7 @@ __all__ = [
     "save_quantized",
     "storage_bits",
     "unpack_codes",
+    "weight_codes",
 ]
 
 FORMAT = "flatq-quantized"

@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantizedLayer, QuantSpec, batch_inputs, quantized_layers
+from ..quant.quantize import _set_submodule
 from ..quant.targets import has_weight
 from .export import pack_codes, weight_codes
 from .report import write_file_atomic
@@ -50,8 +51,10 @@ __all__ = [
     "check_onnx_parity",
     "export_onnx",
     "onnx_available",
+    "act_container",
     "ort_session",
     "require_onnx",
+    "weight_container",
 ]
 
 ONNX_FORMAT = "flatq-onnx-qdq"
@@ -121,7 +124,6 @@ class _LayerExport:
     codes: Tensor | None = None  # signed integer codes, int32, in the layout the graph uses
     weight_scale: Tensor | None = None
     axis: int | None = None  # None: one scale for the tensor
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class _OnnxLayer(nn.Module):
@@ -175,8 +177,6 @@ def _export_form(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _LayerExport]]
     replaces the placeholders."""
     form = copy.deepcopy(qmodel).cpu().float().eval()
     layers: dict[str, _LayerExport] = {}
-    from ..quant.quantize import _set_submodule
-
     for name, layer in quantized_layers(form):
         e = _LayerExport()
         if layer.act_spec is not None:

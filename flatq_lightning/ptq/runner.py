@@ -553,7 +553,7 @@ def run_ptq(
         exports = []
         if formats:
             meta = {**(export_metadata or {}), "bits": b, "observer": observer, "act_observer": act_obs,
-                    "bn_reestimate": bn_reestimate, "top1": acc[1], "top5": acc[5]}
+                    "bn_reestimate": bn_reestimate, "top1": round(acc[1], 4), "top5": round(acc[5], 4)}
             exports = _export(qmodel, b, Path(export_dir), formats, pairs, meta, overwrite, eval_loader,
                               parity_batches, progress)
         del qmodel

@@ -1,12 +1,23 @@
 """Post-training quantization: the runner, the callback that runs it after fit, its report, exports and CLI.
 
 The quantizer arithmetic lives in :mod:`flatq_lightning.quant`; this part drives it over a trained network
-(BN handling, calibration, one quantized copy per bit-width, evaluation) and hands the result on.
+(BN handling, calibration, one quantized copy per bit-width, evaluation) and hands the result on: packed
+safetensors (:mod:`.export`) and ONNX with QuantizeLinear/DequantizeLinear checked in ONNX Runtime
+(:mod:`.onnx_export`, needs the ``[onnx]`` extra only when called).
 """
 
 from .callback import PostTrainingQuantization
 from .export import load_quantized, save_quantized
+from .onnx_export import check_onnx_parity, export_onnx
 from .report import PTQReport
 from .runner import run_ptq
 
-__all__ = ["PTQReport", "PostTrainingQuantization", "load_quantized", "run_ptq", "save_quantized"]
+__all__ = [
+    "PTQReport",
+    "PostTrainingQuantization",
+    "check_onnx_parity",
+    "export_onnx",
+    "load_quantized",
+    "run_ptq",
+    "save_quantized",
+]

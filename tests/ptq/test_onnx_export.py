@@ -144,6 +144,18 @@ def test_activations_below_8_bits_are_clipped_to_their_grid(trained, tmp_path, b
     assert p.agreement >= 99.0 and abs(p.top1_ort - p.top1_flatq) <= 1.0
 
 
+def test_wide_grids_use_16_bit_types(trained, tmp_path):
+    net, x, y = trained
+    q = _quantize(net, x, "w12a10", keep_first_last_8bit=False)
+    m = onnx.load(export_onnx(q, tmp_path / "q.onnx", x[:1]))
+    init = {t.name: t for t in m.graph.initializer}
+    assert init["conv2.weight_quantized"].data_type == TensorProto.INT16
+    assert init["conv2.input_zero_point"].data_type == TensorProto.UINT16 and "conv2.input_clip_max" in init
+    assert {o.domain: o.version for o in m.opset_import}[""] == 21
+    p = check_onnx_parity(q, tmp_path / "q.onnx", _batches(x, y), optimization="disable")
+    assert p.agreement == 100.0 and p.max_abs_logit_diff < 1e-3
+
+
 def test_vit_with_attention_points(tmp_path):
     import timm
 

@@ -134,6 +134,7 @@ def write_file_atomic(path: PathLike, write: Any, overwrite: bool = False) -> Pa
             tmp.write_text(write)
         else:
             write(tmp)
+        os.chmod(tmp, _default_mode())  # as any new file (some writers create theirs private: 0600)
         if overwrite:
             os.replace(tmp, p)
         else:
@@ -622,6 +623,13 @@ def _size(n: int) -> str:
 
 def _csv_num(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def _default_mode() -> int:
+    """The permissions a new file gets here: ``0o666`` less the process umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _temp_beside(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,9 @@ def test_files_are_never_silently_replaced(tmp_path):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]  # no temp left
     save_quantized(q8, path, overwrite=True)
     assert path.read_bytes() != before
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' private 0600
 
 
 def test_unfolded_model_round_trip(tmp_path):

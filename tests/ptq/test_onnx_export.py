@@ -73,6 +73,9 @@ def test_parity_with_onnx_runtime(trained, tmp_path, bits):
         with torch.no_grad():
             scale = float(torch.cat([q(xb) for xb, _ in _batches(x, y)]).abs().max())
         assert p.max_abs_logit_diff <= 0.05 * scale, p.line()
+    # with QDQ fusion off (float kernels, weights dequantized once) it agrees as well
+    p = check_onnx_parity(q, ort_session(path, qdq_fusion=False), _batches(x, y))
+    assert p.agreement >= 99.0 and p.optimization == "session"
     # unoptimised, ONNX Runtime runs the graph as written: the same float math on the same dequantized values
     assert check_onnx_parity(q, path, _batches(x, y), optimization="disable").max_abs_logit_diff <= 1e-3 * scale
 

@@ -315,10 +315,15 @@ def _run(args: argparse.Namespace) -> int:
     files = report.write(save_dir, overwrite=args.overwrite)
     print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
     print(report.markdown_table())
+    failed = [e for r in report.rows for e in r.exports if e.get("error")]
     if formats:
-        print("\nexported (top-1 of the flatq model and of ONNX Runtime on the same test images):\n")
+        what = " (top-1 of the flatq model and of ONNX Runtime on the same test images)" if "onnx" in formats else ""
+        print(f"\nexported{what}:\n")
         print(report.export_table())
     print(f"\nreport in {save_dir}: {', '.join(f.name for f in files.values())}")
+    if failed:
+        print(f"flatq-ptq: error: {len(failed)} export(s) failed (see the table above)", file=sys.stderr)
+        return 1
     return 0
 
 

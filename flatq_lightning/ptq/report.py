@@ -427,6 +427,10 @@ class PTQReport:
         lines = []
         for r in self.rows:
             for e in r.exports:
+                if e.get("error"):
+                    lines.append(f"| {r.bits} | {e['format']} | {Path(e['path']).name} | failed: {e['error']} |"
+                                 + " |" * 5)
+                    continue
                 par = [_fmt(e.get("top1_flatq")), _fmt(e.get("top1_ort")), _fmt(e.get("agreement")),
                        _fmt(e.get("max_abs_logit_diff"), 3), str(e.get("samples", "—"))] if "top1_ort" in e else ["—"] * 5
                 lines.append(f"| {r.bits} | {e['format']} | {Path(e['path']).name} | {_size(e['bytes'])} | "

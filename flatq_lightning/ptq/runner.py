@@ -348,22 +348,28 @@ def _export(
     progress: bool,
 ) -> list[dict[str, Any]]:
     """Write one quantized model in each format (never replacing a file unless ``overwrite``); ONNX files are
-    followed by the parity check on the evaluation batches."""
-    out = []
+    followed by the parity check on the evaluation batches. A format that fails is reported (a warning, and
+    ``{"format", "error"}`` in the row) instead of losing the whole PTQ run, e.g. after a long fit."""
+    out: list[dict[str, Any]] = []
     for fmt in formats:
         target = free_path(export_dir / f"quantized_{bits}.{fmt}", overwrite=overwrite)
-        if fmt == "safetensors":
-            from .export import save_quantized
+        try:
+            if fmt == "safetensors":
+                from .export import save_quantized
 
-            path = save_quantized(qmodel, target, folded_bn_pairs=pairs, metadata=meta, overwrite=overwrite)
-            out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
-        else:
-            from .onnx_export import check_onnx_parity, export_onnx
+                path = save_quantized(qmodel, target, folded_bn_pairs=pairs, metadata=meta, overwrite=overwrite)
+                out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
+            else:
+                from .onnx_export import check_onnx_parity, export_onnx
 
-            example = batch_inputs(next(iter(eval_loader)))[:1]
-            path = export_onnx(qmodel, target, example, metadata=meta, overwrite=overwrite)
-            parity = check_onnx_parity(qmodel, path, eval_loader, max_batches=parity_batches, progress=progress)
-            out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size, **parity.to_dict()})
+                example = batch_inputs(next(iter(eval_loader)))[:1]
+                path = export_onnx(qmodel, target, example, metadata=meta, overwrite=overwrite)
+                parity = check_onnx_parity(qmodel, path, eval_loader, max_batches=parity_batches, progress=progress)
+                out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size, **parity.to_dict()})
+        except Exception as err:  # noqa: BLE001 - one failed file must not cost the report
+            msg = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            warnings.warn(f"run_ptq: exporting {bits} as {fmt} to {target} failed: {msg}", UserWarning, stacklevel=3)
+            out.append({"format": fmt, "path": str(target), "bytes": 0, "error": msg})
     return out
 
 

@@ -268,3 +268,21 @@ def test_export_benchmark_smoke(tmp_path):
     assert set(rows) == {"fp", "w8a8", "w4a8"}
     assert rows["w4a8"]["onnx_bytes"] < rows["w8a8"]["onnx_bytes"] < rows["fp"]["onnx_bytes"]
     assert rows["w8a8"]["latency_batch_ms"]["median_ms"] > 0 and rec["machine"]["onnxruntime"]
+
+
+def test_a_failed_export_does_not_cost_the_report(trained, tmp_path, monkeypatch):
+    from flatq_lightning.ptq import onnx_export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    net, x, y = trained
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    with pytest.warns(UserWarning, match="exporting w8a8 as onnx .* failed: RuntimeError: exporter broke"):
+        rep = run_ptq(net, loader, loader, bits=("w8a8",), calib_batches=2, progress=False, export_dir=tmp_path,
+                      export_formats="onnx,safetensors")
+    onnx_e, st_e = rep.row("w8a8").exports
+    assert onnx_e["error"] == "RuntimeError: exporter broke" and "error" not in st_e
+    assert "failed: RuntimeError: exporter broke" in rep.export_table()
+    assert rep.row("w8a8").top1 > 90 and (tmp_path / "quantized_w8a8.safetensors").exists()

@@ -7,6 +7,16 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # tests use tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core machines
 torch.set_num_threads(1)
 
+try:  # the property tests draw the same examples on every run (CI must not pass or fail by chance);
+    # FLATQ_HYPOTHESIS=explore draws fresh ones
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.register_profile("explore")
+    settings.load_profile("explore" if os.environ.get("FLATQ_HYPOTHESIS") == "explore" else "ci")
+except ImportError:  # pragma: no cover - hypothesis is in the dev extra
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import (
-    QuantSpec,
     batch_inputs,
     fake_quantize,
     first_last_names,
@@ -34,7 +33,7 @@ from ..quant import (
     select_modules,
     sqnr_db,
 )
-from ..quant.spec import MAX_BITS, OBSERVERS
+from ..quant.spec import FLOAT_BITS, OBSERVERS, preset_specs
 from .export import normalize_export_formats
 from .report import LayerSQNR, PTQReport, PTQRow, free_path
 
@@ -52,8 +51,6 @@ __all__ = [
 
 #: the bit-widths reported by default
 DEFAULT_BITS: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
-#: a side at this many bits stays float ("w4a16": weight-only; "w16a4": activation-only)
-FLOAT_BITS = MAX_BITS
 
 
 def normalize_bits(bits: str | Iterable[str]) -> tuple[str, ...]:
@@ -110,25 +107,8 @@ def validate_ptq_args(
     return norm, _patterns(include, "include"), _patterns(exclude, "exclude")
 
 
-def specs_for(
-    bits: str, observer: str = "minmax", act_observer: str | None = None
-) -> tuple[QuantSpec | None, QuantSpec | None]:
-    """``(weight_spec, act_spec)`` for a preset; a side at >= 16 bits is ``None`` (stays float).
-
-    ``observer`` picks the weight observer and, unless ``act_observer`` is given, the activation observer.
-
-    Example:
-        >>> w, a = specs_for("w4a16")
-        >>> (w.bits, a)
-        (4, None)
-        >>> w, a = specs_for("w4a4", "mse", act_observer="percentile")
-        >>> (w.observer, a.observer)
-        ('mse', 'percentile')
-    """
-    wb, ab = parse_bits(bits)
-    w = QuantSpec.weight(wb, observer=observer) if wb < FLOAT_BITS else None
-    a = QuantSpec.activation(ab, observer=act_observer or observer) if ab < FLOAT_BITS else None
-    return w, a
+#: ``(weight_spec, act_spec)`` of a preset, a 16-bit side ``None``: the package's one preset reader
+specs_for = preset_specs
 
 
 def ptq_network(module: nn.Module) -> nn.Module:

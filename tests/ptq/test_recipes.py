@@ -161,8 +161,8 @@ def test_flatq_ptq_bn_stats_picks_the_set_it_quantizes(tmp_path, monkeypatch):
 
     import flatq_lightning
     from flatq_lightning import ptq_cli
-    from flatq_lightning.quant import bn_state
     from flatq_lightning.app.train import run
+    from flatq_lightning.quant import bn_state
     from tests.app.test_train import TINY, _compose
 
     cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]", "ptq.bits=[w8a8]", "quant=w2a4",

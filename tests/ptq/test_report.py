@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import PTQReport, fold_batchnorm, run_ptq
-from flatq_lightning.quant import QuantSpec, compute_qparams, fake_quantize, sqnr_db
 from flatq_lightning.ptq.report import LayerSQNR, PTQRow
+from flatq_lightning.quant import QuantSpec, compute_qparams, fake_quantize, sqnr_db
 from tests.helpers import SmallConvNet, blob_data
 
 

@@ -506,22 +506,6 @@ def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):
     assert not (out / "ptq_report_3.json").exists()
 
 
-def test_flatq_ptq_help_shows_the_defaults(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit):
-        ptq_cli.main(["--help"])
-    out = capsys.readouterr().out
-    assert "comma-separated presets (default: w8a8,w4a8,w4a4,w3a3,w2a4)" in out
-    assert "calibration batches (default: 32)" in out and "--overwrite" in out
-
-
-def test_flatq_ptq_errors(tmp_path, capsys):
-    assert ptq_cli.main([str(tmp_path / "missing.ckpt")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        ptq_cli.main(["x.ckpt", "--observer", "bogus"])
-
-
 def test_multirun_writes_a_summary_table(tmp_path):
     sweep = tmp_path / "sweep"
     r = _cli(

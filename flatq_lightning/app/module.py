@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .models import create_model
 from ..callbacks.mse import QuantMSEMixin
-from ..quant.spec import parse_bits
 from ..callbacks.sam import SAM
+from ..quant.spec import parse_bits
+from .models import create_model
 
 __all__ = ["ImageClassifier", "OPTIMIZERS", "SCHEDULERS"]
 

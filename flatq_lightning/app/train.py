@@ -127,8 +127,8 @@ def validate_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, the value and the choices.
     """
-    from .models import LOCAL_MODELS, is_model
     from ..quant.spec import parse_bits
+    from .models import LOCAL_MODELS, is_model
 
     name = cfg.model.get("name")
     if not isinstance(name, str) or not is_model(name):

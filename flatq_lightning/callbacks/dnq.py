@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -120,40 +121,12 @@ class DNQ(CallbackGroup):
             yield
 
 
-def dnq_callbacks(
-    preset: str | QuantSpec = "w4a4",
-    *,
-    act_spec: QuantSpec | None = None,
-    noise_scale: float | Callable[[int], float] = 1.0,
-    mode: str | NoiseMode = "differential",
-    weight_noise: bool = True,
-    act_noise: bool = True,
-    p: float = 0.5,
-    act_noise_scale: float | Callable[[int], float] = 1.0,
-    stats_every: int = 16,
-    momentum: float = 0.9,
-    warmup_steps: int = 0,
-    warmup_fraction: float = 0.0,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    keep_first_last_8bit: bool = True,
-    noise_source: str = "auto",
-    attention_points: bool = True,
-    clean_bn_batches: int = 32,
-) -> list[Callback]:
-    """The parts of :class:`DNQ` as separate callbacks (same arguments), for those who list them one by one.
+def dnq_callbacks(preset: str | QuantSpec = "w4a4", **kwargs: Any) -> list[Callback]:
+    """The parts of :class:`DNQ` as separate callbacks, for those who list them one by one: ``DNQ``'s arguments,
+    the same callbacks and numbers (``DNQ(preset, **kwargs).parts``).
 
     Example:
         >>> [type(c).__name__ for c in dnq_callbacks("w4a4", act_noise=False)]
         ['QuantErrorRecorder', 'DifferentialNoiseInjection']
     """
-    return list(
-        DNQ(
-            preset, act_spec=act_spec, noise_scale=noise_scale, mode=mode, weight_noise=weight_noise,
-            act_noise=act_noise, p=p, act_noise_scale=act_noise_scale, stats_every=stats_every, momentum=momentum,
-            warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, seed=seed, include=include, exclude=exclude,
-            keep_first_last_8bit=keep_first_last_8bit, noise_source=noise_source, attention_points=attention_points,
-            clean_bn_batches=clean_bn_batches,
-        ).parts
-    )
+    return list(DNQ(preset, **kwargs).parts)

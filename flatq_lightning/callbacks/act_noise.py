@@ -17,13 +17,19 @@ from ..quant.hooks import hooks_are_suspended
 from ._common import (
     check_int,
     check_scale_value,
-    describe,
     log_every_n_steps,
     log_settings,
     recorder_settings,
     splitmix64,
 )
-from .noise_source import NOISE_SOURCES, NoiseSource, check_warmup, kappa_value, resolve_warmup
+from .noise_source import (
+    NOISE_SOURCES,
+    NoiseSource,
+    check_warmup,
+    kappa_value,
+    resolve_warmup,
+    schedule_settings,
+)
 from .recorder import QuantErrorRecorder
 
 __all__ = ["ActivationNoiseInjection"]
@@ -99,10 +105,7 @@ class ActivationNoiseInjection(Callback):
         return {
             **recorder_settings(self.recorder),
             "dnq/act_noise/p": self.p,
-            "dnq/act_noise/noise_scale": describe(self.noise_scale),
-            "dnq/act_noise/warmup_steps": self.warmup_steps,
-            "dnq/act_noise/warmup_fraction": self.warmup_fraction,
-            "dnq/act_noise/seed": self.seed,
+            **schedule_settings("dnq/act_noise", self),
         }
 
     @override

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +13,15 @@ from torch import Tensor
 
 from ._common import splitmix64
 
-__all__ = ["NOISE_SOURCES", "POOL_MIN_NUMEL", "NoiseSource", "check_warmup", "kappa_value", "resolve_warmup"]
+__all__ = [
+    "NOISE_SOURCES",
+    "POOL_MIN_NUMEL",
+    "NoiseSource",
+    "check_warmup",
+    "kappa_value",
+    "resolve_warmup",
+    "schedule_settings",
+]
 
 NOISE_SOURCES = ("auto", "generator", "pool")
 #: below this many noisy elements the exact generator is cheap enough everywhere
@@ -127,3 +136,15 @@ def kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, 
     if not math.isfinite(k) or k < 0:
         raise ValueError(f"noise_scale must be finite and >= 0, the schedule {noise_scale!r} returned {k} at step {step}")
     return k
+
+
+def schedule_settings(prefix: str, cb: Any) -> dict[str, object]:
+    """When a noise callback's noise is on and how strong, as ``<prefix>/...`` hyperparameters."""
+    from ._common import describe
+
+    return {
+        f"{prefix}/noise_scale": describe(cb.noise_scale),
+        f"{prefix}/warmup_steps": cb.warmup_steps,
+        f"{prefix}/warmup_fraction": cb.warmup_fraction,
+        f"{prefix}/seed": cb.seed,
+    }

@@ -18,7 +18,6 @@ from ..quant.bn import bn_state, load_bn_state
 from ._common import (
     check_int,
     check_scale_value,
-    describe,
     log_every_n_steps,
     log_settings,
     recorder_settings,
@@ -32,6 +31,7 @@ from .noise_source import (
     check_warmup,
     kappa_value,
     resolve_warmup,
+    schedule_settings,
 )
 from .recorder import QuantErrorRecorder
 
@@ -453,10 +453,7 @@ class DifferentialNoiseInjection(Callback):
         return {
             **recorder_settings(self.recorder),
             "dnq/weight_noise/mode": self.mode,
-            "dnq/weight_noise/noise_scale": describe(self.noise_scale),
-            "dnq/weight_noise/warmup_steps": self.warmup_steps,
-            "dnq/weight_noise/warmup_fraction": self.warmup_fraction,
-            "dnq/weight_noise/seed": self.seed,
+            **schedule_settings("dnq/weight_noise", self),
             "dnq/weight_noise/noise_source": self.noise_source,
             "dnq/weight_noise/clean_bn_batches": self.clean_bn_batches,
         }

@@ -119,11 +119,11 @@ def test_activation_noise_layer_choice_is_overridable():
 
 
 @pytest.mark.slow
-def test_lightning_cli_sets_up_dnq_and_ptq_from_a_yaml_file(tmp_path):
+def test_lightning_cli_sets_up_dnq_and_ptq_from_a_yaml_file(tmp_path, image_folder):
     pytest.importorskip("jsonargparse")
     from lightning.pytorch.cli import LightningCLI
 
-    from flatq_lightning.app.data import SyntheticDataModule
+    from flatq_lightning.app.data import ImageNetDataModule
     from flatq_lightning.app.module import ImageClassifier
 
     cfg = tmp_path / "config.yaml"
@@ -151,21 +151,23 @@ def test_lightning_cli_sets_up_dnq_and_ptq_from_a_yaml_file(tmp_path):
                 progress: false
                 print_report: false
         model:
-          model: small_cnn
+          model: test_resnet
+          num_classes: 3
           lr: 0.05
         data:
-          num_samples: 64
-          in_chans: 1
-          image_size: 16
-          val_samples: 32
-          batch_size: 16
+          root: {image_folder}
+          image_size: 32
+          batch_size: 4
+          num_workers: 0
         """))
-    cli = LightningCLI(ImageClassifier, SyntheticDataModule, args=["fit", "--config", str(cfg)], run=True)
+    # the real kind of input: JPEGs in an ImageFolder (train/ and val/), with Lightning's default logger on
+    cli = LightningCLI(ImageClassifier, ImageNetDataModule, args=["fit", "--config", str(cfg)], run=True)
     dnq = next(c for c in cli.trainer.callbacks if isinstance(c, DNQ))
     assert dnq.recorder.layers and dnq.recorder.weight_mean  # it recorded
     assert dnq.weight_noise.noisy_bn_state is not None  # noise was applied; the end of fit cleaned BN
     assert (tmp_path / "ptq" / "ptq_report.json").is_file()
     assert (tmp_path / "ptq" / "ptq_report.png").is_file()
+    assert cli.trainer.logger is not None and cli.trainer.global_step > 0
 
 
 def test_a_checkpoint_of_the_three_callbacks_resumes_into_dnq_exactly(tmp_path):

@@ -191,3 +191,36 @@ def test_a_checkpoint_of_the_three_callbacks_resumes_into_dnq_exactly(tmp_path):
     assert dnq.recorder.weight_mean  # the recorder's statistics came back from the old keys
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), n
+
+
+def test_dnq_clean_weights_is_the_weight_noise_s_and_a_no_op_without_it():
+    from lightning.pytorch.callbacks import Callback
+
+    from flatq_lightning import SharpnessMonitor
+
+    dnq = DNQ("w4a4", stats_every=2, act_noise=False)
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step != 3:
+                return
+            w = pl_module.model.conv2.weight
+            seen["noisy"] = w.detach().clone()
+            with dnq.clean_weights():
+                seen["dnq"] = w.detach().clone()
+            with dnq.weight_noise.clean_weights():
+                seen["part"] = w.detach().clone()
+            seen["after"] = w.detach().clone()
+
+    assert SharpnessMonitor(weight_noise=dnq).weight_noise is dnq  # a DNQ is accepted as the noise's owner
+    _fit([dnq, Probe()])
+    # the same clean weights (each round trip of the noise may leave float rounding behind), far from the noisy
+    assert torch.allclose(seen["dnq"], seen["part"], atol=1e-6)
+    assert float((seen["dnq"] - seen["noisy"]).abs().max()) > 1e-3
+    assert torch.allclose(seen["after"], seen["noisy"], atol=1e-6)  # the noise is back (up to float rounding)
+    quiet = DNQ("w4a4", weight_noise=False, act_noise=False)
+    with quiet.clean_weights():
+        pass
+    with pytest.raises(ValueError, match="weight_noise must be a DNQ or a DifferentialNoiseInjection"):
+        SharpnessMonitor(weight_noise=object())

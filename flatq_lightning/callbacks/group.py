@@ -27,6 +27,11 @@ class CallbackGroup(Callback):
         if not parts or not all(isinstance(p, Callback) for p in parts):
             raise ValueError(f"a CallbackGroup needs one or more Callback parts, got {parts!r}")
         self._parts: tuple[Callback, ...] = tuple(parts)
+        # per hook, the parts that implement it (Callback's own hooks do nothing: no call for them)
+        self._implementing: dict[str, tuple[Callback, ...]] = {
+            name: tuple(p for p in self._parts if getattr(type(p), name) is not getattr(Callback, name))
+            for name in _HOOKS
+        }
 
     @property
     def parts(self) -> tuple[Callback, ...]:
@@ -56,7 +61,7 @@ class CallbackGroup(Callback):
 
 def _forward(name: str) -> Any:
     def hook(self: CallbackGroup, *args: Any, **kwargs: Any) -> None:
-        for part in self._parts:
+        for part in self._implementing[name]:
             getattr(part, name)(*args, **kwargs)
 
     hook.__name__ = hook.__qualname__ = name

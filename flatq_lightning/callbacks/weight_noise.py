@@ -249,8 +249,6 @@ class DifferentialNoiseInjection(Callback):
         self.noise_scale = noise_scale
         #: the strategy that draws δ and says when it sits in the parameters
         self.noise_mode = noise_mode
-        #: its name (``"differential"``, ``"add_remove"``, ``"uniform"``, ``"off"`` or a subclass's)
-        self.mode = noise_mode.name
         self.warmup_steps = warmup_steps
         self.warmup_fraction = float(warmup_fraction)
         self.seed = int(seed)
@@ -278,6 +276,11 @@ class DifferentialNoiseInjection(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(recorder=self.recorder.name)
+
+    @property
+    def mode(self) -> str:
+        """The noise mode's name (``"differential"``, ``"add_remove"``, ``"uniform"``, ``"off"`` or a subclass's)."""
+        return self.noise_mode.name
 
     @property
     def active(self) -> bool:

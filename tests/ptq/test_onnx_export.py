@@ -286,3 +286,39 @@ def test_a_failed_export_does_not_cost_the_report(trained, tmp_path, monkeypatch
     assert onnx_e["error"] == "RuntimeError: exporter broke" and "error" not in st_e
     assert "failed: RuntimeError: exporter broke" in rep.export_table()
     assert rep.row("w8a8").top1 > 90 and (tmp_path / "quantized_w8a8.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_export_benchmark_on_a_jpeg_zip_and_a_saved_state_dict(tmp_path):
+    """benchmarks/export.py on the real kind of input (not --smoke): a CIFAR-style JPEG zip and a state-dict file
+    like the ones quality.py --train-only saves; every test image goes through flatq and ONNX Runtime."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from flatq_lightning.app.models import create_model
+    from tests.test_benchmarks import _tiny_cifar_zip
+
+    repo = Path(__file__).resolve().parents[2]
+    data = _tiny_cifar_zip(tmp_path)
+    weights = tmp_path / "resnet20_seed0.pt"
+    torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), weights)
+    out = tmp_path / "export.json"
+    r = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "export.py"), "--data", str(data), "--resnet", str(weights),
+         "--models", "resnet20", "--no-parity-nofusion", "--threads", "1", "--repeats", "1", "--repeats-single", "1",
+         "--calib-images", "8", "--batch-size", "8", "--files", str(tmp_path / "files"), "--out", str(out)],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FLATQ_CACHE": str(tmp_path / "cache")},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "decoding test images: done, 20 images" in r.stderr + r.stdout
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["eval_images"] == 20
+    for bits in ("w8a8", "w4a8"):
+        row = res["rows"][bits]
+        assert row["samples"] == 20 and abs(row["top1_flatq"] - row["top1_ort"]) <= 100 / 20 + 1e-6
+        assert (tmp_path / "files").exists()

@@ -3,7 +3,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flatq_lightning.app.data import DataNotFoundError, DigitsDataModule, ImageNetDataModule, SyntheticDataModule
+from flatq_lightning.app.data import (
+    DataNotFoundError,
+    DigitsDataModule,
+    ImageNetDataModule,
+    SyntheticDataModule,
+)
 
 
 def test_digits_split_shapes_and_seed():

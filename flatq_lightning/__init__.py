@@ -18,10 +18,12 @@ from .callbacks.mse import QuantMSEMixin
 from .callbacks.sam import SAM
 from .ptq.callback import PostTrainingQuantization
 from .ptq.export import load_quantized, save_quantized
+from .ptq.recipe import PTQRecipe
 from .ptq.report import PTQReport
 from .ptq.runner import run_ptq
 from .quant import (
     QuantSpec,
+    Reconstruction,
     compute_qparams,
     fake_quantize,
     fold_batchnorm,
@@ -43,7 +45,9 @@ __all__ = [
     "SharpnessMonitor",
     "hessian_trace",
     "top_eigenvalue",
+    "PTQRecipe",
     "PTQReport",
+    "Reconstruction",
     "PostTrainingQuantization",
     "load_quantized",
     "run_ptq",

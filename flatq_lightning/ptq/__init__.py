@@ -3,21 +3,26 @@
 The quantizer arithmetic lives in :mod:`flatq_lightning.quant`; this part drives it over a trained network
 (BN handling, calibration, one quantized copy per bit-width, evaluation) and hands the result on: packed
 safetensors (:mod:`.export`) and ONNX with QuantizeLinear/DequantizeLinear checked in ONNX Runtime
-(:mod:`.onnx_export`, needs the ``[onnx]`` extra only when called).
+(:mod:`.onnx_export`, needs the ``[onnx]`` extra only when called). How each copy is made is a
+:class:`~.recipe.PTQRecipe` (observers, BN re-estimation, block reconstruction).
 """
 
 from .callback import PostTrainingQuantization
 from .export import load_quantized, save_quantized
 from .onnx_export import check_onnx_parity, export_onnx
+from .recipe import RECIPES, PTQRecipe, resolve_recipe
 from .report import PTQReport
 from .runner import run_ptq
 
 __all__ = [
+    "RECIPES",
+    "PTQRecipe",
     "PTQReport",
     "PostTrainingQuantization",
     "check_onnx_parity",
     "export_onnx",
     "load_quantized",
+    "resolve_recipe",
     "run_ptq",
     "save_quantized",
 ]

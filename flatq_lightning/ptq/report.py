@@ -221,6 +221,11 @@ class PTQRow:
     #: files written for this bit-width (``run_ptq(export_dir=...)``): ``{"format", "path", "bytes"}`` and, for
     #: ONNX, the parity check against ONNX Runtime (:class:`~flatq_lightning.ptq.onnx_export.OnnxParity` fields)
     exports: list[dict[str, Any]] = field(default_factory=list)
+    #: the name of the PTQ recipe that made this row (``PTQReport.recipe`` holds its settings)
+    recipe: str = ""
+    #: block reconstruction, one entry per block (:class:`~flatq_lightning.quant.reconstruct.BlockResult`
+    #: fields: name, kind, layers, iters, seconds, loss_rtn, loss, flipped, weights); empty without it
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -260,6 +265,8 @@ class PTQReport:
     top5_k: int = 5
     device: str = "cpu"
     timing: dict[str, float] = field(default_factory=dict)
+    #: the PTQ recipe's settings (:meth:`~flatq_lightning.ptq.recipe.PTQRecipe.to_dict`)
+    recipe: dict[str, Any] | None = None
 
     # access -----------------------------------------------------------------------------------------------
     @property
@@ -275,11 +282,15 @@ class PTQReport:
         raise KeyError(f"no PTQ row for {bits!r}; the report has {self.bits}")
 
     def metrics(self) -> dict[str, float]:
-        """Scalars for the Lightning loggers: ``ptq/fp/top1``, ``ptq/fp/top5``, ``ptq/<bits>/top1|top5``."""
+        """Scalars for the Lightning loggers: ``ptq/fp/top1``, ``ptq/fp/top5``, ``ptq/<bits>/top1|top5`` and,
+        after block reconstruction, ``ptq/<bits>/recon/<block>/loss|loss_rtn|seconds``."""
         out = {"ptq/fp/top1": self.fp_top1, "ptq/fp/top5": self.fp_top5}
         for r in self.rows:
             out[f"ptq/{r.bits}/top1"] = r.top1
             out[f"ptq/{r.bits}/top5"] = r.top5
+            for blk in r.reconstruction:
+                for key in ("loss", "loss_rtn", "seconds"):
+                    out[f"ptq/{r.bits}/recon/{blk['name']}/{key}"] = float(blk[key])
         return out
 
     def layer_metrics(self) -> dict[str, float]:
@@ -294,8 +305,12 @@ class PTQReport:
 
     def settings(self) -> dict[str, Any]:
         """The PTQ settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        rec = (self.recipe or {}).get("reconstruction") or {}
         return {
             "ptq/bits": ",".join(self.bits),
+            "ptq/recipe": (self.recipe or {}).get("name", ""),
+            **{f"ptq/reconstruction/{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+               for k, v in rec.items() if v is not None},
             "ptq/observer": self.observer,
             "ptq/act_observer": self.act_observer,
             "ptq/bn_reestimate": self.bn_reestimate,
@@ -444,12 +459,44 @@ class PTQReport:
             *lines,
         ])
 
+    def reconstruction_table(self) -> str:
+        """Per bit-width and block: the block's output MSE with round-to-nearest and after reconstruction, the
+        weights rounded the other way, and the seconds it took. Empty without reconstruction.
+
+        Example:
+            >>> row = PTQRow("w2a4", 2, 4, 60.0, 90.0, 10.0, 5.0, reconstruction=[{"name": "layer1.0",
+            ...     "kind": "BasicBlock", "layers": ["a", "b"], "iters": 1000, "seconds": 12.5, "loss_rtn": 4.0,
+            ...     "loss": 1.0, "flipped": 30, "weights": 100}])
+            >>> print(PTQReport(70.0, 95.0, rows=[row]).reconstruction_table().splitlines()[2])
+            | w2a4 | layer1.0 | BasicBlock | 2 | 4 | 1 | 0.25 | 30.0 | 12.5 |
+        """
+        lines = []
+        for r in self.rows:
+            for b in r.reconstruction:
+                ratio = b["loss"] / b["loss_rtn"] if b["loss_rtn"] > 0 else float("nan")
+                flip = 100.0 * b.get("flipped", 0) / b["weights"] if b.get("weights") else float("nan")
+                lines.append(f"| {r.bits} | {b['name']} | {b['kind']} | {len(b['layers'])} | {b['loss_rtn']:.4g} | "
+                             f"{b['loss']:.4g} | {ratio:.2f} | {flip:.1f} | {b['seconds']:.1f} |")
+        if not lines:
+            return ""
+        return "\n".join([
+            "| bits | block | kind | layers | output MSE, round-to-nearest | output MSE, reconstructed | ratio | "
+            "weights rounded the other way (%) | seconds |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            *lines,
+        ])
+
     def policy_line(self) -> str:
         kept = ", ".join(self.kept_8bit) if self.kept_8bit else "none"
         sel = ""
         if self.include or self.exclude:
             sel = f"; include={self.include!r} exclude={self.exclude!r}"
-        return (
+        recipe = ""
+        if self.recipe:
+            from .recipe import PTQRecipe
+
+            recipe = f"Recipe {PTQRecipe.from_dict(self.recipe).describe()}. "
+        return recipe + (
             f"Layer policy: keep_first_last_8bit={self.keep_first_last_8bit} (first/last layers kept at 8 bit: "
             f"{kept}); weights symmetric per output channel, activations asymmetric per tensor; "
             f"weight observer={self.observer}, activation observer={self.act_observer}; calibration on "
@@ -487,6 +534,8 @@ class PTQReport:
                     f"| {layer.name} | {_bits_label(layer.weight_bits)} | {_bits_label(layer.act_bits)} | "
                     f"{_fmt(layer.weight_sqnr_db)} | {_fmt(layer.act_sqnr_db)} |"
                 )
+        if any(r.reconstruction for r in self.rows):
+            out += ["", "## Block reconstruction", "", self.reconstruction_table()]
         if any(r.exports for r in self.rows):
             out += ["", "## Exported files", "", self.export_table()]
         if self.timing:

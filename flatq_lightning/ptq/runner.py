@@ -33,8 +33,10 @@ from ..quant import (
     select_modules,
     sqnr_db,
 )
+from ..quant.reconstruct import reconstruct
 from ..quant.spec import FLOAT_BITS, OBSERVERS, preset_specs
 from .export import normalize_export_formats
+from .recipe import PTQRecipe, resolve_recipe
 from .report import LayerSQNR, PTQReport, PTQRow, free_path
 
 __all__ = [
@@ -353,10 +355,60 @@ def _export(
     return out
 
 
-def _collect_calibration(loader: Iterable[Any], n: int, progress: bool) -> list[Tensor]:
-    """The inputs of the first ``n`` batches (kept, so every bit-width calibrates on the same data)."""
-    it = _progress(itertools.islice(loader, n), progress, desc="calibration data", total=n, leave=False)
-    return [batch_inputs(b) for b in it]
+def _collect_calibration(loader: Iterable[Any], n: int, progress: bool, images: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+    """The inputs of the first ``n`` batches (kept, so every bit-width calibrates on the same data), and, when
+    reconstruction needs ``images`` images, the further batches of the same pass that make them up:
+    ``(calibration batches, extra batches)``."""
+    it = iter(loader)
+    bar = _progress(itertools.islice(it, n), progress, desc="calibration data", total=n, leave=False)
+    calib = [batch_inputs(b) for b in bar]
+    have = sum(int(b.shape[0]) for b in calib)
+    extra: list[Tensor] = []
+    while have < images:
+        b = next(it, None)
+        if b is None:
+            break
+        extra.append(batch_inputs(b))
+        have += int(extra[-1].shape[0])
+    return calib, extra
+
+
+def _recipe_from_args(recipe: Any, legacy: dict[str, Any]) -> PTQRecipe:
+    """The recipe in force: ``recipe`` with the pre-recipe keyword arguments (deprecated) laid over it."""
+    given = {k: v for k, v in legacy.items() if v is not None}
+    if given:
+        warnings.warn(
+            f"run_ptq({', '.join(f'{k}=' for k in given)}...) is deprecated and will be removed in the next release: "
+            f"pass recipe=PTQRecipe.preset('practical', ...) or a preset name ({list_recipes()})",
+            FutureWarning,
+            stacklevel=3,
+        )
+        for k in ("observer", "act_observer"):
+            if k in given and given[k] not in OBSERVERS:
+                raise ValueError(f"{k} must be one of {OBSERVERS}, got {given[k]!r}")
+        if "bn_reestimate" in given and not isinstance(given["bn_reestimate"], bool):
+            raise ValueError(f"bn_reestimate must be True or False, got {given['bn_reestimate']!r}")
+        if "bn_batches" in given and (isinstance(given["bn_batches"], bool) or not isinstance(given["bn_batches"], int)
+                                      or given["bn_batches"] < 1):
+            raise ValueError(f"bn_batches must be a positive int (number of BN re-estimation batches), got {given['bn_batches']!r}")
+        base = resolve_recipe(recipe)
+        name = base.name if recipe is not None else "custom"
+        return base.replace(name=name, **given)
+    return resolve_recipe(recipe)
+
+
+def list_recipes() -> list[str]:
+    from .recipe import recipe_names
+
+    return recipe_names()
+
+
+def _recon_logger(progress: bool) -> Callable[[str], None] | None:
+    if not progress:
+        return None
+    from ..progress import status
+
+    return status
 
 
 def run_ptq(
@@ -365,7 +417,7 @@ def run_ptq(
     eval_loader: Iterable[Any],
     bits: str | Iterable[str] = DEFAULT_BITS,
     calib_batches: int = 32,
-    observer: str = "minmax",
+    observer: str | None = None,
     keep_first_last_8bit: bool = True,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -374,8 +426,8 @@ def run_ptq(
     export_dir: str | os.PathLike | None = None,
     attention_points: bool = True,
     act_observer: str | None = None,
-    bn_reestimate: bool = False,
-    bn_batches: int = 32,
+    bn_reestimate: bool | None = None,
+    bn_batches: int | None = None,
     bn_loader: Iterable[Any] | None = None,
     bn_transform: Callable[[Tensor], Tensor] | None = None,
     evaluate_fp: bool = True,
@@ -383,8 +435,14 @@ def run_ptq(
     overwrite: bool = False,
     parity_batches: int | None = None,
     export_metadata: dict[str, Any] | None = None,
+    recipe: PTQRecipe | str | dict[str, Any] | None = None,
 ) -> PTQReport:
     """Fold BN, calibrate, quantize at each bit-width and evaluate top-1/top-5 against the FP network.
+
+    How each copy is made is the ``recipe`` (:class:`~flatq_lightning.ptq.recipe.PTQRecipe` or a preset name:
+    ``"minmax"`` (default), ``"practical"``, ``"reconstruct"``): observers, BN re-estimation, block
+    reconstruction. ``observer``, ``act_observer``, ``bn_reestimate`` and ``bn_batches`` are the pre-recipe
+    spelling of the same settings (deprecated: a ``FutureWarning``; given with a recipe, they override its fields).
 
     Args:
         model: the trained network, or a LightningModule (its ``model`` attribute is used when it is a module).
@@ -395,13 +453,14 @@ def run_ptq(
         eval_loader: ``(inputs, targets)`` batches on which the FP network and every quantized copy are
             evaluated.
         bits: presets ``"w<b>a<b>"``; a side at 16 bits stays float (``"w4a16"`` weight-only).
-        observer: range observer for the weights (and the activations unless ``act_observer`` is given):
-            ``"minmax"``, ``"percentile"`` or ``"mse"`` (MSE-optimal clipping searched per channel).
-        act_observer: range observer for the activations (default: ``observer``).
-        bn_reestimate: per bit-width, re-estimate the BatchNorm running statistics on the quantized network
-            (weights quantized, BN not yet folded, activation quantizers on) before folding and calibrating
-            (AIMET's BN re-estimation; :func:`~flatq_lightning.quant.reestimate_bn_quantized`).
-        bn_batches: how many batches of ``bn_loader`` the re-estimation averages over.
+        recipe: the PTQ recipe. Its observers pick the weight range (``"minmax"``, ``"percentile"`` or ``"mse"``:
+            MSE-optimal clipping searched per channel) and the activation ranges; with ``bn_reestimate`` the
+            BatchNorm running statistics are re-estimated per bit-width on the quantized network (weights
+            quantized, BN not yet folded, activation quantizers on) before folding and calibrating (AIMET's BN
+            re-estimation; :func:`~flatq_lightning.quant.reestimate_bn_quantized`) over ``bn_batches`` batches of
+            ``bn_loader``; with ``reconstruction`` each calibrated copy is then reconstructed block by block
+            (:func:`~flatq_lightning.quant.reconstruct.reconstruct`) on ``reconstruction.calib_images`` images
+            of ``calib_loader`` (the calibration batches and, if they are fewer, the next batches of the same pass).
         bn_loader: batches for the re-estimation (default: ``calib_loader``); give training batches, and the
             training augmentation as ``bn_transform``, so the statistics see what training saw.
         evaluate_fp: ``False`` skips the FP evaluation (when the caller has it already): the report's FP
@@ -434,6 +493,10 @@ def run_ptq(
         (['w8a8', 'w4a4'], [('0', '1')])
     """
     t0 = time.perf_counter()
+    rcp = _recipe_from_args(recipe, {"observer": observer, "act_observer": act_observer,
+                                     "bn_reestimate": bn_reestimate, "bn_batches": bn_batches})
+    observer, act_observer, bn_reestimate, bn_batches = rcp.observer, rcp.act_observer, rcp.bn_reestimate, rcp.bn_batches
+    recon = rcp.reconstruction
     bits_t, inc, exc = validate_ptq_args(bits, calib_batches, observer, include, exclude)
     formats = normalize_export_formats(export_formats) if export_dir is not None else ()
     if not isinstance(overwrite, bool):
@@ -444,17 +507,11 @@ def run_ptq(
         from .onnx_export import require_onnx
 
         require_onnx("run_ptq(export_formats=('onnx',))")  # before any PTQ work
-    if act_observer is not None and act_observer not in OBSERVERS:
-        raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
-    if not isinstance(bn_reestimate, bool):
-        raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
-    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
-        raise ValueError(f"bn_batches must be a positive int (number of BN re-estimation batches), got {bn_batches!r}")
-    act_obs = act_observer or observer
+    act_obs = rcp.act_obs
     if not isinstance(keep_first_last_8bit, bool):
         raise TypeError(f"run_ptq: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
     _check_loader(eval_loader, "eval_loader")
-    need_calib = any(specs_for(b)[1] is not None for b in bits_t)
+    need_calib = any(specs_for(b)[1] is not None for b in bits_t) or recon is not None
     if need_calib:
         _check_loader(calib_loader, "calib_loader")
     net = ptq_network(model)
@@ -475,7 +532,13 @@ def run_ptq(
     timing["fold_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    calib: list[Tensor] = _collect_calibration(calib_loader, calib_batches, progress) if need_calib else []
+    calib, extra = _collect_calibration(calib_loader, calib_batches, progress, recon.calib_images if recon else 0) \
+        if need_calib else ([], [])
+    recon_inputs = torch.cat(calib + extra)[: recon.calib_images] if recon is not None and calib else None
+    if recon is not None and recon_inputs is not None and recon_inputs.shape[0] < recon.calib_images:
+        warnings.warn(
+            f"run_ptq: reconstruction asked for {recon.calib_images} calibration images, the calibration loader "
+            f"has {recon_inputs.shape[0]}; reconstructing on those", UserWarning, stacklevel=2)
     if need_calib:
         if not calib:
             raise ValueError("run_ptq: calib_loader yielded no batches")
@@ -530,6 +593,11 @@ def run_ptq(
             exclude=exc,
             attention_points=attention_points,
         ).to(dev)
+        blocks: list[dict[str, Any]] = []
+        if recon is not None:
+            res = reconstruct(qmodel, source, folded, recon_inputs, recon, log=_recon_logger(progress),
+                              desc=f"reconstruct {b}")
+            blocks = [r.to_dict() for r in res]
         layers = _layer_sqnr(qmodel, calib[0] if (as_ is not None and calib) else None, dev)
         t_q = time.perf_counter() - t
         t = time.perf_counter()
@@ -538,8 +606,8 @@ def run_ptq(
         t_e = time.perf_counter() - t
         exports = []
         if formats:
-            meta = {**(export_metadata or {}), "bits": b, "observer": observer, "act_observer": act_obs,
-                    "bn_reestimate": bn_reestimate, "top1": round(acc[1], 4), "top5": round(acc[5], 4)}
+            meta = {**(export_metadata or {}), "bits": b, "recipe": rcp.name, "observer": observer,
+                    "act_observer": act_obs, "bn_reestimate": bn_reestimate, "reconstructed": recon is not None, "top1": round(acc[1], 4), "top5": round(acc[5], 4)}
             exports = _export(qmodel, b, Path(export_dir), formats, pairs, meta, overwrite, eval_loader,
                               parity_batches, progress)
         del qmodel
@@ -557,6 +625,8 @@ def run_ptq(
                 eval_seconds=t_e,
                 bn_reestimated=bn_reestimate,
                 exports=exports,
+                recipe=rcp.name,
+                reconstruction=blocks,
             )
         )
         if hasattr(bar, "set_postfix"):
@@ -584,4 +654,5 @@ def run_ptq(
         top5_k=min(5, num_classes),
         device=str(dev),
         timing=timing,
+        recipe=rcp.to_dict(),
     )

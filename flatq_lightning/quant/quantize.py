@@ -175,9 +175,15 @@ class QuantizedLayer(nn.Module):
                 self.weight_scale = scale
                 module.weight.data.copy_(wq)
 
+    #: set by :func:`~flatq_lightning.quant.reconstruct.reconstruct` while it learns this layer's rounding and
+    #: input step size (an object with ``forward(layer, x)``); ``None`` otherwise
+    reconstruction: Any = None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
             self.observer.update(x)
+        elif self.reconstruction is not None:
+            return self.reconstruction.forward(self, x)
         elif self.act_spec is not None and self._calibrated:
             x = fake_quantize(x, self.act_spec, self.act_scale, self.act_zero_point)
         return self.module(x)

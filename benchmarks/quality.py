@@ -70,6 +70,7 @@ from flatq_lightning.callbacks.flatness.measures import (  # noqa: E402
     plot_landscape_1d,
     top_eigenvalue,
 )
+from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
 from flatq_lightning.quant.spec import parse_bits  # noqa: E402
 
@@ -303,21 +304,33 @@ def train_and_save(name: str, seed: int, args: argparse.Namespace, size: dict[st
     return d / f"seed{seed}.pt"
 
 
-#: the PTQ recipes every saved model is evaluated under (``--evaluate``); name -> run_ptq settings and start BN
-PTQ_RECIPES: dict[str, dict[str, Any]] = {
-    # min-max PTQ as the project always ran it, from the model with clean BN statistics (what fit returns now)
-    "minmax": {"observer": "minmax", "bn_reestimate": False, "bn": "clean"},
-    # the same, from the BN statistics as training left them (gathered under noise for DNQ)
-    "minmax_trainbn": {"observer": "minmax", "bn_reestimate": False, "bn": "trained"},
-    # min-max + BN re-estimation per bit-width on the quantized network
-    "minmax_bnre": {"observer": "minmax", "bn_reestimate": True, "bn": "clean"},
-    # the practitioner's PTQ: MSE-optimal per-channel weight clipping, percentile activations, BN re-estimation
-    "practical": {"observer": "mse", "act_observer": "percentile", "bn_reestimate": True, "bn": "clean"},
-}
-#: bit-widths of the recipe evaluation
-EVAL_BITS = ("w4a4", "w3a3")
 #: training batches (of 128) for the clean BN re-estimation and for PTQ's per-bit-width BN re-estimation
 BN_BATCHES = 16
+#: the PTQ recipes every saved model is evaluated under (``--evaluate``): name -> (the library's recipe, the BN
+#: statistics PTQ starts from: "clean" re-estimated on the clean weights, as fit returns them, or "trained")
+PTQ_RECIPES: dict[str, tuple[PTQRecipe, str]] = {
+    # min-max PTQ as the project always ran it, from the model with clean BN statistics (what fit returns now)
+    "minmax": (PTQRecipe.preset("minmax", bn_batches=BN_BATCHES), "clean"),
+    # the same, from the BN statistics as training left them (gathered under noise for DNQ)
+    "minmax_trainbn": (PTQRecipe.preset("minmax", name="minmax_trainbn", bn_batches=BN_BATCHES), "trained"),
+    # min-max + BN re-estimation per bit-width on the quantized network
+    "minmax_bnre": (PTQRecipe("minmax_bnre", bn_reestimate=True, bn_batches=BN_BATCHES), "clean"),
+    # the practitioner's PTQ: MSE-optimal per-channel weight clipping, percentile activations, BN re-estimation
+    "practical": (PTQRecipe.preset("practical", bn_batches=BN_BATCHES), "clean"),
+    # practical + block reconstruction (learned rounding and activation step sizes, QDrop), the library defaults
+    "reconstruct": (PTQRecipe.preset("reconstruct", bn_batches=BN_BATCHES), "clean"),
+}
+
+
+def recipe_for(name: str, args: argparse.Namespace) -> tuple[PTQRecipe, str]:
+    """A recipe of ``PTQ_RECIPES`` with the command line's reconstruction overrides (``--recon-iters``)."""
+    recipe, bn = PTQ_RECIPES[name]
+    if recipe.reconstruction is not None and getattr(args, "recon_iters", None) is not None:
+        recipe = recipe.replace(iters=args.recon_iters)
+    return recipe, bn
+
+#: bit-widths of the recipe evaluation
+EVAL_BITS = ("w4a4", "w3a3")
 #: the recipes --evaluate runs by default (minmax_trainbn on request: it only shows where the trained BN stands)
 DEFAULT_RECIPES = ("minmax", "minmax_bnre", "practical")
 
@@ -348,19 +361,22 @@ def evaluate_saved(path: Path, args: argparse.Namespace, size: dict[str, Any], d
         out["fp"][name] = acc[1]
         out["seconds"][f"fp_{name}"] = time.perf_counter() - t0
     out["num_test"] = n
+    out["reconstruction"] = {}
     for r in recipes:
-        cfg = PTQ_RECIPES[r]
+        recipe, bn = recipe_for(r, args)
         t0 = time.perf_counter()
         torch.manual_seed(0)
         bn_loader, augment = _augmented(dm, seed=1)
         report = run_ptq(
-            clean if cfg["bn"] == "clean" else trained, dm.calib_dataloader(size["batch_size"]), test, bits=bits,
-            calib_batches=calib_batches(size), observer=cfg["observer"], act_observer=cfg.get("act_observer"),
-            bn_reestimate=cfg["bn_reestimate"], bn_batches=BN_BATCHES, bn_loader=bn_loader, bn_transform=augment,
-            progress=False, evaluate_fp=False,
+            clean if bn == "clean" else trained, dm.calib_dataloader(size["batch_size"]), test, bits=bits,
+            calib_batches=calib_batches(size), recipe=recipe, bn_loader=bn_loader, bn_transform=augment,
+            progress=args.progress, evaluate_fp=False,
         )
         out["ptq"][r] = {row.bits: row.top1 for row in report.rows}
         out["seconds"][r] = time.perf_counter() - t0
+        if recipe.reconstruction is not None:  # per bit-width: seconds and the blocks' output MSE before/after
+            out["reconstruction"][r] = {row.bits: [{k: b[k] for k in ("name", "seconds", "loss_rtn", "loss", "flipped", "weights")}
+                                                   for b in row.reconstruction] for row in report.rows}
     return out
 
 
@@ -393,9 +409,12 @@ def evaluate_all(args: argparse.Namespace, size: dict[str, Any], out: Path) -> N
         old = record.get("evaluation", {})
         ev["ptq"] = {**old.get("ptq", {}), **ev["ptq"]}
         ev["seconds"] = {**old.get("seconds", {}), **ev["seconds"]}
+        ev["reconstruction"] = {**old.get("reconstruction", {}), **ev["reconstruction"]}
         record.update(variant=variant, seed=seed, evaluation={
             **ev, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "command": "python " + " ".join(sys.argv),
-            "settings": {"calib_images": CALIB_IMAGES, "bn_batches": BN_BATCHES, "recipes": {r: PTQ_RECIPES[r] for r in ev["ptq"]}},
+            "settings": {"calib_images": CALIB_IMAGES, "bn_batches": BN_BATCHES, "recipes": {
+                **old.get("settings", {}).get("recipes", {}),
+                **{r: {**recipe_for(r, args)[0].to_dict(), "bn": recipe_for(r, args)[1]} for r in todo}}},
         })
         tmp = rec_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1))
@@ -641,6 +660,8 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                     help=f"PTQ recipes for --evaluate, from {list(PTQ_RECIPES)}")
     ap.add_argument("--eval-bits", default=",".join(EVAL_BITS), help="bit-widths for --evaluate")
+    ap.add_argument("--recon-iters", type=int, default=None,
+                    help="steps per block of the reconstruct recipe (default: the library's Reconstruction.iters)")
     ap.add_argument("--summarize", action="store_true", help="only rebuild <out>/summary.{md,json} and the plot")
     ap.add_argument("--remeasure-flatness", action="store_true",
                     help="train nothing: measure Hessian trace and top eigenvalue again on <out>/models/*.pt "

@@ -34,13 +34,14 @@ from .quantize import (
     quantized_layers,
     reestimate_bn_quantized,
 )
-from .reconstruct import BlockResult, Reconstruction, find_blocks, reconstruct
+from .reconstruct import BlockResult, Reconstruction, cache_bytes, find_blocks, reconstruct
 from .spec import FLOAT_BITS, QuantSpec, parse_bits, preset_name, preset_specs
 from .targets import QUANTIZABLE_TYPES, first_last_names, has_weight, layer_specs, select_modules
 
 __all__ = [
     "BlockResult",
     "Reconstruction",
+    "cache_bytes",
     "find_blocks",
     "reconstruct",
     "QUANTIZABLE_TYPES",

@@ -7,8 +7,9 @@ at random during the optimisation (QDrop), which makes the solution flatter for 
 
 For each block, in the order the forward runs them:
 
-- its FP input ``X_fp`` and FP output ``Y_fp`` (the reference FP network) and its input ``X_q`` in the quantized
-  network (every earlier block already reconstructed) are cached for the calibration images, once;
+- its FP output ``Y_fp`` (the reference FP network) and its input ``X_q`` in the quantized network (every earlier
+  block already reconstructed) are cached for the calibration images, once (two tensors of the block's size per
+  image: :func:`cache_bytes` says how much that is);
 - each quantized weight becomes ``(floor(W/s) + h(α)).clamp(qmin, qmax)·s`` with AdaRound's rectified sigmoid
   ``h(α) = clamp(σ(α)·(ζ − γ) + γ, 0, 1)``, α initialised so that ``h(α)`` is the fractional part (the soft
   weight starts at ``W``); ``s`` is the weight scale the observer chose, kept fixed;
@@ -65,6 +66,7 @@ __all__ = [
     "DEFAULT_BLOCK_TYPES",
     "BlockResult",
     "Reconstruction",
+    "cache_bytes",
     "find_blocks",
     "reconstruct",
 ]
@@ -276,6 +278,36 @@ def _forward_order(model: nn.Module, names: list[str], x: Tensor) -> list[str]:
     return seen
 
 
+@torch.no_grad()
+def cache_bytes(qmodel: nn.Module, example: Tensor, calib_images: int = 1024,
+                rule: BlockRule | None = None) -> dict[str, int]:
+    """What :func:`reconstruct` caches per block for ``calib_images`` images like ``example`` (one image or a
+    batch): the block's quantized-network input and FP output, in the model's dtype. The peak is the largest
+    value; the cache lives on ``Reconstruction.cache_device``.
+
+    Example:
+        >>> from flatq_lightning.quant import QuantSpec, quantize_model
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        >>> q = quantize_model(net, *QuantSpec.parse("w4a4"), calib_batches=[torch.randn(2, 3, 8, 8)])
+        >>> cache_bytes(q, torch.randn(1, 3, 8, 8), calib_images=100)   # (3 + 8)·64 and (8 + 8)·64 floats each
+        {'0': 281600, '2': 409600}
+    """
+    sizes: dict[str, int] = {}
+    handles = []
+    for name, _ in find_blocks(qmodel, rule):
+        def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+            if name not in sizes and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                per = (args[0][0].numel() * args[0].element_size() + out[0].numel() * out.element_size())
+                sizes[name] = per * calib_images
+        handles.append(qmodel.get_submodule(name).register_forward_hook(hook))
+    try:
+        qmodel(example[:1].to(_device(qmodel)))
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # caching a block's inputs and outputs
 
@@ -286,10 +318,10 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def _capture(model: nn.Module, name: str, inputs: Tensor, chunk: int, device: torch.device,
-             cache: torch.device, output: bool) -> tuple[Tensor, Tensor | None]:
-    """The input (and output) of ``model.<name>`` for every row of ``inputs``, the forward stopped right after."""
+             cache: torch.device, output: bool) -> Tensor:
+    """The input (``output=False``) or the output of ``model.<name>`` for every row of ``inputs``, each forward
+    stopped right after the block."""
     xs: list[Tensor] = []
-    ys: list[Tensor] = []
 
     def hook(mod: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         tensors = [a for a in args if isinstance(a, Tensor)] + [v for v in kwargs.values() if isinstance(v, Tensor)]
@@ -301,9 +333,7 @@ def _capture(model: nn.Module, name: str, inputs: Tensor, chunk: int, device: to
         if not isinstance(out, Tensor):
             raise ValueError(f"reconstruction: block {name!r} ({type(mod).__name__}) returns {type(out).__name__}, "
                              "not a tensor; use a finer block rule")
-        xs.append(args[0].detach().to(cache))
-        if output:
-            ys.append(out.detach().to(cache))
+        xs.append((out if output else args[0]).detach().to(cache))
         raise _Stop
 
     h = model.get_submodule(name).register_forward_hook(hook, with_kwargs=True)
@@ -315,7 +345,7 @@ def _capture(model: nn.Module, name: str, inputs: Tensor, chunk: int, device: to
                 pass
     finally:
         h.remove()
-    return torch.cat(xs), (torch.cat(ys) if output else None)
+    return torch.cat(xs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,8 +501,8 @@ def reconstruct(
             t0 = time.perf_counter()
             lnames = layers_of[bname]
             block = qmodel.get_submodule(bname)
-            x_fp, y_fp = _capture(reference, bname, x_all, chunk, device, cache, output=True)
-            x_q, _ = _capture(qmodel, bname, x_all, chunk, device, cache, output=False)
+            y_fp = _capture(reference, bname, x_all, chunk, device, cache, output=True)
+            x_q = _capture(qmodel, bname, x_all, chunk, device, cache, output=False)
             n_eval = min(256, x_q.shape[0])
             loss_rtn = _eval_loss(block, x_q[:n_eval], y_fp[:n_eval], chunk, device)
             kind = type(block).__name__ if bname not in lnames else type(block.module).__name__
@@ -481,7 +511,7 @@ def reconstruct(
                 flipped, n_w = _optimise(qmodel, bname, block, lnames, src_weights, x_q, y_fp, st, device, bi,
                                          len(order), log, log_every, desc)
             loss = _eval_loss(block, x_q[:n_eval], y_fp[:n_eval], chunk, device) if st.iters > 0 else loss_rtn
-            del x_fp, x_q, y_fp
+            del x_q, y_fp
             r = BlockResult(bname, kind, lnames, st.iters, time.perf_counter() - t0, loss_rtn, loss, flipped, n_w)
             results.append(r)
             if log is not None:

@@ -95,7 +95,7 @@ class Reconstruction:
     """
 
     #: optimisation steps per block (0: no learning, the RTN model is returned unchanged)
-    iters: int = 1000
+    iters: int = 500
     #: images per step
     batch_size: int = 32
     #: calibration images whose block inputs and outputs are cached (drawn from the calibration loader)

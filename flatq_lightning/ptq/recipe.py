@@ -77,8 +77,8 @@ class PTQRecipe:
         return self.act_observer or self.observer
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> PTQRecipe:
-        """A preset of :data:`RECIPES` with ``overrides`` (see :meth:`replace`)."""
+    def preset(cls, name: str, /, **overrides: Any) -> PTQRecipe:
+        """A preset of :data:`RECIPES` with ``overrides`` (see :meth:`replace`; ``name=`` renames it)."""
         if name not in RECIPES:
             raise ValueError(f"unknown PTQ recipe {name!r}; the presets are {list(RECIPES)}")
         return RECIPES[name].replace(**overrides) if overrides else RECIPES[name]

@@ -492,7 +492,33 @@ def summarize_runs(out: Path, baseline: str = "plain") -> tuple[str, dict[str, A
             row.append(f"{m:+.2f} ± {h:.2f} [{', '.join(f'{x:+.1f}' for x in d)}]" if len(d) > 1 else f"{m:+.2f} [1 seed]")
         doc["paired"][v] = drow
         lines.append(f"| {v} | " + " | ".join(row) + " |")
+    lines += _seconds_table(runs, doc)
     return "\n".join(lines) + "\n", doc
+
+
+def _seconds_table(runs: dict[str, dict[int, dict[str, Any]]], doc: dict[str, Any]) -> list[str]:
+    """Seconds per model of each recipe (all its bit-widths: BN re-estimation, calibration, reconstruction and the
+    test-set evaluations) and, for reconstruction, the seconds of reconstruction alone per bit-width."""
+    secs: dict[str, list[float]] = {}
+    recon: dict[str, list[float]] = {}
+    for rs in runs.values():
+        for r in rs.values():
+            ev = r["evaluation"]
+            for rec in ev["ptq"]:
+                if rec in ev.get("seconds", {}):
+                    secs.setdefault(rec, []).append(ev["seconds"][rec])
+            for rec, per_bits in ev.get("reconstruction", {}).items():
+                for b, blocks in per_bits.items():
+                    recon.setdefault(f"{rec} {b.upper()}", []).append(sum(x["seconds"] for x in blocks))
+    doc["seconds"] = {k: statistics.median(v) for k, v in secs.items()}
+    doc["reconstruction_seconds"] = {k: statistics.median(v) for k, v in recon.items()}
+    out = ["", "## Seconds per model (median over the runs; one intra-op thread, see the command for the load)", "",
+           "| recipe | runs | seconds (all its bit-widths, with the test-set evaluations) |", "|---|---:|---:|"]
+    out += [f"| {k} | {len(v)} | {statistics.median(v):.0f} |" for k, v in secs.items()]
+    if recon:
+        out += ["", "| reconstruction alone | runs | seconds |", "|---|---:|---:|"]
+        out += [f"| {k} | {len(v)} | {statistics.median(v):.0f} |" for k, v in recon.items()]
+    return out
 
 
 def plot_paired(doc: dict[str, Any], path: Path) -> None:

@@ -12,10 +12,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/overhead/gpu/g
 O="$OUT/overhead/gpu/$(date +%F)_resnet20@32+resnet50@224_recorder+weight+dnq"
 python benchmarks/overhead.py --device cuda --repeats 3 --steps 30 --out "$O.json" 2>&1 | tee "$O.log"
 # 2. quality: full CIFAR-10, ResNet-20, plain and the two DNQ recipes, 4 seeds, then every PTQ recipe (min-max,
-#    min-max + BN re-estimation, the practitioner's MSE/percentile + BN re-estimation) on the saved models and the
-#    paired summary. Not yet run on a GPU, so its time is unmeasured: 12 fits of 30 epochs at bf16 may not fit one
+#    min-max + BN re-estimation, the practitioner's MSE/percentile + BN re-estimation, and that + block
+#    reconstruction) at W4A4, W3A3 and W2A4 on the saved models (on the GPU) and the paired summary. Not yet run on a GPU, so its time is unmeasured: 12 fits of 30 epochs at bf16 may not fit one
 #    15-minute lease; the runs resume where they stopped (saved models are skipped), so a second call finishes it
 #    <variant>/seed<k>.json per run and the generated summary.md beside them
 Q="python benchmarks/quality.py --size gpu --data $DATA --epochs 30 --out $OUT/quality/gpu"
 $Q --train-only --variants 'plain,dnq_wa,dnq_wa_late@w3a3' --seeds 0,1,2,3 2>&1 | tee -a "$OUT/quality/gpu/train.log"
-$Q --evaluate 2>&1 | tee -a "$OUT/quality/gpu/evaluate.log"
+$Q --evaluate --recipes minmax,minmax_bnre,practical,reconstruct --eval-bits w4a4,w3a3,w2a4 2>&1 | tee -a "$OUT/quality/gpu/evaluate.log"

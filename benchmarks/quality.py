@@ -348,8 +348,9 @@ def evaluate_saved(path: Path, args: argparse.Namespace, size: dict[str, Any], d
     from flatq_lightning.ptq.runner import evaluate_topk
     from flatq_lightning.quant import reestimate_bn
 
-    trained = load_saved(path, args.model)
-    clean = load_saved(path, args.model)
+    device = "cuda" if size["accelerator"] == "gpu" else "cpu"  # PTQ runs where the model is
+    trained = load_saved(path, args.model).to(device)
+    clean = load_saved(path, args.model).to(device)
     torch.manual_seed(0)
     loader, augment = _augmented(dm, seed=0)
     reestimate_bn(clean, loader, max_batches=BN_BATCHES, transform=augment)
@@ -357,7 +358,7 @@ def evaluate_saved(path: Path, args: argparse.Namespace, size: dict[str, Any], d
     out: dict[str, Any] = {"fp": {}, "ptq": {}, "seconds": {}}
     for name, net in (("trained_bn", trained), ("clean_bn", clean)):
         t0 = time.perf_counter()
-        acc, n, _ = evaluate_topk(net, test, "cpu")
+        acc, n, _ = evaluate_topk(net, test, device)
         out["fp"][name] = acc[1]
         out["seconds"][f"fp_{name}"] = time.perf_counter() - t0
     out["num_test"] = n

@@ -48,7 +48,9 @@ class TinyResNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-FAST = Reconstruction(iters=300, batch_size=32, calib_images=256)
+#: 300 steps on 256 images; on this 8-channel network the rounding needs a larger step than the default's (3e-2,
+#: set for 500 steps on ResNet-20) to settle to 0/1 in 300 steps: at 3e-2 block1 ends above round-to-nearest at W3A3
+FAST = Reconstruction(iters=300, batch_size=32, calib_images=256, lr_round=0.1)
 
 
 @pytest.fixture(scope="module")

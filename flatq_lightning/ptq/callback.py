@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..callbacks._common import log_settings
-from ..quant.spec import OBSERVERS
 from .export import normalize_export_formats
+from .recipe import RECIPES, PTQRecipe
 from .report import PTQReport
-from .runner import DEFAULT_BITS, run_ptq, validate_ptq_args
+from .runner import DEFAULT_BITS, _recipe_from_args, run_ptq, validate_ptq_args
 
-__all__ = ["PostTrainingQuantization", "STAGES"]
+__all__ = ["PostTrainingQuantization", "STAGES", "recipe_settings"]
 
 #: which dataloader the quantized copies are evaluated on
 STAGES = ("validate", "test")
@@ -105,6 +106,52 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
+def plain_recipe(recipe: Any) -> PTQRecipe | str | dict[str, Any] | None:
+    """A ``recipe=`` value checked and in plain Python values: a Hydra/OmegaConf ``DictConfig`` becomes a dict.
+
+    ``ValueError`` for anything but a recipe, a name, a mapping or ``None``, and for a mapping that holds only an
+    unknown name (a typo of a preset: :func:`~flatq_lightning.ptq.recipe.resolve_recipe` would make it a
+    ``minmax`` recipe of that name; a recipe of your own names its fields too).
+    """
+    if type(recipe).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        recipe = OmegaConf.to_container(recipe, resolve=True)
+    if recipe is not None and not isinstance(recipe, (PTQRecipe, str, Mapping)):
+        raise ValueError(f"recipe must be a PTQRecipe, a preset name or a mapping of its fields, got {recipe!r}")
+    if isinstance(recipe, Mapping):
+        recipe = dict(recipe)
+        name = recipe.get("name", "minmax")
+        if set(recipe) <= {"name"} and (not isinstance(name, str) or name not in RECIPES):
+            raise ValueError(
+                f"unknown PTQ recipe {name!r}; the presets are {list(RECIPES)} (a recipe of your own names its "
+                "fields too, e.g. {'name': 'mine', 'observer': 'mse'})"
+            )
+    return recipe
+
+
+def recipe_settings(recipe: PTQRecipe) -> dict[str, Any]:
+    """The recipe as flat logger hyperparameters, under the keys of :meth:`PTQReport.settings`: ``ptq/recipe``
+    (its name), ``ptq/reconstruction/<field>`` (when it reconstructs), ``ptq/observer``, ``ptq/act_observer`` (the
+    one in force), ``ptq/bn_reestimate`` and ``ptq/bn_batches`` (0 without re-estimation).
+
+    Example:
+        >>> s = recipe_settings(PTQRecipe.preset("reconstruct", iters=200))
+        >>> s["ptq/recipe"], s["ptq/act_observer"], s["ptq/reconstruction/iters"], s["ptq/reconstruction/beta"]
+        ('reconstruct', 'percentile', 200, '20.0,2.0')
+    """
+    rec = recipe.to_dict()["reconstruction"] or {}
+    return {
+        "ptq/recipe": recipe.name,
+        **{f"ptq/reconstruction/{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+           for k, v in rec.items() if v is not None},
+        "ptq/observer": recipe.observer,
+        "ptq/act_observer": recipe.act_obs,
+        "ptq/bn_reestimate": recipe.bn_reestimate,
+        "ptq/bn_batches": recipe.bn_batches if recipe.bn_reestimate else 0,
+    }
+
+
 class PostTrainingQuantization(Callback):
     """After ``trainer.fit``: fold BN, calibrate, quantize at each bit-width, evaluate, report (rank zero).
 
@@ -126,7 +173,12 @@ class PostTrainingQuantization(Callback):
     Args:
         bits: presets ``"w<b>a<b>"`` (2-16 bits; a side at 16 stays float, ``"w4a16"`` is weight-only).
         calib_batches: number of calibration batches (a shorter loader is used whole, with one warning).
-        observer: ``"minmax"``, ``"percentile"`` or ``"mse"`` (weights and activations).
+        recipe: how each quantized copy is made (:class:`~flatq_lightning.ptq.recipe.PTQRecipe`): a preset name
+            (``"minmax"``, the default; ``"practical"``: MSE weight clipping, percentile activation ranges, BN
+            re-estimated per bit-width; ``"reconstruct"``: ``practical`` plus block reconstruction), a
+            ``PTQRecipe``, or a mapping (``{"name": "reconstruct", "iters": 200}``: the preset with those fields
+            replaced; Hydra's ``DictConfig`` too). BN re-estimation runs on training batches passed through the
+            datamodule's training augmentation (``augment_batch``) when it has one. Checked at construction.
         keep_first_last_8bit: keep the first and the last quantized layer at 8 bits.
         stage: ``"validate"`` or ``"test"``: which dataloader evaluates.
         save_dir: where the report files go.
@@ -138,16 +190,16 @@ class PostTrainingQuantization(Callback):
             all); the parity numbers are in ``report.rows[i].exports`` and the report's Markdown.
         progress: tqdm bars; ``print_report``: print the Markdown table at the end.
         attention_points: on timm ViTs also quantize Q, K, V and the softmax output (``False``: Linear inputs only).
-        act_observer: the activation observer (default: ``observer``, which then sets the weights' only).
-            The practitioner's PTQ is ``observer="mse"`` (MSE-optimal per-channel weight clipping),
-            ``act_observer="percentile"`` and ``bn_reestimate=True``.
-        bn_reestimate: re-estimate the BatchNorm statistics per bit-width on the quantized network before
-            folding (AIMET's BN re-estimation), on ``bn_batches`` training batches passed through the
-            datamodule's training augmentation (``augment_batch``) when it has one.
+        observer, act_observer, bn_reestimate, bn_batches: deprecated (removed in the next release): the
+            recipe's fields of the same names. Given, they warn (``FutureWarning``) and replace those fields of
+            ``recipe`` (without a recipe: of ``"minmax"``, and the recipe is then named ``"custom"``), as
+            :func:`~flatq_lightning.ptq.runner.run_ptq` does.
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> ptq = PostTrainingQuantization(bits=("w8a8", "w4a4"), calib_batches=16)
+        >>> ptq = PostTrainingQuantization(bits=("w8a8", "w4a4"), calib_batches=16, recipe="practical")
+        >>> ptq.recipe.observer, ptq.recipe.act_observer, ptq.recipe.bn_reestimate
+        ('mse', 'percentile', True)
         >>> trainer = Trainer(max_epochs=1, callbacks=[ptq])
         >>> # trainer.fit(lit_module); ptq.report.row("w4a4").top1
         >>> # or without a trainer: report = ptq.run(net, train_loader, val_loader)
@@ -157,7 +209,7 @@ class PostTrainingQuantization(Callback):
         self,
         bits: str | Sequence[str] = DEFAULT_BITS,
         calib_batches: int = 32,
-        observer: str = "minmax",
+        observer: str | None = None,
         keep_first_last_8bit: bool = True,
         stage: str = "validate",
         save_dir: str | os.PathLike | None = None,
@@ -168,20 +220,19 @@ class PostTrainingQuantization(Callback):
         print_report: bool = True,
         attention_points: bool = True,
         act_observer: str | None = None,
-        bn_reestimate: bool = False,
-        bn_batches: int = 32,
+        bn_reestimate: bool | None = None,
+        bn_batches: int | None = None,
         overwrite: bool = False,
         parity_batches: int | None = None,
+        recipe: PTQRecipe | str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, observer, include, exclude)
-        if act_observer is not None and act_observer not in OBSERVERS:
-            raise ValueError(f"act_observer must be one of {OBSERVERS} or None, got {act_observer!r}")
-        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
-            raise ValueError(f"bn_batches must be a positive int, got {bn_batches!r}")
-        self.act_observer = act_observer
-        self.bn_reestimate = bn_reestimate
-        self.bn_batches = bn_batches
+        #: the recipe every quantized copy is made with (the deprecated arguments laid over ``recipe``)
+        self.recipe: PTQRecipe = self._resolve_recipe(
+            recipe, {"observer": observer, "act_observer": act_observer, "bn_reestimate": bn_reestimate,
+                     "bn_batches": bn_batches})
+        self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, self.recipe.observer,
+                                                                  include, exclude)
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.export_formats = normalize_export_formats(export)
@@ -190,14 +241,12 @@ class PostTrainingQuantization(Callback):
         self.parity_batches = parity_batches
         for name, flag in (("keep_first_last_8bit", keep_first_last_8bit),
                            ("progress", progress), ("print_report", print_report),
-                           ("attention_points", attention_points), ("bn_reestimate", bn_reestimate),
-                           ("overwrite", overwrite)):
+                           ("attention_points", attention_points), ("overwrite", overwrite)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise ValueError(f"save_dir must be None or a path, got {save_dir!r}")
         self.calib_batches = calib_batches
-        self.observer = observer
         self.keep_first_last_8bit = keep_first_last_8bit
         self.stage = stage
         self.save_dir = save_dir
@@ -208,6 +257,40 @@ class PostTrainingQuantization(Callback):
         self.overwrite = overwrite
         self.report: PTQReport | None = None
         self.files: dict[str, Path] = {}
+
+    @staticmethod
+    def _resolve_recipe(recipe: Any, legacy: dict[str, Any]) -> PTQRecipe:
+        """run_ptq's rule (:func:`~flatq_lightning.ptq.runner._recipe_from_args`), its warning naming this class."""
+        recipe = plain_recipe(recipe)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                rcp = _recipe_from_args(recipe, legacy)
+            except (TypeError, KeyError) as err:  # e.g. a field given a value of the wrong kind
+                raise ValueError(f"PostTrainingQuantization(recipe={recipe!r}): {err}") from None
+        for w in caught:
+            msg = str(w.message)
+            if issubclass(w.category, FutureWarning):
+                msg = msg.replace("run_ptq(", "PostTrainingQuantization(", 1)
+            warnings.warn(msg, w.category, stacklevel=3)
+        return rcp
+
+    # the recipe's fields under their pre-recipe names (read-only)
+    @property
+    def observer(self) -> str:
+        return self.recipe.observer
+
+    @property
+    def act_observer(self) -> str | None:
+        return self.recipe.act_observer
+
+    @property
+    def bn_reestimate(self) -> bool:
+        return self.recipe.bn_reestimate
+
+    @property
+    def bn_batches(self) -> int:
+        return self.recipe.bn_batches
 
     # direct use ---------------------------------------------------------------------------------------------
     def run(
@@ -232,7 +315,7 @@ class PostTrainingQuantization(Callback):
             eval_loader,
             bits=self.bits,
             calib_batches=self.calib_batches,
-            observer=self.observer,
+            recipe=self.recipe,
             keep_first_last_8bit=self.keep_first_last_8bit,
             include=self.include,
             exclude=self.exclude,
@@ -243,9 +326,6 @@ class PostTrainingQuantization(Callback):
             overwrite=self.overwrite,
             parity_batches=self.parity_batches,
             attention_points=self.attention_points,
-            act_observer=self.act_observer,
-            bn_reestimate=self.bn_reestimate,
-            bn_batches=self.bn_batches,
             bn_transform=bn_transform,
         )
         self.report = report
@@ -254,11 +334,12 @@ class PostTrainingQuantization(Callback):
 
     # Lightning hooks ----------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """This callback's settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
+        """This callback's settings as flat logger hyperparameters (``ptq/bits``, ``ptq/recipe``, ``ptq/observer``,
+        …; the recipe's as in :func:`recipe_settings`)."""
         return {
             "ptq/bits": ",".join(self.bits),
             "ptq/calib_batches": self.calib_batches,
-            "ptq/observer": self.observer,
+            **recipe_settings(self.recipe),
             "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
             "ptq/stage": self.stage,
             "ptq/include": ",".join(self.include or []),

@@ -1,9 +1,10 @@
-"""PostTrainingQuantization in a Trainer: reports, loggers, stages (run_ptq itself: test_runner.py)."""
+"""PostTrainingQuantization in a Trainer: reports, loggers, stages, the recipe (run_ptq itself: test_runner.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from flatq_lightning import PostTrainingQuantization, PTQReport
+from flatq_lightning import PostTrainingQuantization, PTQRecipe, PTQReport, run_ptq
+from flatq_lightning.ptq.recipe import RECIPES
 from tests.helpers import blob_data
 from tests.ptq.helpers import (
     _LitNet,
@@ -164,3 +166,81 @@ def test_missing_stage_dataloader_fails_before_training(tmp_path, stage, hook):
     with pytest.raises(ValueError, match=rf"stage='{stage}'\) needs a .* dataloader .*define {hook}\(\)"):
         _trainer(tmp_path, cb).fit(lit)
     assert lit.steps == 0
+
+
+# --- the PTQ recipe -------------------------------------------------------------------------------------------
+class _LitNetOrdered(_LitNetVal):
+    """Training batches in a fixed order, so the callback and a direct run_ptq calibrate on the same batches."""
+
+    def train_dataloader(self):
+        return _loader(self.x, self.y, 32)
+
+
+def test_callback_recipe_gives_run_ptqs_report_and_logs_its_name(tmp_path):
+    import yaml
+
+    bits = ("w4a4", "w3a3")
+    cb = PostTrainingQuantization(bits=bits, calib_batches=2, progress=False, print_report=False, recipe="practical")
+    lit = _LitNetOrdered()
+    trainer = _trainer(tmp_path, cb)
+    trainer.fit(lit)
+    rep = run_ptq(lit, lit.train_dataloader(), lit.val_dataloader(), bits=bits, calib_batches=2, progress=False,
+                  recipe="practical")
+    got = cb.report
+    assert got is not None and got.recipe == rep.recipe == RECIPES["practical"].to_dict()
+    assert [(r.bits, r.recipe, r.bn_reestimated, r.top1, r.top5) for r in got.rows] == [
+        (r.bits, "practical", True, r.top1, r.top5) for r in rep.rows]
+    assert got.fp_top1 == rep.fp_top1 and (got.observer, got.act_observer) == ("mse", "percentile")
+    # the recipe is among the hyperparameters the callback logs (before the fit, and the report's after it)
+    hp = yaml.safe_load((Path(trainer.log_dir) / "hparams.yaml").read_text())
+    assert (hp["ptq/recipe"], hp["ptq/observer"], hp["ptq/act_observer"], hp["ptq/bn_reestimate"]) == (
+        "practical", "mse", "percentile", True)
+
+
+def test_deprecated_recipe_arguments_warn_and_equal_the_recipe(trained):
+    net, (x, y), (xe, ye) = trained
+    calib, ev = _loader(x, y, 64), _loader(xe, ye, 128)
+    common = {"bits": ("w4a4",), "calib_batches": 2, "progress": False, "print_report": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipe spelling warns about nothing
+        new = PostTrainingQuantization(**common, recipe=PTQRecipe.preset("practical", bn_batches=3))
+    with pytest.warns(FutureWarning, match=r"PostTrainingQuantization\(observer=.*deprecated") as rec:
+        old = PostTrainingQuantization(**common, observer="mse", act_observer="percentile", bn_reestimate=True,
+                                       bn_batches=3)
+    assert len(rec) == 1 and rec[0].filename == __file__  # pointed at the caller
+    # without a recipe the old arguments make a recipe named "custom" (as run_ptq's do), with the same fields
+    assert old.recipe == new.recipe.replace(name="custom")
+    assert (old.observer, old.act_observer, old.bn_reestimate, old.bn_batches) == ("mse", "percentile", True, 3)
+    a, b = old.run(net, calib, ev), new.run(net, calib, ev)
+    assert (a.row("w4a4").top1, a.row("w4a4").top5) == (b.row("w4a4").top1, b.row("w4a4").top5)
+    assert a.row("w4a4").recipe == "custom" and b.row("w4a4").recipe == "practical" and a.bn_batches == b.bn_batches == 3
+    # given with a recipe, they replace its fields and keep its name
+    with pytest.warns(FutureWarning, match=r"PostTrainingQuantization\(bn_batches="):
+        over = PostTrainingQuantization(recipe="reconstruct", bn_batches=5)
+    assert over.recipe == PTQRecipe.preset("reconstruct", bn_batches=5)
+
+
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ("practcal", r"unknown PTQ recipe 'practcal'; the presets are \['minmax', 'practical', 'reconstruct'\]"),
+        ({"name": "practcal"}, r"unknown PTQ recipe 'practcal'"),
+        ({"name": "reconstruct", "drop_prob": 2}, r"Reconstruction.drop_prob must be in \[0, 1\]"),
+        ({"name": "practical", "iter": 5}, r"unknown PTQ recipe setting\(s\) \['iter'\]"),
+        ({"observer": "kl"}, r"PTQRecipe.observer must be one of"),
+        (4, r"recipe must be a PTQRecipe, a preset name or a mapping"),
+    ],
+)
+def test_bad_recipe_fails_at_construction(recipe, match):
+    with pytest.raises(ValueError, match=match):
+        PostTrainingQuantization(recipe=recipe)
+
+
+def test_recipe_from_a_hydra_node():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"name": "reconstruct", "iters": 20, "blocks": ["features.*"], "beta": [10, 1]})
+    cb = PostTrainingQuantization(recipe=node)
+    assert cb.recipe == PTQRecipe.preset("reconstruct", iters=20, blocks=("features.*",), beta=(10.0, 1.0))
+    assert cb.settings()["ptq/recipe"] == "reconstruct" and cb.settings()["ptq/reconstruction/iters"] == 20
+    assert PostTrainingQuantization().recipe == RECIPES["minmax"]  # the default

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flatq_lightning import PostTrainingQuantization, run_ptq
+from flatq_lightning import PostTrainingQuantization, PTQRecipe, run_ptq
 from flatq_lightning.quant import QuantSpec, quantize_model, reestimate_bn
 from tests.helpers import SmallConvNet, blob_data, train_small
 
@@ -99,12 +99,12 @@ def test_callback_passes_the_recipe(net_and_data, monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(cbmod, "run_ptq", fake_run_ptq)
-    cb = PostTrainingQuantization(observer="mse", act_observer="percentile", bn_reestimate=True, bn_batches=5)
+    cb = PostTrainingQuantization(recipe=PTQRecipe.preset("practical", bn_batches=5))
     net, calib, ev = net_and_data
     with pytest.raises(RuntimeError, match="stop"):
         cb.run(net, calib, ev, bn_transform=torch.flip)
-    assert (seen["observer"], seen["act_observer"], seen["bn_reestimate"], seen["bn_batches"]) == (
-        "mse", "percentile", True, 5)
+    assert seen["recipe"] == PTQRecipe("practical", "mse", "percentile", True, 5)
+    assert not {"observer", "act_observer", "bn_reestimate", "bn_batches"} & set(seen)  # no deprecated keyword
     assert seen["bn_transform"] is torch.flip
 
 

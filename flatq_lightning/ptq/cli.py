@@ -11,6 +11,14 @@ on the test split with :func:`flatq_lightning.ptq.runner.run_ptq`; prints the ac
 ``ptq_report.{json,md,csv,png}`` into ``--save-dir`` (default: ``ptq_<checkpoint name>`` beside the checkpoint).
 A second run keeps the first report and writes ``ptq_report_2.*`` (``--overwrite`` replaces it instead).
 
+How each copy is made is the PTQ recipe (:class:`~flatq_lightning.ptq.recipe.PTQRecipe`): ``--recipe`` picks a
+preset (``minmax``, the default; ``practical``; ``reconstruct``) and the other recipe flags replace its fields
+(``--observer``, ``--act-observer``, ``--bn-reestimate``/``--no-bn-reestimate``, ``--bn-batches``; the
+reconstruction's ``--recon-iters``, ``--recon-batch-size``, ``--recon-images``, ``--drop-prob``, ``--recon-seed``,
+any of which turns reconstruction on for a recipe without it)::
+
+    flatq-ptq model.ckpt --bits w4a4,w3a3 --recipe reconstruct --recon-iters 200
+
 ``--export onnx`` (``safetensors``, or ``onnx,safetensors``) also writes each quantized model into the same
 folder, ``quantized_<bits>.onnx`` (QuantizeLinear/DequantizeLinear, needs ``pip install "flatq_lightning[onnx]"``)
 and/or ``quantized_<bits>.safetensors`` (packed integer weights), and checks every ONNX file in ONNX Runtime on
@@ -26,9 +34,9 @@ import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["build_parser", "datamodule_from_checkpoint", "main"]
+__all__ = ["build_parser", "datamodule_from_checkpoint", "main", "recipe_from_args"]
 
 _DEFAULT_BITS = "w8a8,w4a8,w4a4,w3a3,w2a4"
 
@@ -38,14 +46,44 @@ class _CliError(Exception):
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default; on/off switches say what they do instead."""
+    """``--help`` shows each option's default; on/off switches, and options whose help states their default
+    (``default: the recipe's``), say what they do instead."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
+        if action.nargs == 0 or (action.default is None and "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``flatq-ptq: error: ...`` line (like the errors found later), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+#: the recipe flags: ``(flag, PTQRecipe field or reconstruction setting, type, help)``; ``None`` = the recipe's
+_RECIPE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--observer", "observer", str, "weight observer, and activation observer unless --act-observer or the recipe "
+     "sets one"),
+    ("--act-observer", "act_observer", str, "activation observer"),
+    ("--bn-reestimate", "bn_reestimate", bool, "re-estimate BatchNorm statistics per bit-width on the quantized "
+     "network before folding (--no-bn-reestimate: keep the trained ones)"),
+    ("--bn-batches", "bn_batches", int, "training batches for the BN re-estimation"),
+    ("--recon-iters", "iters", int, "block reconstruction (this flag or the next four turn it on, their defaults for "
+     "the rest): optimisation steps per block"),
+    ("--recon-batch-size", "batch_size", int, "block reconstruction: images per step"),
+    ("--recon-images", "calib_images", int, "block reconstruction: calibration images it caches and learns on"),
+    ("--drop-prob", "drop_prob", float, "block reconstruction: QDrop probability of keeping an activation in float"),
+    ("--recon-seed", "seed", int, "block reconstruction: seed of the batch draws and drop masks"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..quant.spec import OBSERVERS
+    from .recipe import RECIPES
+
+    p = _Parser(
         prog="flatq-ptq",
         description="Post-training quantization of an ImageClassifier checkpoint at several bit-widths.",
         formatter_class=_HelpWithDefaults,
@@ -65,13 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="evaluation/calibration batch size")
     p.add_argument("--num-workers", type=int, default=None, help="dataloader workers")
     p.add_argument("--calib-batches", type=int, default=32, help="calibration batches")
-    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "mse"),
-                   help="weight observer, and activation observer unless --act-observer is given")
-    p.add_argument("--act-observer", default=None, choices=("minmax", "percentile", "mse"),
-                   help="activation observer (default: --observer)")
-    p.add_argument("--bn-reestimate", action="store_true",
-                   help="re-estimate BatchNorm statistics per bit-width on the quantized network before folding")
-    p.add_argument("--bn-batches", type=int, default=32, help="training batches for --bn-reestimate")
+    p.add_argument("--recipe", default="minmax", choices=tuple(RECIPES),
+                   help="PTQ recipe: minmax (min-max ranges, BN as trained), practical (MSE weight clipping, "
+                   "percentile activation ranges, BN re-estimated per bit-width), reconstruct (practical + block "
+                   "reconstruction); the flags below replace its fields")
+    for flag, _field, kind, text in _RECIPE_FLAGS:
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (default: the recipe's)")
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the recipe's)",
+                           **({"choices": OBSERVERS} if "observer" in flag else {}))
     p.add_argument("--bn-stats", default="clean", choices=("clean", "noisy"),
                    help="start from the checkpoint's BatchNorm statistics re-estimated on clean weights (the "
                    "model's own, default) or from those gathered under DNQ noise (kept in the checkpoint as "
@@ -96,6 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test batches for the ONNX Runtime parity check (default: the whole test split)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress (default: a bar on a terminal, a few plain lines in a log)")
     return p
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~flatq_lightning.ptq.recipe.PTQRecipe` of ``--recipe`` with the recipe flags given laid over
+    it (:meth:`PTQRecipe.replace`); a bad value is a one-line error naming its flag.
+
+    Example:
+        >>> r = recipe_from_args(build_parser().parse_args(["m.ckpt", "--recipe", "practical", "--recon-iters", "50"]))
+        >>> r.name, r.observer, r.reconstruction.iters, r.reconstruction.drop_prob
+        ('practical', 'mse', 50, 0.5)
+    """
+    from .recipe import PTQRecipe
+
+    given = [(flag, field, getattr(args, flag[2:].replace("-", "_"))) for flag, field, _, _ in _RECIPE_FLAGS]
+    given = [(flag, field, v) for flag, field, v in given if v is not None]
+    for flag, field, v in given:  # one at a time first, so that the error names the flag
+        try:
+            PTQRecipe.preset(args.recipe, **{field: v})
+        except ValueError as err:
+            raise _CliError(f"{flag} {v}: {err}") from None
+    try:
+        return PTQRecipe.preset(args.recipe, **{field: v for _, field, v in given})
+    except ValueError as err:
+        raise _CliError(f"--recipe {args.recipe} with {' '.join(f'{f} {v}' for f, _, v in given)}: {err}") from None
 
 
 def _load_raw(path: Path) -> dict[str, Any]:
@@ -228,6 +294,7 @@ def _run(args: argparse.Namespace) -> int:
     bits = [b.strip() for b in str(args.bits).split(",") if b.strip()]
     if not bits:
         raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
+    recipe = recipe_from_args(args)
     from .export import normalize_export_formats
 
     try:
@@ -295,13 +362,10 @@ def _run(args: argparse.Namespace) -> int:
             dm.test_dataloader(),
             bits=bits,
             calib_batches=args.calib_batches,
-            observer=args.observer,
+            recipe=recipe,
             keep_first_last_8bit=args.keep_first_last_8bit,
             device=device,
             progress=args.progress,
-            act_observer=args.act_observer,
-            bn_reestimate=args.bn_reestimate,
-            bn_batches=args.bn_batches,
             bn_loader=dm.train_dataloader(),
             bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
             export_dir=save_dir if formats else None,

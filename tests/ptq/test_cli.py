@@ -1,10 +1,15 @@
-"""flatq-ptq: options, defaults in --help, errors before any work (end to end on a checkpoint: tests/app)."""
+"""flatq-ptq: options, defaults in --help, errors before any work, the PTQ recipe flags (end to end on a checkpoint:
+tests/app)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from flatq_lightning import PTQRecipe
 from flatq_lightning.ptq import cli as ptq_cli
+from flatq_lightning.quant import Reconstruction
 
 
 def test_flatq_ptq_help_shows_the_defaults(capsys, monkeypatch):
@@ -21,3 +26,102 @@ def test_flatq_ptq_errors(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ptq_cli.main(["x.ckpt", "--observer", "bogus"])
+
+
+# --- the PTQ recipe: --recipe and the flags that replace its fields -------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny ImageClassifier checkpoint (synthetic 8x8 data, one short epoch), written by flatq-train."""
+    from flatq_lightning.app.train import run
+    from tests.app.test_train import TINY, _compose
+
+    out = tmp_path_factory.mktemp("fit")
+    cfg = _compose([*TINY, "variants=null", "callbacks=[checkpoint]", "ptq.bits=[w8a8]", "ptq.progress=false"])
+    return run(cfg, out)["variants"]["main"]["checkpoint"]
+
+
+def _argv(ckpt, out, *extra):
+    return [ckpt, "--bits", "w4a4,w3a3", "--calib-batches", "2", "--no-progress", "--device", "cpu",
+            "--save-dir", str(out), *extra]
+
+
+def test_flatq_ptq_recipe_reconstruct_reports_the_recipe_and_each_block(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rec"
+    rc = ptq_cli.main(_argv(checkpoint, out, "--recipe", "reconstruct", "--recon-iters", "5", "--recon-images", "32",
+                            "--recon-batch-size", "8", "--drop-prob", "0.25", "--recon-seed", "3", "--bn-batches", "2"))
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "ptq_report.json").read_text())
+    assert (rep["recipe"]["name"], rep["recipe"]["observer"], rep["recipe"]["act_observer"]) == (
+        "reconstruct", "mse", "percentile")
+    assert rep["recipe"]["bn_reestimate"] and rep["recipe"]["bn_batches"] == 2
+    rec = rep["recipe"]["reconstruction"]
+    assert (rec["iters"], rec["calib_images"], rec["batch_size"], rec["drop_prob"], rec["seed"]) == (5, 32, 8, 0.25, 3)
+    assert rec["lr_round"] == Reconstruction().lr_round  # a field not given: the preset's
+    for row in rep["rows"]:
+        assert row["recipe"] == "reconstruct" and row["bn_reestimated"]
+        # one entry per block of the small CNN (each of its quantized layers: 3 convs and the classifier), each
+        # reconstructed for the 5 steps asked, with its output MSE after reconstruction and after round-to-nearest
+        blocks = row["reconstruction"]
+        assert [b["name"] for b in blocks] == [la["name"] for la in row["layers"]] == [
+            "features.0", "features.3", "features.6", "fc"]
+        assert all(b["iters"] == 5 and b["loss"] >= 0 and b["loss_rtn"] >= 0 for b in blocks)
+
+
+def test_flatq_ptq_default_recipe_is_minmax_and_flags_replace_fields(checkpoint, tmp_path, monkeypatch):
+    """What reaches run_ptq: ``recipe=`` only (no deprecated keyword), the preset with the flags laid over it."""
+    import flatq_lightning
+
+    seen = []
+
+    def capture(*a, **kw):
+        seen.append(kw)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(flatq_lightning, "run_ptq", capture)
+    cases = [
+        ((), PTQRecipe.preset("minmax")),
+        (("--observer", "mse", "--bn-reestimate"), PTQRecipe.preset("minmax", observer="mse", bn_reestimate=True)),
+        (("--recipe", "practical", "--no-bn-reestimate", "--act-observer", "minmax"),
+         PTQRecipe.preset("practical", bn_reestimate=False, act_observer="minmax")),
+        # a reconstruction flag on a recipe without reconstruction turns it on, the preset defaults for the rest
+        (("--recipe", "practical", "--recon-iters", "7"),
+         PTQRecipe("practical", "mse", "percentile", True, 32, Reconstruction(iters=7))),
+    ]
+    for flags, want in cases:
+        assert ptq_cli.main(_argv(checkpoint, tmp_path / "x", *flags)) == 2
+        kw = seen.pop()
+        assert kw["recipe"] == want, flags
+        assert not {"observer", "act_observer", "bn_reestimate", "bn_batches"} & set(kw)
+
+
+def test_flatq_ptq_bad_recipe_flags_are_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"")  # never read: the flags fail first
+    with pytest.raises(SystemExit) as ei:
+        ptq_cli.main([str(ckpt), "--recipe", "bogus"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "flatq-ptq: error: argument --recipe: invalid choice: 'bogus' (choose from 'minmax', 'practical', "
+        "'reconstruct') (flatq-ptq --help lists the options)"
+    ]
+    assert ptq_cli.main([str(ckpt), "--drop-prob", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "flatq-ptq: error: --drop-prob 2.0: Reconstruction.drop_prob must be in [0, 1] (the probability of keeping "
+        "an activation in float), got 2.0"
+    ]
+    assert ptq_cli.main([str(ckpt), "--recipe", "reconstruct", "--bn-batches", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "flatq-ptq: error: --bn-batches 0: PTQRecipe.bn_batches must be a positive int, got 0"
+    ]
+
+
+def test_flatq_ptq_help_lists_the_recipes(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        ptq_cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--recipe {minmax,practical,reconstruct}" in out and "(default: minmax)" in out
+    assert ("--drop-prob DROP_PROB block reconstruction: QDrop probability of keeping an activation in float "
+            "(default: the recipe's) --recon-seed") in out
+    assert "--bn-reestimate, --no-bn-reestimate re-estimate BatchNorm statistics" in out

@@ -10,6 +10,7 @@ Examples::
     flatq-train                                               # quickstart, < 3 min on 2 CPU cores
     flatq-train experiment=cifar10_resnet20_dnq trainer=gpu data.train_subset=10000 trainer.max_epochs=30
     flatq-train -m experiment=cifar10_resnet20_dnq quant=w8a8,w4a4 trainer=gpu   # + multirun/.../summary.md
+    flatq-train ptq/recipe=reconstruct +ptq.recipe.iters=200      # the PTQ recipe (conf/ptq/recipe), one field
     python -m flatq_lightning.app.train --cfg job                 # print the composed config
 
 A multirun ends with ``summary.md`` and ``summary.csv`` in the sweep directory (:class:`MultirunSummary`).
@@ -43,6 +44,7 @@ __all__ = [
     "instantiate_callbacks",
     "main",
     "model_kwargs",
+    "ptq_recipe",
     "run",
     "seed_aggregate",
     "summarize_sweep",
@@ -159,6 +161,40 @@ def validate_config(cfg: DictConfig) -> None:
     variants = cfg.get("variants")
     if variants is not None and not isinstance(variants, DictConfig):
         raise ConfigError(f"variants must be null or a mapping {{name: overrides}}, got {variants!r}")
+    ptq_recipe(cfg)
+    for name, vcfg in _variants(cfg) if variants else []:  # a variant may set ptq.recipe too
+        try:
+            ptq_recipe(vcfg)
+        except ConfigError as err:
+            raise ConfigError(f"variants.{name}: {err}") from None
+
+
+#: the PTQ settings the recipe replaced (``ptq.<key>`` is then the recipe field of that name)
+_OLD_PTQ_KEYS = ("observer", "act_observer", "bn_reestimate", "bn_batches")
+
+
+def ptq_recipe(cfg: DictConfig) -> Any:
+    """The :class:`~flatq_lightning.ptq.recipe.PTQRecipe` of ``cfg.ptq.recipe`` (the ``ptq/recipe`` group:
+    ``{name: practical}`` plus any field given as ``+ptq.recipe.<field>=value``; missing: ``minmax``).
+
+    Raises:
+        ConfigError: a bad field or value, an unknown name, or a pre-recipe key (``ptq.observer``, …).
+    """
+    from ..ptq.callback import plain_recipe
+    from ..ptq.recipe import resolve_recipe
+
+    p = cfg.get("ptq") or {}
+    old = [k for k in _OLD_PTQ_KEYS if k in p]
+    if old:
+        raise ConfigError(
+            f"ptq.{old[0]} is no longer a setting: the PTQ recipe holds it. Choose one with ptq/recipe=<name> (the "
+            f"config group 'ptq/recipe' has {group_options('ptq/recipe')}) and replace a field with "
+            f"+ptq.recipe.{old[0]}=<value>"
+        )
+    try:
+        return resolve_recipe(plain_recipe(p.get("recipe")))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"ptq.recipe: {err}") from None
 
 
 def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
@@ -284,15 +320,12 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         dm.test_dataloader(),
         bits=list(p.bits),
         calib_batches=int(p.calib_batches),
-        observer=str(p.observer),
+        recipe=ptq_recipe(cfg),
         keep_first_last_8bit=bool(p.keep_first_last_8bit),
         include=OmegaConf.to_object(p.include) if isinstance(p.include, ListConfig) else p.include,
         exclude=OmegaConf.to_object(p.exclude) if isinstance(p.exclude, ListConfig) else p.exclude,
         device=trainer.strategy.root_device,
         progress=bool(p.get("progress", False)),
-        act_observer=p.get("act_observer") or None,
-        bn_reestimate=bool(p.get("bn_reestimate", False)),
-        bn_batches=int(p.get("bn_batches", 32)),
         bn_loader=dm.train_dataloader(),
         bn_transform=augment,
     )
@@ -308,12 +341,12 @@ def _ptq_settings(cfg: DictConfig) -> dict[str, Any]:
     def joined(v: Any) -> str:
         return ",".join(str(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else str(v or "")
 
+    from ..ptq.callback import recipe_settings
+
     p = cfg.ptq
     return {
         "ptq/bits": joined(p.bits),
-        "ptq/observer": str(p.observer),
-        "ptq/act_observer": str(p.get("act_observer") or p.observer),
-        "ptq/bn_reestimate": bool(p.get("bn_reestimate", False)),
+        **recipe_settings(ptq_recipe(cfg)),
         "ptq/keep_first_last_8bit": bool(p.keep_first_last_8bit),
         "ptq/calib_batches_requested": int(p.calib_batches),
         "ptq/include": joined(p.get("include")),

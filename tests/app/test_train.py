@@ -14,6 +14,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from flatq_lightning import QuantSpec, ptq_cli
 from flatq_lightning.app.train import (
@@ -252,6 +253,65 @@ def test_hydra_dirs_and_summary_callback():
     assert cfg.hydra.run.dir.startswith("outputs/") and cfg.hydra.sweep.dir.startswith("multirun/")
     assert cfg.hydra.job.chdir is False
     assert cfg.hydra.callbacks.multirun_summary._target_ == "flatq_lightning.app.train.MultirunSummary"
+
+
+def test_ptq_recipe_group_composes_and_defaults_to_minmax_everywhere(tmp_path):
+    from flatq_lightning import PTQRecipe
+    from flatq_lightning.app.train import ptq_recipe
+    from flatq_lightning.ptq.recipe import RECIPES
+
+    assert group_options("ptq/recipe") == sorted(RECIPES)
+    for name in RECIPES:  # each file names its preset and restates none of its fields
+        assert yaml.safe_load((CONF_DIR / "ptq" / "recipe" / f"{name}.yaml").read_text()) == {"name": name}
+        assert ptq_recipe(_compose([f"ptq/recipe={name}"])) == RECIPES[name]
+    for experiment in EXPERIMENTS:  # every experiment quantizes as before the recipe: min-max
+        cfg = _compose([f"experiment={experiment}"])
+        assert OmegaConf.to_container(cfg.ptq.recipe) == {"name": "minmax"}
+        assert ptq_recipe(cfg) == RECIPES["minmax"] and not {"observer", "act_observer", "bn_reestimate"} & set(cfg.ptq)
+    cfg = _compose(["ptq/recipe=reconstruct", "+ptq.recipe.iters=200", "+ptq.recipe.drop_prob=0", "callbacks=[ptq]"])
+    want = PTQRecipe.preset("reconstruct", iters=200, drop_prob=0.0)
+    assert ptq_recipe(cfg) == want
+    (cb,) = instantiate_callbacks(cfg.callbacks, report_dir=tmp_path)  # the callback config takes the same recipe
+    assert cb.recipe == want
+    assert ptq_recipe(_compose(["+ptq.recipe.observer=mse"])) == PTQRecipe.preset("minmax", observer="mse")
+
+
+def test_ptq_recipe_reaches_run_ptq_and_the_logged_settings(tmp_path, monkeypatch):
+    import flatq_lightning
+    from flatq_lightning import PTQRecipe
+
+    real, seen = flatq_lightning.run_ptq, []
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(flatq_lightning, "run_ptq", spy)
+    cfg = _compose([*TINY, "variants=null", "ptq.progress=false", "ptq/recipe=practical", "+ptq.recipe.bn_batches=2"])
+    res = run(cfg, tmp_path)
+    (kw,) = seen
+    assert kw["recipe"] == PTQRecipe.preset("practical", bn_batches=2)
+    assert not {"observer", "act_observer", "bn_reestimate", "bn_batches"} & set(kw)  # no deprecated keyword
+    rep = json.loads(Path(res["variants"]["main"]["ptq_report"]).read_text())
+    assert [(r["bits"], r["recipe"], r["bn_reestimated"]) for r in rep["rows"]] == [
+        ("w8a8", "practical", True), ("w4a4", "practical", True)]
+    hp = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
+    assert (hp["ptq/recipe"], hp["ptq/observer"], hp["ptq/act_observer"], hp["ptq/bn_batches"]) == (
+        "practical", "mse", "percentile", 2)
+
+
+def test_bad_ptq_recipe_fails_with_the_key():
+    with pytest.raises(ConfigError, match=r"^ptq.recipe: unknown PTQ recipe 'practcal'; the presets are"):
+        validate_config(_compose(["ptq.recipe.name=practcal"]))
+    with pytest.raises(ConfigError, match=r"^ptq.recipe: Reconstruction.drop_prob must be in \[0, 1\]"):
+        validate_config(_compose(["ptq/recipe=reconstruct", "+ptq.recipe.drop_prob=2"]))
+    with pytest.raises(ConfigError, match=r"^ptq.recipe: unknown PTQ recipe setting\(s\) \['iter'\]"):
+        validate_config(_compose(["+ptq.recipe.iter=5"]))
+    with pytest.raises(ConfigError, match=r"^variants.dnq: ptq.recipe: PTQRecipe.bn_batches must be a positive int"):
+        validate_config(_compose(["+variants.dnq.ptq.recipe.bn_batches=0"]))
+    # the keys the recipe replaced are refused, with the way to say the same now
+    with pytest.raises(ConfigError, match=r"^ptq.observer is no longer a setting.*ptq/recipe=<name>.*\+ptq.recipe.observer="):
+        validate_config(_compose(["+ptq.observer=mse"]))
 
 
 # --- errors -------------------------------------------------------------------------------------------------

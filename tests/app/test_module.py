@@ -223,6 +223,9 @@ def test_readme_add_dnq_to_any_trainer_snippet_runs(tmp_path, monkeypatch):
     block = re.search(r"### Add DNQ to any Trainer\s+```python\n(.*?)```", readme, re.S)
     assert block, "README lost its 'Add DNQ to any Trainer' example"
     code = block.group(1).replace("max_epochs=30", "max_epochs=1, enable_progress_bar=False, logger=False")
+    # the recipe as written, with 5 reconstruction steps per block instead of 500 (the tiny data has 64 images)
+    code = code.replace('recipe="reconstruct"', 'recipe={"name": "reconstruct", "iters": 5, "calib_images": 64}')
+    assert "calib_images" in code, "README's example no longer uses recipe=\"reconstruct\": update this test"
     monkeypatch.chdir(tmp_path)
     ns = {"model": _clf(scheduler="none"), "dm": _dm()}
     exec(compile(code, "README.md", "exec"), ns)
@@ -230,6 +233,7 @@ def test_readme_add_dnq_to_any_trainer_snippet_runs(tmp_path, monkeypatch):
     assert trainer.global_step > 0
     ptq = next(c for c in trainer.callbacks if type(c).__name__ == "PostTrainingQuantization")
     assert {r.bits for r in ptq.report.rows} == {"w8a8", "w4a4", "w3a3", "w2a4"}
+    assert all(r.recipe == "reconstruct" and r.reconstruction for r in ptq.report.rows)
 
 
 def test_hydra_model_pretrained_file_reaches_the_module(tmp_path):

@@ -9,10 +9,13 @@ torch.set_num_threads(1)
 
 try:  # the property tests draw the same examples on every run (CI must not pass or fail by chance);
     # FLATQ_HYPOTHESIS=explore draws fresh ones
-    from hypothesis import settings
+    # neither profile has a wall-clock part: no per-example deadline, no "too slow" health check (both fail
+    # by chance on a loaded machine)
+    from hypothesis import HealthCheck, settings
 
-    settings.register_profile("ci", derandomize=True, database=None)
-    settings.register_profile("explore")
+    untimed = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("ci", derandomize=True, database=None, **untimed)
+    settings.register_profile("explore", **untimed)
     settings.load_profile("explore" if os.environ.get("FLATQ_HYPOTHESIS") == "explore" else "ci")
 except ImportError:  # pragma: no cover - hypothesis is in the dev extra
     pass

@@ -12,6 +12,20 @@ from flatq_lightning.progress import is_terminal, progress
 from tests.helpers import SmallConvNet, blob_data
 
 
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    """The progress module's clock stands still: "a quick loop" stays quick on a loaded machine.
+
+    The default-interval checks ask that no line is due before the loop ends; with the real clock they would
+    assume the loop finishes within interval_s (10 s / 30 s) of wall-clock time, which a busy CI can break.
+    """
+    import types
+
+    import flatq_lightning.progress as mod
+
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: 1000.0))
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -24,11 +38,14 @@ def test_plain_lines_when_not_a_terminal(monkeypatch):
     assert lines[:4] == [f"eval w4a4: {i}/5 batches, " + lines[i - 1].split(", ")[1] for i in range(1, 5)]
     assert lines[-1].startswith("eval w4a4: done, 5 batches in ") and len(lines) == 5
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert progress(range(3), "x", enabled=False, stream=out) == range(3)
+
+
+def test_plain_lines_default_interval_only_the_final_line(frozen_clock):
     # the default interval: only the final line for a quick loop
     out = io.StringIO()
     list(progress(iter(range(3)), "decoding", stream=out))
     assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("decoding: done, 3 it in ")
-    assert progress(range(3), "x", enabled=False, stream=out) == range(3)
 
 
 def test_tqdm_on_a_terminal():
@@ -158,7 +175,7 @@ def test_plain_progress_bar_prints_lines_per_epoch_and_within_it():
     assert out.getvalue().splitlines()[-1].startswith("test: done, 2 batches in ") and "test/acc" in out.getvalue()
 
 
-def test_plain_progress_bar_default_interval_and_disable():
+def test_plain_progress_bar_default_interval_and_disable(frozen_clock):
     from flatq_lightning.progress import PlainProgressBar
 
     out = io.StringIO()

@@ -125,18 +125,22 @@ def test_pretrained_file_errors_name_the_parameter(tmp_path):
 
 
 def test_pretrained_offline_fails_fast_in_one_line(monkeypatch):
-    import time
+    import timm
 
     from flatq_lightning import models
     from flatq_lightning.app.models import PretrainedWeightsError
 
+    def no_download(*args, **kwargs):  # "fast" = timm (and its minute of hub retries) is never reached
+        raise AssertionError("timm.create_model was called: the availability check did not stop the download")
+
     probed = []
     monkeypatch.setattr(models, "_weights_cached", lambda *a: False)
     monkeypatch.setattr(models, "_reachable", lambda url, timeout_s=5.0: probed.append(url) or False)
-    t0 = time.perf_counter()
+    monkeypatch.setattr(timm, "create_model", no_download)
     with pytest.raises(PretrainedWeightsError) as ei:
         create_model("test_resnet", num_classes=3, pretrained=True)
-    assert time.perf_counter() - t0 < 5.0 and probed == ["https://huggingface.co"]
+    # one probe of the hub and no download attempt (no wall-clock bound: it fails on a loaded machine)
+    assert probed == ["https://huggingface.co"]
     msg = str(ei.value)
     assert "\n" not in msg and "'test_resnet'" in msg and "huggingface.co cannot be reached" in msg
     assert "model.pretrained_file=PATH" in msg and "--pretrained-file PATH" in msg

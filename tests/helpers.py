@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: ``timeout=`` for the subprocesses the tests run: a hang guard, not a speed check. pytest-timeout (the per-test
+#: ``timeout`` in pyproject.toml, or a test's own ``@pytest.mark.timeout``) is the bound that fires first and says
+#: where the test hung; this one only matters where pytest-timeout is not installed. The old fixed values (120 s to
+#: 900 s per call) were sized for an idle machine and could expire on a loaded 2-core one.
+SUBPROCESS_TIMEOUT_S = 3600
+
 
 class SmallConvNet(nn.Module):
     """conv-bn-relu ×2, pool, linear: big enough to have a first, middle and last layer."""

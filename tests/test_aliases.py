@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flatq_lightning._aliases import MOVED, new_name
+from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_submodules_and_names_follow_their_package():
 def test_python_dash_m_on_an_old_name_runs_the_new_module():
     r = subprocess.run(
         [sys.executable, "-m", "flatq_lightning.ptq_cli", "--help"], cwd=REPO, capture_output=True, text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert r.returncode == 0, r.stderr
     assert "--export" in r.stdout and "calibration batches (default: 32)" in r.stdout

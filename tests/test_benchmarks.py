@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flatq_lightning import ActivationNoiseInjection, DifferentialNoiseInjection, QuantErrorRecorder
+from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def _load(name: str):
 
 @pytest.mark.parametrize("script", ["quality", "overhead", "vit_attention", "ptq_timing", "calib_spread"])
 def test_help(script):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage" in out.stdout
 
@@ -106,7 +107,7 @@ def test_quality_variant_target_sets_the_noise_statistics_quantizer():
 
 def test_quality_show_config_prints_the_overrides():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--show-config", "dnq_wa@w3a3"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "experiment=cifar10_resnet20_dnq" in out.stdout and "quant=w3a3" in out.stdout
     assert "_target_: flatq_lightning.QuantSpec" in out.stdout
@@ -179,7 +180,7 @@ def test_overhead_runs_and_reports_paired_ratios(tmp_path):
     out = tmp_path / "o.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--models", "cifar_resnet20:8:4", "--steps", "2",
            "--warmup", "1", "--repeats", "2", "--variants", "plain,dnq", "--stats-every", "2", "--out", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     import json
 
@@ -197,6 +198,7 @@ def test_overhead_runs_and_reports_paired_ratios(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two benchmark scripts in a row; its old fixed subprocess timeouts allowed 2 x 600 s
 def test_saved_models_remeasure_and_calibration_spread(tmp_path):
     """quality.py --remeasure-flatness and calib_spread.py both read the models quality.py saves."""
     import json
@@ -215,7 +217,7 @@ def test_saved_models_remeasure_and_calibration_spread(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *common, "--out", str(out), "--remeasure-flatness",
          "--flat-batches", "1", "--flat-probes", "2", "--threads", "1"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     (row,) = json.loads((out / "quality.json").read_text())["flatness_remeasured"]
@@ -224,7 +226,7 @@ def test_saved_models_remeasure_and_calibration_spread(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "calib_spread.py"), *common, "--dir", str(out), "--bits", "w8a8",
          "--draws", "2"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     (spread,) = json.loads((out / "calib_spread.json").read_text())["rows"]
@@ -246,6 +248,7 @@ def _tiny_cifar_zip(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two quality.py runs, each a training of 4 models or an evaluation of 4; its old fixed subprocess timeouts allowed 2 x 900 s
 def test_quality_train_only_then_evaluate_recipes_and_paired_summary(tmp_path):
     """--train-only saves <variant>/seed<k>.pt; --evaluate runs every PTQ recipe on them without training;
     the summary gives the paired difference to plain per seed with a 95 % CI."""
@@ -258,12 +261,12 @@ def test_quality_train_only_then_evaluate_recipes_and_paired_summary(tmp_path):
     common = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--data", str(data), "--train-subset", "64",
               "--epochs", "1", "--threads", "1", "--out", str(out)]
     run = subprocess.run([*common, "--train-only", "--variants", "plain,dnq_wa@w3a3", "--seeds", "0,1"],
-                         capture_output=True, text=True, timeout=900, env=env)
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.pt")) == [
         "dnq_wa@w3a3/seed0.pt", "dnq_wa@w3a3/seed1.pt", "plain/seed0.pt", "plain/seed1.pt"]
     run = subprocess.run([*common, "--evaluate", "--recipes", "minmax,practical", "--eval-bits", "w4a4"],
-                         capture_output=True, text=True, timeout=900, env=env)
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rec = json.loads((out / "dnq_wa@w3a3" / "seed1.json").read_text())
     assert rec["train"]["steps"] >= 1 and set(rec["evaluation"]["ptq"]) == {"minmax", "practical"}

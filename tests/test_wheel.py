@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SUBPROCESS_TIMEOUT_S
+
 REPO = Path(__file__).resolve().parents[1]
 BUILD_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
 
@@ -22,6 +24,7 @@ BUILD_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
     importlib.util.find_spec("setuptools") is None,
     reason="building the wheel without isolation needs setuptools >= 70.1 (the dev extra has it)",
 )
+@pytest.mark.timeout(1200)  # pip wheel, pip install and two interpreters; its old fixed subprocess timeouts allowed 4 calls, 1,020 s
 def test_wheel_ships_the_configs_and_flatq_train_finds_them(tmp_path):
     # build from a copy, so that the checkout gets no build/ or egg-info (and parallel runs do not collide)
     src = tmp_path / "src"
@@ -34,7 +37,7 @@ def test_wheel_ships_the_configs_and_flatq_train_finds_them(tmp_path):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLATQ_CONF_DIR")}
     r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-                        str(src)], cwd=src, env=env, capture_output=True, text=True, timeout=300)
+                        str(src)], cwd=src, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("flatq_lightning-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -44,7 +47,7 @@ def test_wheel_ships_the_configs_and_flatq_train_finds_them(tmp_path):
 
     site = tmp_path / "site"
     r = subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -52,10 +55,10 @@ def test_wheel_ships_the_configs_and_flatq_train_finds_them(tmp_path):
     script = site / "bin" / "flatq-train"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "flatq_lightning.app.train"]
     r = subprocess.run([*cmd, "--cfg", "job", "experiment=imagenet_resnet50_dnq"], cwd=elsewhere, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "experiment_name: imagenet_resnet50_dnq" in r.stdout and "_target_: flatq_lightning.app.data" in r.stdout
     r = subprocess.run([sys.executable, "-c", "import flatq_lightning.app.train as t; print(t.CONF_DIR)"],
-                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert Path(r.stdout.strip()) == site / "flatq_lightning" / "conf", r.stderr[-2000:]
     assert not list(elsewhere.iterdir())  # --cfg job writes nothing

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SUBPROCESS_TIMEOUT_S
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -118,6 +120,7 @@ def test_example_help_shows_the_defaults(capsys, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the example script in a subprocess; its old fixed subprocess timeouts allowed 600 s
 def test_example_progress_in_a_log_is_plain_lines(image_folder, tmp_path):
     # a batch job's view: python examples/resnet50_imagenet.py ... > out.log 2> err.log, on a real ImageFolder
     import os
@@ -132,7 +135,7 @@ def test_example_progress_in_a_log_is_plain_lines(image_folder, tmp_path):
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with out.open("w") as fo, err.open("w") as fe:
         r = subprocess.run([sys.executable, str(EXAMPLES / "resnet50_imagenet.py"), *argv], cwd=tmp_path, env=env,
-                           stdout=fo, stderr=fe, timeout=600)
+                           stdout=fo, stderr=fe, timeout=SUBPROCESS_TIMEOUT_S)
     stdout, stderr = out.read_text(), err.read_text()
     assert r.returncode == 0, stderr[-3000:]
     for text in (stdout, stderr):

@@ -30,6 +30,7 @@ from flatq_lightning.app.train import (
     summarize_sweep,
     validate_config,
 )
+from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +83,7 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flatq_lightning.app.train", *args],
         cwd=cwd,
@@ -93,7 +94,7 @@ def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Completed
     )
 
 
-def _cli_to_files(args: list[str], cwd: Path, timeout: int = 300) -> tuple[int, str, str]:
+def _cli_to_files(args: list[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> tuple[int, str, str]:
     """``flatq-train args > out.log 2> err.log`` (files, as a batch job's logs): (exit code, stdout, stderr)."""
     out, err = cwd / "out.log", cwd / "err.log"
     with out.open("w") as fo, err.open("w") as fe:
@@ -566,12 +567,12 @@ def test_run_with_ptq_callback_and_checkpoint_then_flatq_ptq(tmp_path, capsys):
     assert not (out / "ptq_report_3.json").exists()
 
 
+@pytest.mark.timeout(900)  # a two-job Hydra sweep in a subprocess; its old fixed subprocess timeouts allowed 600 s
 def test_multirun_writes_a_summary_table(tmp_path):
     sweep = tmp_path / "sweep"
     r = _cli(
         ["-m", "quant=w8a8,w4a4", "variants=null", *TINY, f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
-        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = sorted(p.parent.name for p in sweep.glob("*/results.json"))
@@ -614,11 +615,12 @@ def test_sweep_jobs_reuse_a_fit_that_depends_on_nothing_swept(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a four-job Hydra sweep in a subprocess; its old fixed subprocess timeouts allowed 600 s
 def test_multirun_over_quant_and_seed_fits_the_baseline_once_per_seed(tmp_path):
     # flatq-train -m quant=w4a4,w3a3 seed=0,1 as a user types it (the quickstart's plain and dnq variants, on
     # tiny synthetic data): 4 jobs in the order (w4a4,0) (w4a4,1) (w3a3,0) (w3a3,1)
     sweep = tmp_path / "sweep"
-    r = _cli(["-m", "quant=w4a4,w3a3", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=600)
+    r = _cli(["-m", "quant=w4a4,w3a3", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p.name for p in sweep.iterdir()} >= {"0", "1", "2", "3", "summary.md", "summary.csv", "summary_seeds.csv"}
     res = {j: json.loads((sweep / str(j) / "results.json").read_text()) for j in range(4)}

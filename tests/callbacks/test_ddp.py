@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import SUBPROCESS_TIMEOUT_S
+
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_identical_params_and_stats(tmp_path):
     script = Path(__file__).with_name("ddp_script.py")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

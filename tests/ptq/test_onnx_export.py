@@ -21,7 +21,7 @@ from flatq_lightning import fold_batchnorm, quantize_model, run_ptq  # noqa: E40
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx, ort_session  # noqa: E402
 from flatq_lightning.quant import QuantSpec, quantized_layers  # noqa: E402
 from flatq_lightning.quant.ops import quantize_int  # noqa: E402
-from tests.helpers import SmallConvNet, blob_data, train_small  # noqa: E402
+from tests.helpers import SUBPROCESS_TIMEOUT_S, SmallConvNet, blob_data, train_small  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,7 @@ def test_flatq_ptq_export_onnx(tmp_path, capsys):
     assert "unknown export format 'tflite'" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(900)  # benchmarks/export.py in a subprocess; its old fixed subprocess timeouts allowed 600 s
 def test_export_benchmark_smoke(tmp_path):
     """benchmarks/export.py end to end on tiny synthetic data: the table and the JSON it writes."""
     import os
@@ -259,7 +260,7 @@ def test_export_benchmark_smoke(tmp_path):
     out = tmp_path / "export.json"
     r = subprocess.run([sys.executable, str(repo / "benchmarks" / "export.py"), "--smoke", "--threads", "1",
                         "--models", "resnet20", "--no-parity-nofusion", "--files", str(tmp_path / "files"),
-                        "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=600,
+                        "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| resnet20 | W4A8 |" in r.stdout
@@ -289,6 +290,7 @@ def test_a_failed_export_does_not_cost_the_report(trained, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # benchmarks/export.py on a JPEG zip in a subprocess; its old fixed subprocess timeouts allowed 600 s
 def test_export_benchmark_on_a_jpeg_zip_and_a_saved_state_dict(tmp_path):
     """benchmarks/export.py on the real kind of input (not --smoke): a CIFAR-style JPEG zip and a state-dict file
     like the ones quality.py --train-only saves; every test image goes through flatq and ONNX Runtime."""
@@ -311,7 +313,7 @@ def test_export_benchmark_on_a_jpeg_zip_and_a_saved_state_dict(tmp_path):
         [sys.executable, str(repo / "benchmarks" / "export.py"), "--data", str(data), "--resnet", str(weights),
          "--models", "resnet20", "--no-parity-nofusion", "--threads", "1", "--repeats", "1", "--repeats-single", "1",
          "--calib-images", "8", "--batch-size", "8", "--files", str(tmp_path / "files"), "--out", str(out)],
-        cwd=repo, capture_output=True, text=True, timeout=600,
+        cwd=repo, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
         env={**os.environ, "OMP_NUM_THREADS": "1", "FLATQ_CACHE": str(tmp_path / "cache")},
     )
     assert r.returncode == 0, r.stderr[-3000:]

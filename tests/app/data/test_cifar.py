@@ -15,6 +15,7 @@ from flatq_lightning.app.data import (
     random_crop_flip,
 )
 from flatq_lightning.app.data import cifar as cifar_mod
+from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 from .conftest import CLASSES, N_TEST, N_TRAIN, _image
 
@@ -180,7 +181,7 @@ def _flatq_train(args: list[str], cwd: Path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(repo)}
     return subprocess.run(
         [sys.executable, "-m", "flatq_lightning.app.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )
 
 

@@ -103,6 +103,58 @@ def _check_trainer_numbers(trainer: Any) -> None:
             raise ConfigError(f"trainer.{key} must be {kind} (or null), got {v!r}")
 
 
+def _accelerator_names() -> list[str]:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+
+
+def _check_trainer_values(trainer: Any) -> None:
+    """The training length and the accelerator, before any data or model is built.
+
+    flatq-train quantizes after the fit ends, so the fit must end: ``max_epochs=-1`` (Lightning's endless
+    training) needs ``max_steps``, and ``max_steps`` is -1 (no step limit) or positive. These used to fail late,
+    inside the fit (a traceback from the learning-rate schedule), or with Lightning's message after the data
+    was prepared.
+    """
+    if not isinstance(trainer, DictConfig):
+        return
+    epochs = trainer.get("max_epochs")
+    steps = trainer.get("max_steps", -1)
+    if steps is None or steps == 0 or steps < -1:
+        raise ConfigError(
+            f"trainer.max_steps must be -1 (no step limit) or a positive number of optimizer steps, got {steps!r}"
+        )
+    if epochs is not None and epochs < -1:
+        raise ConfigError(
+            f"trainer.max_epochs must be a number of epochs >= 0, or null (or -1 with trainer.max_steps), got {epochs!r}"
+        )
+    if epochs == -1 and steps == -1:
+        raise ConfigError(
+            "trainer.max_epochs=-1 is Lightning's endless training, and flatq-train quantizes the network after the "
+            "fit ends: give a number of epochs (trainer.max_epochs=N), or a number of optimizer steps "
+            "(+trainer.max_steps=N with trainer.max_epochs=-1 or null)"
+        )
+    acc = trainer.get("accelerator")
+    if isinstance(acc, str) and acc.lower() not in _accelerator_names():
+        raise ConfigError(
+            f"trainer.accelerator={acc!r} is not an accelerator Lightning knows: choose one of {_accelerator_names()} "
+            f"(or trainer=<option>: the config group 'trainer' has {group_options('trainer')})"
+        )
+
+
+def _check_batch_sizes(data: Any) -> None:
+    if not isinstance(data, DictConfig):
+        return
+    for key in ("batch_size", "eval_batch_size"):
+        v = data.get(key)
+        if v is None and key == "eval_batch_size":
+            continue  # null: data.batch_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            extra = " (or null: data.batch_size)" if key == "eval_batch_size" else ""
+            raise ConfigError(f"data.{key} must be a positive integer{extra}, got {v!r}")
+
+
 def _check_quant_specs(quant: DictConfig, weight_bits: int, act_bits: int) -> None:
     """``quant.weight`` / ``quant.act`` (QuantSpec fields) build, and their bits are the ones ``quant.preset`` names
     (so that ``quant.preset=w3a3`` alone cannot label a W4A4 run as W3A3)."""
@@ -158,13 +210,19 @@ def validate_config(cfg: DictConfig) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     _check_trainer_numbers(cfg.get("trainer"))
+    _check_trainer_values(cfg.get("trainer"))
+    if "batch_size" in (cfg.get("data") or {}):
+        _check_batch_sizes(cfg.data)
     variants = cfg.get("variants")
     if variants is not None and not isinstance(variants, DictConfig):
         raise ConfigError(f"variants must be null or a mapping {{name: overrides}}, got {variants!r}")
     ptq_recipe(cfg)
-    for name, vcfg in _variants(cfg) if variants else []:  # a variant may set ptq.recipe too
+    # a variant may set ptq.recipe, or its own trainer overrides, too (the base passed above)
+    for name, vcfg in _variants(cfg) if variants else []:
         try:
             ptq_recipe(vcfg)
+            _check_trainer_numbers(vcfg.get("trainer"))
+            _check_trainer_values(vcfg.get("trainer"))
         except ConfigError as err:
             raise ConfigError(f"variants.{name}: {err}") from None
 

@@ -341,6 +341,45 @@ def test_config_errors_exit_with_one_clear_line(capsys):
     assert err.startswith("flatq-train: error: model.name='nonexistent_net'") and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "overrides,msg",
+    [
+        (["trainer.max_epochs=-1"], r"^trainer\.max_epochs=-1 is Lightning's endless training, .*trainer\.max_epochs=N"),
+        (["trainer.max_epochs=-2"], r"^trainer\.max_epochs must be a number of epochs >= 0, .*got -2$"),
+        (["+trainer.max_steps=-2"], r"^trainer\.max_steps must be -1 \(no step limit\) or a positive .*got -2$"),
+        (["+trainer.max_steps=0"], r"^trainer\.max_steps must be -1 .*got 0$"),
+        (["+trainer.max_steps=null"], r"^trainer\.max_steps must be -1 .*got None$"),
+        (["data.batch_size=0"], r"^data\.batch_size must be a positive integer, got 0$"),
+        (["data.batch_size=-8"], r"^data\.batch_size must be a positive integer, got -8$"),
+        (["data.eval_batch_size=0"], r"^data\.eval_batch_size must be a positive integer \(or null: .*got 0$"),
+        (["trainer.accelerator=foo"], r"^trainer\.accelerator='foo' is not an accelerator Lightning knows: .*'cpu'.*'gpu'"),
+        (["+variants.dnq.trainer.max_epochs=-1"], r"^variants\.dnq: trainer\.max_epochs=-1 is Lightning's endless"),
+    ],
+)
+def test_bad_trainer_and_batch_values_fail_before_any_work(overrides, msg, capsys):
+    # they used to fail inside the fit (max_epochs=-1, max_steps=0: a traceback from the learning-rate
+    # schedule) or after the data was prepared; now validate_config refuses them, and _task prints one line
+    from flatq_lightning.app.train import _task
+
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError, match=msg):
+        validate_config(cfg)
+    with pytest.raises(SystemExit) as ei:
+        _task(cfg)
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatq-train: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_good_trainer_lengths_and_accelerators_pass_validation():
+    # a finite run by steps (max_epochs -1 or null with max_steps), no training at all (max_epochs=0), the
+    # GPU names (checked by name only: the GPU experiments validate on a CPU machine)
+    for overrides in (["trainer.max_epochs=-1", "+trainer.max_steps=3"], ["trainer.max_epochs=null", "+trainer.max_steps=3"],
+                      ["trainer.max_epochs=0"], ["trainer.max_epochs=null"], ["trainer.accelerator=gpu"],
+                      ["trainer.accelerator=cuda"], ["trainer.accelerator=auto"], ["data.batch_size=1"]):
+        validate_config(_compose(overrides))
+
+
 def test_unknown_group_option_lists_the_choices():
     from hydra.errors import MissingConfigException
 

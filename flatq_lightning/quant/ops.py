@@ -187,6 +187,10 @@ def fake_quantize(
     CPU scale only (no device sync), ``True`` always, ``False`` never (the per-step paths, whose scales come
     from :func:`qparams_from_range` and are > 0 by construction).
 
+    Precision: the arithmetic is float32 (as in ONNX's QuantizeLinear), so inside the observed range the result
+    is within half a step of ``x`` plus at most 4 * 2^(bits-24) of a step (under 2 % of a step at 16 bits); it
+    is on the grid, so quantizing it again returns it unchanged at every supported bit-width.
+
     Example:
         >>> spec = QuantSpec.weight(4)
         >>> w = torch.tensor([[0.7, -0.35, 0.1, 0.0]])

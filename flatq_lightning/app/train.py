@@ -283,6 +283,7 @@ def instantiate_callbacks(
     whose ``save_dir`` is null gets ``report_dir`` (its report is then the job's, written once).
     """
     out: list[Any] = []
+    keys: list[str] = []
     if not cfg_callbacks:
         return out
     for key, node in cfg_callbacks.items():
@@ -296,8 +297,37 @@ def instantiate_callbacks(
         if str(node._target_).endswith("PostTrainingQuantization") and node.get("save_dir") is None and report_dir:
             kwargs["save_dir"] = str(report_dir)
         obj = _instantiate(node, f"callbacks.{key}", **kwargs)
-        out.extend(obj if isinstance(obj, (list, tuple)) else [obj])
+        objs = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+        out.extend(objs)
+        keys.extend([str(key)] * len(objs))
+    _refuse_same_state_key(out, keys)
     return out
+
+
+def _refuse_same_state_key(callbacks: list[Any], keys: list[str]) -> None:
+    """Two stateful callbacks with one state key: Lightning refuses them when the Trainer is built, with a
+    message that names no config entry; say which entries and what to change instead."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from ..callbacks import DNQ
+
+    seen: dict[str, str] = {}
+    for cb, key in zip(callbacks, keys):
+        if not isinstance(cb, Callback) or not is_overridden("state_dict", instance=cb, parent=Callback):
+            continue
+        if cb.state_key in seen:
+            hint = (
+                f"give one its own name (++callbacks.{key}.name=...); a second DNQ with weight noise is refused "
+                "even then: keep one DNQ and watch other bit-widths with flatq_lightning.QuantErrorRecorder "
+                "(preset, name=...) callbacks"
+                if isinstance(cb, DNQ) else "give one of them other settings, or keep one"
+            )
+            raise ConfigError(
+                f"callbacks.{seen[cb.state_key]} and callbacks.{key} are two {type(cb).__name__} callbacks with the "
+                f"same state key {cb.state_key!r}, which Lightning refuses in one Trainer: {hint}"
+            )
+        seen[cb.state_key] = key
 
 
 def wire_quant_stats(module: Any, callbacks: list[Any]) -> None:

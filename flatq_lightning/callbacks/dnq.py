@@ -40,8 +40,15 @@ class DNQ(CallbackGroup):
     ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
     (clean training first). ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm
     attention modules. ``clean_bn_batches``: training batches on which the end of fit (and every checkpoint)
-    re-estimates the BatchNorm statistics on the clean weights; 0 keeps those gathered under noise. The other
-    arguments are those of the three parts.
+    re-estimates the BatchNorm statistics on the clean weights; 0 keeps those gathered under noise. ``name``:
+    this DNQ's name (its recorder's: the ``quant_<name>/`` metrics and the checkpoint's state key), by default
+    the preset's (``"w4a4"``). The other arguments are those of the three parts.
+
+    One DNQ per Trainer: two with the same name have the same state key, which Lightning refuses when the
+    Trainer is built ("Found more than one stateful callback of type `DNQ`", before any hook of ours runs);
+    with distinct names (``DNQ("w4a4", name="w4a4_b")``) a second DNQ with weight noise is refused at setup,
+    because each would measure the other's noise as part of the clean weights. Keep one DNQ, and watch other
+    bit-widths with ``QuantErrorRecorder(preset, name=...)`` callbacks beside it.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -73,10 +80,13 @@ class DNQ(CallbackGroup):
         noise_source: str = "auto",
         attention_points: bool = True,
         clean_bn_batches: int = 32,
+        name: str | None = None,
     ) -> None:
         for flag, value in (("weight_noise", weight_noise), ("act_noise", act_noise)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string or None (the preset's name), got {name!r}")
         #: the statistics of the target quantizer's errors, which both noise parts read
         self.recorder = QuantErrorRecorder(
             preset,
@@ -89,6 +99,7 @@ class DNQ(CallbackGroup):
             record_activations=act_noise,
             attention_points=attention_points,
             refresh_weights=not weight_noise,
+            name=name,
         )
         #: the weight noise (owns the clean weights and the clean BN statistics), or None
         self.weight_noise: DifferentialNoiseInjection | None = None

@@ -380,6 +380,18 @@ def test_good_trainer_lengths_and_accelerators_pass_validation():
         validate_config(_compose(overrides))
 
 
+def test_flatq_train_names_the_two_dnq_config_entries():
+    from omegaconf import OmegaConf
+
+    dnq = {"_target_": "flatq_lightning.DNQ", "preset": "w4a4"}
+    cfg = OmegaConf.create({"dnq": dnq, "dnq2": dnq})
+    with pytest.raises(ConfigError, match=r"^callbacks\.dnq and callbacks\.dnq2 are two DNQ callbacks with the same "
+                                          r"state key .*\+\+callbacks\.dnq2\.name=\.\.\..*QuantErrorRecorder"):
+        instantiate_callbacks(cfg)
+    named = instantiate_callbacks(OmegaConf.create({"dnq": dnq, "dnq2": {**dnq, "name": "w4a4_b"}}))
+    assert [c.recorder.name for c in named] == ["w4a4", "w4a4_b"]
+
+
 def test_unknown_group_option_lists_the_choices():
     from hydra.errors import MissingConfigException
 

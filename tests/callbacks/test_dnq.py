@@ -224,3 +224,21 @@ def test_dnq_clean_weights_is_the_weight_noise_s_and_a_no_op_without_it():
         pass
     with pytest.raises(ValueError, match="weight_noise must be a DNQ or a DifferentialNoiseInjection"):
         SharpnessMonitor(weight_noise=object())
+
+
+def test_two_dnq_in_one_trainer_need_their_own_names_and_the_second_is_refused_at_setup():
+    # identical: one state key, which Lightning refuses when the Trainer is built (before any hook of ours);
+    # DNQ's docstring, where Lightning's message sends the user, says what to do
+    with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `DNQ`"):
+        trainer(callbacks=[DNQ("w4a4"), DNQ("w4a4")])
+    assert "name=" in DNQ.__doc__ and "One DNQ per Trainer" in DNQ.__doc__
+    # with its own name a DNQ has its own state key and metric prefix (the default stays the preset's)
+    a, b = DNQ("w4a4"), DNQ("w4a4", name="w4a4_b")
+    assert (a.recorder.name, b.recorder.name) == ("w4a4", "w4a4_b") and a.state_key != b.state_key
+    assert a.state_key == DNQ("w4a4", p=0.25).state_key  # the name, not the settings, keys the state
+    # both with weight noise: refused at setup, by us, saying to keep one DNQ
+    with pytest.raises(ValueError, match=r"two weight-noise callbacks in one Trainer.*one DNQ\(\.\.\.\).*name="):
+        _fit([a, b])
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        DNQ("w4a4", name="")
+

@@ -80,8 +80,9 @@ _RECIPE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..quant.spec import OBSERVERS
-    from .recipe import RECIPES
+    # absolute imports: `python -m flatq_lightning.ptq_cli` (the old name) runs this file with another package
+    from flatq_lightning.ptq.recipe import RECIPES
+    from flatq_lightning.quant.spec import OBSERVERS
 
     p = _Parser(
         prog="flatq-ptq",
@@ -149,7 +150,7 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
         >>> r.name, r.observer, r.reconstruction.iters, r.reconstruction.drop_prob
         ('practical', 'mse', 50, 0.5)
     """
-    from .recipe import PTQRecipe
+    from flatq_lightning.ptq.recipe import PTQRecipe
 
     given = [(flag, field, getattr(args, flag[2:].replace("-", "_"))) for flag, field, _, _ in _RECIPE_FLAGS]
     given = [(flag, field, v) for flag, field, v in given if v is not None]

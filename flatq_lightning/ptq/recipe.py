@@ -157,6 +157,9 @@ def resolve_recipe(recipe: PTQRecipe | str | Mapping[str, Any] | None, **overrid
         d = dict(recipe)
         name = d.pop("name", "minmax")
         rec = d.pop("reconstruction", "unset")
+        if name not in RECIPES and not d and rec == "unset":  # a bare unknown name is a typo, not a recipe
+            raise ValueError(f"unknown PTQ recipe {name!r}; the presets are {list(RECIPES)} (a recipe of your own "
+                             "names its fields too, e.g. {'name': 'mine', 'observer': 'mse'})")
         base = RECIPES[name] if name in RECIPES else replace(RECIPES["minmax"], name=name)
         if rec != "unset":
             d["reconstruction"] = Reconstruction.from_dict(dict(rec)) if isinstance(rec, Mapping) else rec

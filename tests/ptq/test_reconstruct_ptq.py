@@ -138,5 +138,8 @@ def test_recipe_values_and_their_errors():
         PTQRecipe.preset("reconstruct", drop_prob=2)
     with pytest.raises(ValueError, match="observer must be one of"):
         PTQRecipe(observer="max")
+    with pytest.raises(ValueError, match="unknown PTQ recipe 'practcal'"):
+        resolve_recipe({"name": "practcal"})
+    assert resolve_recipe({"name": "mine", "observer": "mse"}) == PTQRecipe("mine", observer="mse")
     with pytest.raises(ValueError, match="recipe must be a PTQRecipe"):
         resolve_recipe(3)

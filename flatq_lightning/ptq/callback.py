@@ -131,25 +131,8 @@ def plain_recipe(recipe: Any) -> PTQRecipe | str | dict[str, Any] | None:
 
 
 def recipe_settings(recipe: PTQRecipe) -> dict[str, Any]:
-    """The recipe as flat logger hyperparameters, under the keys of :meth:`PTQReport.settings`: ``ptq/recipe``
-    (its name), ``ptq/reconstruction/<field>`` (when it reconstructs), ``ptq/observer``, ``ptq/act_observer`` (the
-    one in force), ``ptq/bn_reestimate`` and ``ptq/bn_batches`` (0 without re-estimation).
-
-    Example:
-        >>> s = recipe_settings(PTQRecipe.preset("reconstruct", iters=200))
-        >>> s["ptq/recipe"], s["ptq/act_observer"], s["ptq/reconstruction/iters"], s["ptq/reconstruction/beta"]
-        ('reconstruct', 'percentile', 200, '20.0,2.0')
-    """
-    rec = recipe.to_dict()["reconstruction"] or {}
-    return {
-        "ptq/recipe": recipe.name,
-        **{f"ptq/reconstruction/{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-           for k, v in rec.items() if v is not None},
-        "ptq/observer": recipe.observer,
-        "ptq/act_observer": recipe.act_obs,
-        "ptq/bn_reestimate": recipe.bn_reestimate,
-        "ptq/bn_batches": recipe.bn_batches if recipe.bn_reestimate else 0,
-    }
+    """The recipe as flat logger hyperparameters: :meth:`PTQRecipe.settings`."""
+    return recipe.settings()
 
 
 class PostTrainingQuantization(Callback):

@@ -120,6 +120,27 @@ class PTQRecipe:
             raise ValueError(f"unknown PTQ recipe field(s) {unknown}; the fields are {sorted(known)}")
         return cls(**d)
 
+    def settings(self) -> dict[str, Any]:
+        """The recipe as flat logger hyperparameters (the keys of ``PTQReport.settings``): ``ptq/recipe`` (its
+        name), ``ptq/reconstruction/<field>`` (when it reconstructs), ``ptq/observer``, ``ptq/act_observer`` (the one
+        in force), ``ptq/bn_reestimate`` and ``ptq/bn_batches`` (0 without re-estimation).
+
+        Example:
+            >>> s = PTQRecipe.preset("reconstruct", iters=200).settings()
+            >>> s["ptq/recipe"], s["ptq/act_observer"], s["ptq/reconstruction/iters"], s["ptq/reconstruction/beta"]
+            ('reconstruct', 'percentile', 200, '20.0,2.0')
+        """
+        rec = self.reconstruction.to_dict() if self.reconstruction else {}
+        return {
+            "ptq/recipe": self.name,
+            **{f"ptq/reconstruction/{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+               for k, v in rec.items() if v is not None},
+            "ptq/observer": self.observer,
+            "ptq/act_observer": self.act_obs,
+            "ptq/bn_reestimate": self.bn_reestimate,
+            "ptq/bn_batches": self.bn_batches if self.bn_reestimate else 0,
+        }
+
     def describe(self) -> str:
         """One line for reports and logs."""
         bn = "BN re-estimated" if self.bn_reestimate else "BN as trained"

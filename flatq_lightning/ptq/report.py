@@ -305,12 +305,14 @@ class PTQReport:
 
     def settings(self) -> dict[str, Any]:
         """The PTQ settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
-        rec = (self.recipe or {}).get("reconstruction") or {}
+        recipe: dict[str, Any] = {"ptq/recipe": ""}
+        if self.recipe:
+            from .recipe import PTQRecipe
+
+            recipe = PTQRecipe.from_dict(self.recipe).settings()  # the report's own values follow
         return {
             "ptq/bits": ",".join(self.bits),
-            "ptq/recipe": (self.recipe or {}).get("name", ""),
-            **{f"ptq/reconstruction/{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-               for k, v in rec.items() if v is not None},
+            **recipe,
             "ptq/observer": self.observer,
             "ptq/act_observer": self.act_observer,
             "ptq/bn_reestimate": self.bn_reestimate,

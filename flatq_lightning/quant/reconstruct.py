@@ -487,7 +487,8 @@ def reconstruct(
             isinstance(m, QuantPoint) for m in reference.modules()):
         reference = copy.deepcopy(reference)
         attach_attention_points(reference)  # the same module names (points are identities)
-    reference = reference.eval()
+    ref_modes = [(m, m.training) for m in reference.modules()]
+    reference.eval()
     src_weights = dict(source.named_parameters())
     order = _forward_order(qmodel, [b for b, _ in blocks], x_all[:2].to(device))
     layers_of = dict(blocks)
@@ -525,6 +526,8 @@ def reconstruct(
         for p, g in grads:
             p.requires_grad_(g)
         qmodel.train(was_training)
+        for m, mode in ref_modes:
+            m.train(mode)
     return results
 
 

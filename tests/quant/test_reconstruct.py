@@ -229,3 +229,17 @@ def test_a_block_rule_that_matches_nothing_names_the_classes_there(net_and_data)
     q = _quantized(folded, x, "w4a4")
     with pytest.raises(ValueError, match=r"matches no module of the model; its module classes are .*BasicBlock"):
         reconstruct(q, folded, folded, x, Reconstruction(iters=1, blocks=("Bottleneck",)))
+
+
+def test_the_source_and_reference_models_are_left_as_they_were(net_and_data):
+    folded, x, _ = net_and_data
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    q = _quantized(folded, x, "w3a3")
+    folded.train()
+    try:
+        reconstruct(q, folded, folded, x, Reconstruction(iters=5, calib_images=64))
+        assert folded.training and all(m.training for m in folded.modules())  # its modes are given back
+    finally:
+        folded.eval()
+    assert all(torch.equal(v, before[k]) for k, v in folded.state_dict().items())
+    assert all(p.requires_grad for p in folded.parameters())

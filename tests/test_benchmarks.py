@@ -265,11 +265,15 @@ def test_quality_train_only_then_evaluate_recipes_and_paired_summary(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.pt")) == [
         "dnq_wa@w3a3/seed0.pt", "dnq_wa@w3a3/seed1.pt", "plain/seed0.pt", "plain/seed1.pt"]
-    run = subprocess.run([*common, "--evaluate", "--recipes", "minmax,practical", "--eval-bits", "w4a4"],
+    run = subprocess.run([*common, "--evaluate", "--recipes", "minmax,practical,reconstruct", "--eval-bits", "w4a4",
+                          "--recon-iters", "3"],
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rec = json.loads((out / "dnq_wa@w3a3" / "seed1.json").read_text())
-    assert rec["train"]["steps"] >= 1 and set(rec["evaluation"]["ptq"]) == {"minmax", "practical"}
+    assert rec["train"]["steps"] >= 1 and set(rec["evaluation"]["ptq"]) == {"minmax", "practical", "reconstruct"}
+    assert rec["evaluation"]["settings"]["recipes"]["reconstruct"]["reconstruction"]["iters"] == 3
+    blocks = rec["evaluation"]["reconstruction"]["reconstruct"]["w4a4"]  # every block of the ResNet-20, timed
+    assert len(blocks) == 11 and all(b["seconds"] > 0 and b["loss_rtn"] > 0 for b in blocks)
     assert set(rec["evaluation"]["fp"]) == {"trained_bn", "clean_bn"} and rec["evaluation"]["commit"]
     assert not (out / "dnq_wa@w3a3" / "seed1.train.json").exists()  # folded into seed1.json
     summary = json.loads((out / "summary.json").read_text())
@@ -278,6 +282,7 @@ def test_quality_train_only_then_evaluate_recipes_and_paired_summary(tmp_path):
     assert paired["per_seed"]["0"] == pytest.approx(
         json.loads((out / "dnq_wa@w3a3" / "seed0.json").read_text())["evaluation"]["ptq"]["practical"]["w4a4"] - plain)
     assert "Paired difference to `plain`" in (out / "summary.md").read_text()
+    assert "| reconstruct W4A4 | 4 |" in (out / "summary.md").read_text()  # reconstruction alone, per bit-width
     assert (out / "paired_difference.png").read_bytes()[:4] == b"\x89PNG"
 
 

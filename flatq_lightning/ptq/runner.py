@@ -36,7 +36,7 @@ from ..quant import (
 from ..quant.reconstruct import reconstruct
 from ..quant.spec import FLOAT_BITS, OBSERVERS, preset_specs
 from .export import normalize_export_formats
-from .recipe import PTQRecipe, resolve_recipe
+from .recipe import RECIPES, PTQRecipe, resolve_recipe
 from .report import LayerSQNR, PTQReport, PTQRow, free_path
 
 __all__ = [
@@ -379,7 +379,7 @@ def _recipe_from_args(recipe: Any, legacy: dict[str, Any]) -> PTQRecipe:
     if given:
         warnings.warn(
             f"run_ptq({', '.join(f'{k}=' for k in given)}...) is deprecated and will be removed in the next release: "
-            f"pass recipe=PTQRecipe.preset('practical', ...) or a preset name ({list_recipes()})",
+            f"pass recipe=PTQRecipe.preset('practical', ...) or a preset name ({list(RECIPES)})",
             FutureWarning,
             stacklevel=3,
         )
@@ -395,12 +395,6 @@ def _recipe_from_args(recipe: Any, legacy: dict[str, Any]) -> PTQRecipe:
         name = base.name if recipe is not None else "custom"
         return base.replace(name=name, **given)
     return resolve_recipe(recipe)
-
-
-def list_recipes() -> list[str]:
-    from .recipe import recipe_names
-
-    return recipe_names()
 
 
 def _recon_logger(progress: bool) -> Callable[[str], None] | None:

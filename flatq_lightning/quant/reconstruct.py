@@ -52,7 +52,7 @@ import fnmatch
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -194,7 +194,6 @@ class BlockResult:
     #: weights whose rounding differs from round-to-nearest (one grid step)
     flipped: int = 0
     weights: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import PTQRecipe, fold_batchnorm, load_quantized, quantize_model, run_ptq, save_quantized
-from flatq_lightning.ptq.export import unpack_codes  # noqa: F401  (the reader the docs show)
 from flatq_lightning.ptq.recipe import RECIPES, resolve_recipe
 from flatq_lightning.quant import QuantSpec, Reconstruction, quantized_layers, reconstruct
 from flatq_lightning.quant.ops import quantize_int

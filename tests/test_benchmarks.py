@@ -188,8 +188,17 @@ def test_overhead_runs_and_reports_paired_ratios(tmp_path):
     times = row["all_ms"]
     assert len(times["plain"]) == len(times["dnq"]) == 2
     paired = sorted(d / p for d, p in zip(times["dnq"], times["plain"]))
-    assert row["ratio"] == pytest.approx(sum(paired) / 2, abs=2e-3)  # the median of two paired ratios
-    assert row["ratio_min"] == pytest.approx(min(times["dnq"]) / min(times["plain"]), abs=2e-3)
+
+    def tol(d: float, p: float) -> float:
+        # all_ms is rounded to 0.01 ms and the ratios to 0.001: a ratio of the rounded times can differ from the
+        # stored one by up to (d/p)·(0.005/d + 0.005/p) + 0.0005 (at 3 ms per fit and 3.3x that is 0.007: a fixed
+        # 2e-3 failed on a loaded machine)
+        return (d / p) * (0.005 / d + 0.005 / p) + 5e-4 + 1e-9
+
+    worst = max(tol(d, p) for d, p in zip(times["dnq"], times["plain"]))
+    assert row["ratio"] == pytest.approx(sum(paired) / 2, abs=worst)  # the median of two paired ratios
+    assert row["ratio_min"] == pytest.approx(min(times["dnq"]) / min(times["plain"]),
+                                             abs=tol(min(times["dnq"]), min(times["plain"])))
     assert row["ratio_sam"] is None and row["extra_mem_mb"] > 0
     # the hooks' CPU time comes from the public profiler and module hooks: every part of the full DNQ is seen
     assert set(row["hook_ms"]["dnq"]) == {"weight_update", "act_stats", "act_noise"}

@@ -70,6 +70,8 @@ _RECIPE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--bn-reestimate", "bn_reestimate", bool, "re-estimate BatchNorm statistics per bit-width on the quantized "
      "network before folding (--no-bn-reestimate: keep the trained ones)"),
     ("--bn-batches", "bn_batches", int, "training batches for the BN re-estimation"),
+    ("--placement", "placement", str, "where activation quantizers go: layer_inputs (the quantized layers' "
+     "inputs) or onnxruntime (also residual adds and pooling inputs: integer kernels in ONNX Runtime)"),
     ("--recon-iters", "iters", int, "block reconstruction (this flag or the next four turn it on, their defaults for "
      "the rest): optimisation steps per block"),
     ("--recon-batch-size", "batch_size", int, "block reconstruction: images per step"),

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantizedLayer, QuantSpec, attach_attention_points, fold_batchnorm, quantized_layers
+from ..quant.placement import attach_placement_points, placement_points
 from ..quant.ops import dequantize_int, quantize_int
 from ..quant.quantize import _set_submodule
 from .report import write_file_atomic
@@ -227,6 +228,8 @@ def save_quantized(
             "act_spec": as_.to_dict() if as_ is not None else None,
             "weight_dtype": _dtype_name(w.dtype) if isinstance(w, Tensor) else None,
         }
+        if layer.input_from:
+            info["input_from"] = layer.input_from
         if ws is not None:
             q, scale = weight_codes(name, layer)
             width = storage_bits(ws.bits)
@@ -261,6 +264,8 @@ def save_quantized(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "folded_bn_pairs": [list(p) for p in folded_bn_pairs] if folded_bn_pairs is not None else None,
+        # the model carries the residual/pooling points of the "onnxruntime" placement: load recreates them
+        "placement": "onnxruntime" if placement_points(qmodel) else "layer_inputs",
         "layers": meta_layers,
         "user": metadata or {},
     }
@@ -312,6 +317,10 @@ def _rebuild_structure(model_fp: nn.Module, meta: dict[str, Any], path: Any) -> 
         qm = copy.deepcopy(model_fp).eval()
     if any(info.get("module_type") == "QuantPoint" for info in meta["layers"].values()):
         attach_attention_points(qm)  # the file quantized attention operands: recreate their points
+    placement = meta.get("placement", "layer_inputs")
+    if placement not in ("layer_inputs", "onnxruntime"):
+        raise ValueError(f"{path}: unknown quantizer placement {placement!r} in the metadata")
+    attach_placement_points(qm, placement)
     return qm
 
 
@@ -327,6 +336,8 @@ def _wrap(qm: nn.Module, name: str, info: dict[str, Any], path: Any) -> Quantize
     layer = QuantizedLayer(mod, None, None)  # no specs yet: nothing is quantized here
     layer.weight_spec = QuantSpec.from_dict(info["weight_spec"]) if info["weight_spec"] else None
     layer.act_spec = QuantSpec.from_dict(info["act_spec"]) if info["act_spec"] else None
+    if info.get("input_from"):
+        layer.input_from = str(info["input_from"])
     sqnr = info.get("weight_sqnr_db")
     layer.weight_sqnr_db = float(sqnr) if sqnr is not None else math.inf
     _set_submodule(qm, name, layer)

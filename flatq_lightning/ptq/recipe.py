@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..quant.placement import check_placement
 from ..quant.reconstruct import Reconstruction
 from ..quant.spec import OBSERVERS
 
@@ -53,6 +54,9 @@ class PTQRecipe:
     bn_batches: int = 32
     #: block reconstruction after calibration, or ``None``
     reconstruction: Reconstruction | None = None
+    #: where the activation quantizers go (:mod:`~flatq_lightning.quant.placement`): ``"layer_inputs"`` or
+    #: ``"onnxruntime"`` (also residual adds and pooling inputs, so ONNX Runtime runs integer kernels)
+    placement: str = "layer_inputs"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -65,6 +69,7 @@ class PTQRecipe:
             raise ValueError(f"PTQRecipe.bn_reestimate must be True or False, got {self.bn_reestimate!r}")
         if isinstance(self.bn_batches, bool) or not isinstance(self.bn_batches, int) or self.bn_batches < 1:
             raise ValueError(f"PTQRecipe.bn_batches must be a positive int, got {self.bn_batches!r}")
+        check_placement(self.placement, "PTQRecipe.placement")
         rec = self.reconstruction
         if isinstance(rec, Mapping):
             object.__setattr__(self, "reconstruction", Reconstruction.from_dict(dict(rec)))
@@ -109,6 +114,7 @@ class PTQRecipe:
             "name": self.name, "observer": self.observer, "act_observer": self.act_observer,
             "bn_reestimate": self.bn_reestimate, "bn_batches": self.bn_batches,
             "reconstruction": self.reconstruction.to_dict() if self.reconstruction else None,
+            "placement": self.placement,
         }
 
     @classmethod
@@ -139,12 +145,15 @@ class PTQRecipe:
             "ptq/act_observer": self.act_obs,
             "ptq/bn_reestimate": self.bn_reestimate,
             "ptq/bn_batches": self.bn_batches if self.bn_reestimate else 0,
+            "ptq/placement": self.placement,
         }
 
     def describe(self) -> str:
         """One line for reports and logs."""
         bn = "BN re-estimated" if self.bn_reestimate else "BN as trained"
         s = f"{self.name}: weights {self.observer}, activations {self.act_obs}, {bn}"
+        if self.placement != "layer_inputs":
+            s += f", quantizers placed for {self.placement}"
         r = self.reconstruction
         if r is not None:
             s += (f", block reconstruction ({r.iters} steps/block, batch {r.batch_size}, {r.calib_images} images, "

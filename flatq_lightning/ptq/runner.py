@@ -574,6 +574,7 @@ def run_ptq(
             reest = reestimate_bn_quantized(
                 net, ws, as_, bn_data, calib_batches=calib or None, keep_first_last_8bit=keep_first_last_8bit,
                 include=inc, exclude=exc, transform=bn_transform, attention_points=attention_points,
+                placement=rcp.placement,
             )
             source = fold_batchnorm(reest).to(dev)
             del reest
@@ -586,6 +587,7 @@ def run_ptq(
             include=inc,
             exclude=exc,
             attention_points=attention_points,
+            placement=rcp.placement,
         ).to(dev)
         blocks: list[dict[str, Any]] = []
         if recon is not None:

@@ -19,6 +19,7 @@ from .attention import attach_attention_points, detach_attention_points
 from .bn import bn_state, load_bn_state, reestimate_bn
 from .observers import RangeObserver, make_observer
 from .ops import compute_qparams, fake_quantize, sqnr_db
+from .placement import attach_placement_points, check_placement, detach_placement_points, share_quantizers
 from .spec import QuantSpec
 from .targets import has_weight, layer_specs, select_modules
 
@@ -47,7 +48,12 @@ def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
     try:
         import torch.fx as fx
 
-        gm = fx.symbolic_trace(model)
+        class _Tracer(fx.Tracer):
+            # a BatchNorm subclass (timm's BatchNormAct2d: BN, then dropout and activation) is one step
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return isinstance(m, _BN) or super().is_leaf_module(m, qualname)
+
+        gm = fx.GraphModule(model, _Tracer().trace(model))
     except Exception:
         return None
     mods = dict(model.named_modules())
@@ -91,11 +97,32 @@ def _fold_into(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     conv.bias = nn.Parameter(((bias - bn.running_mean.float()) * factor + beta).to(w.dtype))
 
 
+def _folded_replacement(bn: nn.Module) -> nn.Module:
+    """What stands where a folded BatchNorm was: ``Identity``, or what a BN subclass applies after the
+    normalisation (timm's ``BatchNormAct2d``: its ``drop`` and ``act``, identities in eval mode but the
+    activation)."""
+    if type(bn) in _BN:
+        return nn.Identity()
+    after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+    after = [m for m in after if not isinstance(m, (nn.Identity, nn.Dropout))]
+    if not after:
+        return nn.Identity()
+    return after[0] if len(after) == 1 else nn.Sequential(*after)
+
+
+def _foldable(bn: nn.Module) -> bool:
+    """A plain BatchNorm, or a subclass whose forward is the BN followed by its ``drop``/``act`` (timm)."""
+    if type(bn) in _BN:
+        return True
+    return type(bn).__name__ in ("BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d") and hasattr(bn, "act")
+
+
 def fold_batchnorm(model: nn.Module, return_pairs: bool = False) -> Any:
     """A new eval-mode copy of ``model`` with every Conv→BN pair folded into the conv (BN → Identity).
 
     Pairs come from an FX trace when the model traces, otherwise from parent modules whose children run
-    conv then BN. BatchNorms not matched are left untouched and reported in one warning.
+    conv then BN. timm's ``BatchNormAct2d`` (BN, dropout, activation in one module) folds too: its activation
+    takes its place. BatchNorms not matched are left untouched and reported in one warning.
     With ``return_pairs=True`` returns ``(model, [(conv_name, bn_name), …])``.
 
     Example:
@@ -114,8 +141,10 @@ def fold_batchnorm(model: nn.Module, return_pairs: bool = False) -> Any:
         conv, bn = mods[conv_name], mods[bn_name]
         if not bn.track_running_stats or bn.running_mean is None or bn.num_features != conv.out_channels:
             continue
+        if not _foldable(bn):
+            continue
         _fold_into(conv, bn)
-        _set_submodule(folded, bn_name, nn.Identity())
+        _set_submodule(folded, bn_name, _folded_replacement(bn))
         done.append((conv_name, bn_name))
     folded_bns = {b for _, b in done}
     left = [n for n, m in mods.items() if isinstance(m, _BN) and n not in folded_bns]
@@ -178,6 +207,9 @@ class QuantizedLayer(nn.Module):
     #: set by :func:`~flatq_lightning.quant.reconstruct.reconstruct` while it learns this layer's rounding and
     #: input step size (an object with ``forward(layer, x)``); ``None`` otherwise
     reconstruction: Any = None
+    #: the placement point that quantizes this layer's input for it (the same tensor, the same spec:
+    #: :func:`~flatq_lightning.quant.placement.share_quantizers`); ``act_spec`` is then ``None``
+    input_from: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
@@ -191,7 +223,7 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         w = f"w{self.weight_spec.bits}" if self.weight_spec else ("wfp" if has_weight(self.module) else "w-")
         a = f"a{self.act_spec.bits}" if self.act_spec else "afp"
-        return f"{w}{a}"
+        return f"{w}{a}" + (f", input quantized by {self.input_from}" if self.input_from else "")
 
 
 def _sync_calibrated_flag(module: nn.Module, incompatible_keys: Any) -> None:
@@ -283,6 +315,7 @@ def quantize_model(
     bn_batches: Iterable[Any] | None = None,
     max_bn_batches: int | None = None,
     bn_transform: Callable[[Tensor], Tensor] | None = None,
+    placement: str = "layer_inputs",
 ) -> nn.Module:
     """A new eval-mode model whose selected layers run fake-quantized weights and inputs.
 
@@ -303,6 +336,12 @@ def quantize_model(
     ``act_momentum`` makes the activation observers EMAs of the batch ranges (what the recorder keeps during
     training); ``None`` is the observer's plain running range.
 
+    ``placement``: where the activation quantizers go (:mod:`~flatq_lightning.quant.placement`):
+    ``"layer_inputs"`` (the inputs of the quantized layers) or ``"onnxruntime"`` (also the residual blocks'
+    inputs, branch outputs and outputs and the pooling inputs, each tensor quantized once, so that ONNX Runtime
+    runs the exported convolutions and adds on integer kernels). Placement points get the activation spec;
+    with ``act_spec=None`` there are none.
+
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> w, a = QuantSpec.parse("w4a4")
@@ -313,8 +352,13 @@ def quantize_model(
     _check_quantize_args(model, weight_spec, act_spec, keep_first_last_8bit)
     if not isinstance(bn_reestimate, bool):
         raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
+    check_placement(placement, "quantize_model: placement")
     if act_spec is not None and calib_batches is None:
         raise ValueError("quantize_model: activation quantization needs calib_batches")
+    if act_spec is not None and placement != "layer_inputs":
+        calib_batches = list(calib_batches)  # one batch for share_quantizers, then all for calibration
+        if not calib_batches:
+            raise ValueError("calibration saw no batches: the calibration data is empty")
     if bn_reestimate:
         calib_batches = list(calib_batches) if calib_batches is not None else None
         model = reestimate_bn_quantized(
@@ -322,6 +366,7 @@ def quantize_model(
             calib_batches=calib_batches, keep_first_last_8bit=keep_first_last_8bit, include=include,
             exclude=exclude, max_batches=max_bn_batches, transform=bn_transform,
             attention_points=attention_points, act_momentum=act_momentum, max_calib_batches=max_calib_batches,
+            placement=placement,
         )
     qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     points = attention_points and act_spec is not None  # weight-only rows: points would quantize nothing
@@ -329,7 +374,10 @@ def quantize_model(
         attach_attention_points(qmodel)
     else:
         detach_attention_points(qmodel)
-    selected = select_modules(qmodel, include=include, exclude=exclude, attention_points=points)
+    detach_placement_points(qmodel)  # a model trained with points: this call's placement decides
+    if act_spec is not None:
+        attach_placement_points(qmodel, placement)
+    selected = select_modules(qmodel, include=include, exclude=exclude, attention_points=act_spec is not None)
     if not selected:
         raise ValueError(
             "quantize_model: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching "
@@ -345,6 +393,9 @@ def quantize_model(
             name,
             QuantizedLayer(mod, ws if weight_spec and has_weight(mod) else None, as_ if act_spec else None),
         )
+    if act_spec is not None and placement != "layer_inputs":
+        device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+        share_quantizers(qmodel, batch_inputs(calib_batches[0])[:2].to(device), quantized_layers(qmodel))
     if act_spec is not None:
         calibrate(qmodel, calib_batches, max_calib_batches, momentum=act_momentum)
     return qmodel.eval()
@@ -364,6 +415,7 @@ def reestimate_bn_quantized(
     attention_points: bool = True,
     act_momentum: float | None = None,
     max_calib_batches: int | None = None,
+    placement: str = "layer_inputs",
 ) -> nn.Module:
     """A copy of ``model`` (float weights, BN unfolded) whose BatchNorm running statistics were re-estimated
     on the *quantized* network: a clean re-estimation first, then weights quantized and activation quantizers
@@ -394,6 +446,7 @@ def reestimate_bn_quantized(
             q, weight_spec, act_spec, calib_batches=calib_batches if calib_batches is not None else batches,
             keep_first_last_8bit=keep_first_last_8bit, include=include, exclude=exclude, fold_bn=False,
             max_calib_batches=max_calib_batches, attention_points=attention_points, act_momentum=act_momentum,
+            placement=placement,
         )
     reestimate_bn(q, batches, max_batches=max_batches, transform=transform)
     out = copy.deepcopy(model)

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import QuantPoint, attach_attention_points
+from .placement import attach_placement_points, placement_points
 from .ops import SCALE_EPS, fake_quantize, sqnr_db
 from .quantize import QuantizedLayer, quantized_layers
 
@@ -323,20 +324,31 @@ def _capture(model: nn.Module, name: str, inputs: Tensor, chunk: int, device: to
     stopped right after the block."""
     xs: list[Tensor] = []
 
-    def hook(mod: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+    def check(mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         tensors = [a for a in args if isinstance(a, Tensor)] + [v for v in kwargs.values() if isinstance(v, Tensor)]
         if len(args) != 1 or not isinstance(args[0], Tensor) or len(tensors) != 1:
             raise ValueError(
                 f"reconstruction: block {name!r} ({type(mod).__name__}) is called with {len(tensors)} tensor "
                 "arguments; a block must take one tensor (use a finer block rule, e.g. its layers)"
             )
+
+    def pre(mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        # the input as the block receives it, before its own pre-hooks (a placement point quantizes it there)
+        check(mod, args, kwargs)
+        xs.append(args[0].detach().to(cache))
+        raise _Stop
+
+    def hook(mod: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        check(mod, args, kwargs)
         if not isinstance(out, Tensor):
             raise ValueError(f"reconstruction: block {name!r} ({type(mod).__name__}) returns {type(out).__name__}, "
                              "not a tensor; use a finer block rule")
-        xs.append((out if output else args[0]).detach().to(cache))
+        xs.append(out.detach().to(cache))
         raise _Stop
 
-    h = model.get_submodule(name).register_forward_hook(hook, with_kwargs=True)
+    mod = model.get_submodule(name)
+    h = (mod.register_forward_hook(hook, with_kwargs=True) if output
+         else mod.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
     try:
         for i in range(0, inputs.shape[0], chunk):
             try:
@@ -479,6 +491,10 @@ def reconstruct(
     blocks = find_blocks(qmodel, st.blocks)
     if not blocks:
         raise ValueError("reconstruct: the model has no quantized layers (QuantizedLayer): quantize it first")
+    # a point whose input another quantizer quantizes (placement "onnxruntime", shared) has nothing to learn
+    blocks = [(b, ls) for b, ls in blocks
+              if any(qmodel.get_submodule(n).weight_spec is not None or qmodel.get_submodule(n).act_spec is not None
+                     for n in ls)]
     device = _device(qmodel)
     cache = torch.device(st.cache_device) if st.cache_device else device
     chunk = max(st.batch_size, 64)
@@ -486,6 +502,8 @@ def reconstruct(
             isinstance(m, QuantPoint) for m in reference.modules()):
         reference = copy.deepcopy(reference)
         attach_attention_points(reference)  # the same module names (points are identities)
+        if placement_points(qmodel):
+            attach_placement_points(reference, "onnxruntime")
     ref_modes = [(m, m.training) for m in reference.modules()]
     reference.eval()
     src_weights = dict(source.named_parameters())

@@ -52,6 +52,7 @@ __all__ = [
     "export_onnx",
     "onnx_available",
     "act_container",
+    "ort_kernels",
     "ort_session",
     "require_onnx",
     "weight_container",
@@ -439,6 +440,40 @@ def ort_session(
     if not qdq_fusion:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+#: ONNX Runtime kernels (op types of its optimised graph) that compute a convolution or a matrix product on
+#: integers, and those that do it in float
+INTEGER_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                   "DynamicQuantizeMatMul", "QGemm", "MatMulNBits")
+FLOAT_KERNELS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+
+
+def ort_kernels(path: str | os.PathLike, threads: int = 1) -> dict[str, Any]:
+    """What ONNX Runtime runs for the file at ``path`` after its graph optimisation (level ``"all"``, this
+    machine's CPU execution provider): ``{"ops": {op_type: count}, "integer": n, "float": n}``, where
+    ``integer`` counts the convolutions and matrix products it runs on integer kernels (:data:`INTEGER_KERNELS`)
+    and ``float`` those it runs in float (:data:`FLOAT_KERNELS`). The optimised graph is written to a temporary
+    file and read back (ONNX Runtime's ``optimized_model_filepath``)."""
+    require_onnx("ONNX Runtime")
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        so.log_severity_level = 3  # its warning that the optimised file is machine-specific
+        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"ops": dict(sorted(ops.items())), "integer": sum(ops.get(k, 0) for k in INTEGER_KERNELS),
+            "float": sum(ops.get(k, 0) for k in FLOAT_KERNELS)}
 
 
 @dataclass

@@ -1,17 +1,29 @@
-"""Export benchmark (issue #15): flatq's fake-quant top-1 vs ONNX Runtime's, file sizes, ONNX Runtime latency.
+"""Export benchmark (issues #15, #21): does the quantized ONNX file run faster than FP in ONNX Runtime, and is it
+as accurate as ONNX Runtime's own static quantization?
 
-For each model (the CIFAR ResNet-20 of docs/results.md §2, plain training, seed 0; the ViT of §3), at W8A8 and
-W4A8 (plain min-max PTQ: BN folded, per-channel weights, per-tensor activations, first/last layer at 8 bit,
-1,024 calibration images): ``run_ptq(..., export_formats=("onnx", "safetensors"))`` writes the QDQ ONNX file and
-the packed safetensors file and runs the parity check on the full CIFAR-10 test set (top-1 of the flatq model
-and of ONNX Runtime on the same images). The FP network is exported to ONNX too, and ONNX Runtime's CPU latency
-(median over repeats, models interleaved so that they share the machine's load) is measured for the FP,
-W8A8 and W4A8 files in the same run, per batch of 128 test images and for a single image.
+For each model (the CIFAR ResNet-20 of docs/results.md §2, plain training, seed 0; timm ``resnet18`` and
+``mobilenetv2_100`` at 32 px, untrained unless a state dict is given: latency rows only; the ViT of §3), the
+files it compares, all from the same FP network and the same 1,024 calibration images:
 
-Prints a Markdown table and writes JSON (``--out``, default ``benchmarks/results/export/cpu/export.json``);
-the model files go to ``--files`` (default ``bench_out/export``, not committed).
+- ``fp``: the FP network exported by ``export_onnx``;
+- ``w8a8_layer_inputs``: flatq W8A8 min-max PTQ (BN folded, per-channel weights, per-tensor activations,
+  first/last layer at 8 bit) with quantizers at the quantized layers' inputs (the placement before #21);
+- ``w8a8_onnxruntime``: the same with the ``"onnxruntime"`` placement (residual adds and pooling inputs too);
+- ``ort_static_w8a8``: ``onnxruntime.quantization.quantize_static`` on the ``fp`` file after its
+  ``quant_pre_process`` (QDQ format, per-channel int8 weights, uint8 activations, min-max calibration);
+- ``w4a8_onnxruntime``: flatq W4A8 with the ``"onnxruntime"`` placement, weights stored as int4;
+- ``w4a8_onnxruntime_int8``: the same model with its 4-bit codes stored in int8 (``pack_int4=False``).
 
-    python benchmarks/export.py --threads 1 --data ../shared/data/cifar10-jpeg.zip \\
+For each file: top-1 on the test set through ONNX Runtime (and of the flatq fake-quant model it was made from,
+with the argmax agreement), the convolutions and matrix products ONNX Runtime runs on integer and on float
+kernels after its graph optimisation (``ort_kernels``), the file size, and ONNX Runtime's CPU latency: median and
+interquartile range over repeats, the files taking turns within each round, for one thread and for all threads,
+on a batch of 128 test images and on one image.
+
+Writes one JSON file per model (``--out-dir``, default ``benchmarks/results/export/cpu``: ``<model>.json``) and a
+generated ``summary.md`` there, and prints the table; the model files go to ``--files`` (not committed).
+
+    python benchmarks/export.py --data ../shared/data/cifar10-jpeg.zip --models resnet20,resnet18,mobilenetv2,vit \
         --resnet benchmarks/results/quality/cpu/plain/seed0.pt --vit bench_out/export/vit_cifar_d4.pt --train-vit
     python benchmarks/export.py --smoke     # tiny synthetic run of the whole path (seconds), for the tests
 """
@@ -119,78 +131,156 @@ def latency(sessions: dict[str, Any], x: torch.Tensor, repeats: int) -> dict[str
     return out
 
 
-def report_model(net: nn.Module, bits: str, calib: list[torch.Tensor]) -> nn.Module:
-    """The quantized model ``run_ptq`` built for ``bits``: same calibration batches, same settings (quantizing
-    is deterministic), so the second parity pass compares ONNX Runtime with the model the file was made from."""
+VARIANTS: tuple[tuple[str, str | None, str, bool], ...] = (
+    # (key, bits, placement, int4 container)
+    ("fp", None, "layer_inputs", False),
+    ("w8a8_layer_inputs", "w8a8", "layer_inputs", False),
+    ("w8a8_onnxruntime", "w8a8", "onnxruntime", False),
+    ("ort_static_w8a8", None, "layer_inputs", False),
+    ("w4a8_onnxruntime", "w4a8", "onnxruntime", True),
+    ("w4a8_onnxruntime_int8", "w4a8", "onnxruntime", False),
+)
+LABELS = {"fp": "FP", "w8a8_layer_inputs": "flatq W8A8, layer inputs", "w8a8_onnxruntime": "flatq W8A8, onnxruntime",
+          "ort_static_w8a8": "ORT quantize_static W8A8", "w4a8_onnxruntime": "flatq W4A8, onnxruntime, int4",
+          "w4a8_onnxruntime_int8": "flatq W4A8, onnxruntime, int8 storage"}
+
+
+def ort_static(fp_path: Path, out: Path, calib: list[torch.Tensor]) -> Path:
+    """ONNX Runtime's own static quantization of ``fp_path`` as its documentation shows it: ``quant_pre_process``,
+    then ``quantize_static`` in QDQ format, per-channel int8 weights, uint8 activations, min-max calibration on
+    ``calib``."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_name(f"{out.stem}_preprocessed.onnx")
+    quant_pre_process(str(fp_path), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": c.detach().cpu().float().numpy()} for c in calib])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return out
+
+
+def bench_model(name: str, net: nn.Module, dm: Any, args: argparse.Namespace, files_dir: Path,
+                trained: bool = True) -> dict[str, Any]:
+    from flatq_lightning.ptq.onnx_export import ort_kernels
     from flatq_lightning.quant import QuantSpec, fold_batchnorm, quantize_model
 
-    return quantize_model(fold_batchnorm(net), *QuantSpec.parse(bits), calib_batches=calib)
-
-
-def bench_model(name: str, net: nn.Module, dm: Any, args: argparse.Namespace, files_dir: Path) -> dict[str, Any]:
-    test = dm.test_dataloader()
-    # the calibration batches, drawn once: the loader reshuffles on every pass
+    test = list(dm.test_dataloader())
+    if args.eval_images:
+        test = test[: max(1, args.eval_images // args.batch_size)]
+    # the calibration batches, drawn once and shared by every file
     n_calib = max(1, args.calib_images // args.batch_size)
     calib = [batch_inputs(b) for _, b in zip(range(n_calib), dm.calib_dataloader(args.batch_size))]
     d = files_dir / name
     d.mkdir(parents=True, exist_ok=True)
+    x = batch_inputs(test[0])
+    all_threads = args.threads or os.cpu_count() or 1
+    folded = fold_batchnorm(net)
+    rows: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
     t0 = time.perf_counter()
-    report = run_ptq(net, calib, test, bits=BITS, calib_batches=n_calib,
-                     progress=False, export_dir=d, export_formats=("onnx", "safetensors"), overwrite=True,
-                     export_metadata={"model": name})
-    ptq_s = time.perf_counter() - t0
-    x = batch_inputs(next(iter(test)))
-    fp_onnx = export_onnx(net, d / "fp.onnx", x[:1], overwrite=True)
-    fp_parity = check_onnx_parity(net, fp_onnx, test)
-    from safetensors.torch import save_file
+    for key, bits, placement, int4 in VARIANTS:
+        t = time.perf_counter()
+        path = d / f"{key}.onnx"
+        model = net
+        if key == "fp":
+            export_onnx(net, path, x[:1], overwrite=True)
+        elif key == "ort_static_w8a8":
+            path.unlink(missing_ok=True)
+            ort_static(paths["fp"], path, calib)
+        else:
+            model = quantize_model(folded, *QuantSpec.parse(bits), calib_batches=calib, placement=placement)
+            export_onnx(model, path, x[:1], pack_int4=int4, overwrite=True)
+        paths[key] = path
+        parity = check_onnx_parity(model, path, test, threads=all_threads)
+        kernels = ort_kernels(path)
+        rows[key] = {"label": LABELS[key], "bits": bits or ("w8a8" if key.startswith("ort_static") else "fp"),
+                     "placement": placement if bits else None,
+                     "top1_flatq": parity.top1_flatq if key != "ort_static_w8a8" else None,
+                     "top1_fp_model": parity.top1_flatq if key == "ort_static_w8a8" else None,
+                     "top1_ort": parity.top1_ort, "agreement": parity.agreement,
+                     "max_abs_logit_diff": parity.max_abs_logit_diff, "samples": parity.samples,
+                     "onnx_bytes": path.stat().st_size, "kernels": kernels, "build_and_eval_s": time.perf_counter() - t}
+        print(f"[{name}] {key}: top-1 ORT {parity.top1_ort:.2f} (flatq {parity.top1_flatq:.2f}, agree "
+              f"{parity.agreement:.2f}), integer/float kernels {kernels['integer']}/{kernels['float']}, "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+    lat: dict[str, Any] = {}
+    for threads in sorted({1, all_threads}):
+        sessions = {k: ort_session(p, threads=threads) for k, p in paths.items()}
+        lat[f"threads{threads}"] = {"batch": latency(sessions, x, args.repeats),
+                                    "single": latency(sessions, x[:1], args.repeats_single)}
+        del sessions
+    for key, row in rows.items():
+        row["latency_ms"] = {t: {kind: v[kind][key] for kind in v} for t, v in lat.items()}
+        row["speedup_vs_fp"] = {t: {kind: v[kind]["fp"]["median_ms"] / v[kind][key]["median_ms"] for kind in v}
+                                for t, v in lat.items()}
+    return {"model": name, "trained": trained, "params": sum(p.numel() for p in net.parameters()),
+            "eval_images": rows["fp"]["samples"], "batch_size": int(x.shape[0]), "threads": sorted({1, all_threads}),
+            "seconds": time.perf_counter() - t0, "rows": rows}
 
-    fp_st = d / "fp.safetensors"
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}, str(fp_st))
-    threads = args.threads or torch.get_num_threads()
-    sessions = {"fp": ort_session(fp_onnx, threads=threads)}
-    rows: dict[str, Any] = {"fp": {"top1_flatq": report.fp_top1, "top1_ort": fp_parity.top1_ort,
-                                   "agreement": fp_parity.agreement, "max_abs_logit_diff": fp_parity.max_abs_logit_diff,
-                                   "onnx_bytes": fp_onnx.stat().st_size, "safetensors_bytes": fp_st.stat().st_size}}
-    for b in BITS:
-        row = report.row(b)
-        onnx_e = next(e for e in row.exports if e["format"] == "onnx")
-        st_e = next(e for e in row.exports if e["format"] == "safetensors")
-        sessions[b] = ort_session(onnx_e["path"], threads=threads)
-        sessions[f"{b}_nofusion"] = nf = ort_session(onnx_e["path"], threads=threads, qdq_fusion=False)
-        p_nf = check_onnx_parity(report_model(net, b, calib), nf, test) if args.parity_nofusion else None
-        rows[b] = {"top1_report": row.top1, "top1_flatq": onnx_e["top1_flatq"], "top1_ort": onnx_e["top1_ort"],
-                   "agreement": onnx_e["agreement"], "max_abs_logit_diff": onnx_e["max_abs_logit_diff"],
-                   "mean_abs_logit_diff": onnx_e["mean_abs_logit_diff"], "samples": onnx_e["samples"],
-                   "onnx_bytes": onnx_e["bytes"], "safetensors_bytes": st_e["bytes"],
-                   "nofusion": p_nf.to_dict() if p_nf is not None else None}
-    lat = {"batch": latency(sessions, x, args.repeats), "single": latency(sessions, x[:1], args.repeats_single)}
-    for k in rows:
-        for kind in ("batch", "single"):
-            rows[k][f"latency_{kind}_ms"] = lat[kind][k]
-            if k != "fp":
-                rows[k][f"latency_{kind}_nofusion_ms"] = lat[kind][f"{k}_nofusion"]
-    return {"model": name, "params": sum(p.numel() for p in net.parameters()), "eval_images": report.num_eval_samples,
-            "batch_size": int(x.shape[0]), "ptq_and_parity_s": ptq_s, "rows": rows}
+
+def _lat(v: dict[str, float], digits: int = 1) -> str:
+    return f"{v['median_ms']:.{digits}f} [{v['q1_ms']:.{digits}f}–{v['q3_ms']:.{digits}f}]"
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    bs = results[0]["batch_size"] if results else 0
-    lines = ["| model | bits | top-1 flatq (%) | top-1 ONNX Runtime (%) | argmax agree (%) | max abs Δ logit | "
-             f"ONNX size | safetensors size | ORT ms / batch of {bs} | ORT ms / image | "
-             f"ORT ms / batch, QDQ fusion off | ORT ms / image, QDQ fusion off | top-1 ORT / agree, QDQ fusion off (%) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per model and file: accuracy, kernels, size, latency (median [IQR]) and speed-up over FP."""
+    if not results:
+        return ""
+    bs = results[0]["batch_size"]
+    ts = results[0]["threads"]
+    head = ["model", "file", "top-1 ORT (%)", "top-1 flatq (%)", "argmax agree (%)", "integer / float convs+matmuls",
+            "ONNX size"]
+    for t in ts:
+        head += [f"ms / batch of {bs}, {t} thr", f"ms / image, {t} thr", f"speed-up vs FP, batch, {t} thr"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in results:
-        for k, v in r["rows"].items():
-            nf = v.get("nofusion") or {}
-            off = ("—", "—", "—") if k == "fp" else (
-                f"{v['latency_batch_nofusion_ms']['median_ms']:.1f}", f"{v['latency_single_nofusion_ms']['median_ms']:.2f}",
-                f"{nf['top1_ort']:.2f} / {nf['agreement']:.2f}" if nf else "—")
-            lines.append(
-                f"| {r['model']} | {k.upper() if k != 'fp' else 'FP'} | {v['top1_flatq']:.2f} | {v['top1_ort']:.2f} | "
-                f"{v['agreement']:.2f} | {v['max_abs_logit_diff']:.3f} | {v['onnx_bytes'] / 1024:.0f} KiB | "
-                f"{v['safetensors_bytes'] / 1024:.0f} KiB | {v['latency_batch_ms']['median_ms']:.1f} | "
-                f"{v['latency_single_ms']['median_ms']:.2f} | " + " | ".join(off) + " |")
+        for key, v in r["rows"].items():
+            top1 = f"{v['top1_ort']:.2f}" if r["trained"] else f"({v['top1_ort']:.2f}, untrained)"
+            flat = v["top1_flatq"]
+            cells = [r["model"], v["label"], top1, f"{flat:.2f}" if flat is not None else "–",
+                     f"{v['agreement']:.2f}" if key != "ort_static_w8a8" else f"({v['agreement']:.2f} with FP)",
+                     f"{v['kernels']['integer']} / {v['kernels']['float']}", f"{v['onnx_bytes'] / 1024:.0f} KiB"]
+            for t in ts:
+                lat, sp = v["latency_ms"][f"threads{t}"], v["speedup_vs_fp"][f"threads{t}"]
+                cells += [_lat(lat["batch"]), _lat(lat["single"], 2), f"{sp['batch']:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def summarize(out_dir: Path) -> str:
+    """summary.md from every ``<model>.json`` in ``out_dir`` (the table, each file's date, command and machine)."""
+    recs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    recs = [r for r in recs if r.get("benchmark") == "export" and "result" in r]
+    md = ["# Export benchmark: generated by `python benchmarks/export.py` (do not edit)", ""]
+    md.append(table([r["result"] for r in recs]))
+    md.append("")
+    for r in recs:
+        m = r["machine"]
+        md.append(f"- `{r['result']['model']}.json`: {r['date']}, commit {r['commit']}, {m['cpu']} ({m['cores']} cores), "
+                  f"ONNX Runtime {m['onnxruntime']}, torch {m['torch']}; `{r['command']}`")
+    text = "\n".join(md) + "\n"
+    _write_atomic(out_dir / "summary.md", text)
+    return text
+
+
+MODELS = ("resnet20", "resnet18", "mobilenetv2", "vit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,79 +288,83 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="../shared/data/cifar10-jpeg.zip", help="CIFAR-10 zip/folder")
     ap.add_argument("--resnet", default="benchmarks/results/quality/cpu/plain/seed0.pt",
                     help="state dict of a cifar_resnet20 (benchmarks/quality.py --train-only writes them)")
+    ap.add_argument("--resnet18", default=None, help="state dict of timm resnet18 (10 classes); untrained if absent")
+    ap.add_argument("--mobilenetv2", default=None, help="state dict of timm mobilenetv2_100; untrained if absent")
     ap.add_argument("--vit", default="bench_out/export/vit_cifar_d4.pt", help="state dict of the ViT")
     ap.add_argument("--train-vit", action="store_true", help="train the ViT first when --vit does not exist")
     ap.add_argument("--vit-depth", type=int, default=4)
     ap.add_argument("--vit-epochs", type=int, default=6)
     ap.add_argument("--vit-train-subset", type=int, default=4000)
-    ap.add_argument("--models", default="resnet20,vit")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--batch-size", type=int, default=128, help="evaluation, calibration and latency batch")
     ap.add_argument("--calib-images", type=int, default=CALIB_IMAGES)
-    ap.add_argument("--repeats", type=int, default=30, help="latency repeats per model, batch of 128")
-    ap.add_argument("--repeats-single", type=int, default=300, help="latency repeats per model, one image")
-    ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
-    ap.add_argument("--no-parity-nofusion", dest="parity_nofusion", action="store_false",
-                    help="skip the second parity pass with ONNX Runtime's QDQ fusion off")
+    ap.add_argument("--eval-images", type=int, default=0, help="test images for the accuracy rows (0: all)")
+    ap.add_argument("--repeats", type=int, default=30, help="latency repeats per file, batch of 128")
+    ap.add_argument("--repeats-single", type=int, default=300, help="latency repeats per file, one image")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the 'all threads' setting (default: every core); one thread is always measured too")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--files", default="bench_out/export", help="where the ONNX/safetensors files go")
-    ap.add_argument("--out", default="benchmarks/results/export/cpu/export.json")
+    ap.add_argument("--files", default="bench_out/export", help="where the ONNX files go")
+    ap.add_argument("--out-dir", default="benchmarks/results/export/cpu", help="<model>.json and summary.md")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic models and data: the path, in seconds")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    files_dir = Path(args.files)
-    results = []
     models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        ap.error(f"unknown model(s) {bad}: choose from {', '.join(MODELS)}")
+    torch.manual_seed(args.seed)
+    files_dir, out_dir = Path(args.files), Path(args.out_dir)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from flatq_lightning.app.models import create_model
+    from flatq_lightning.app.models.vit import vit_cifar
+
     if args.smoke:
         from flatq_lightning.app.data import SyntheticDataModule
-        from flatq_lightning.app.models import create_model
 
         args.repeats, args.repeats_single, args.calib_images, args.batch_size = 3, 3, 32, 16
         dm = SyntheticDataModule(num_samples=64, val_samples=32, num_classes=10, image_size=32, batch_size=16)
-        dm.setup("fit")
-        from flatq_lightning.app.models.vit import vit_cifar
-
-        nets = {"resnet20": create_model("cifar_resnet20", num_classes=10).eval(),
-                "vit": vit_cifar(num_classes=10, depth=1).eval()}
-        results = [bench_model(m, nets[m], dm, args, files_dir) for m in models]
     else:
         from flatq_lightning.app.data import CIFAR10DataModule
-        from flatq_lightning.app.models import create_model
-        from flatq_lightning.app.models.vit import vit_cifar
 
         dm = CIFAR10DataModule(args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
                                train_subset=10_000, seed=0, num_workers=0)
-        dm.setup("fit")
-        for m in models:
-            if m == "resnet20":
-                net = load_state(create_model("cifar_resnet20", num_classes=10), Path(args.resnet))
-            elif m == "vit":
-                path = Path(args.vit)
-                if path.exists():
-                    net = load_state(vit_cifar(num_classes=10, depth=args.vit_depth), path)
-                elif args.train_vit:
-                    vdm = CIFAR10DataModule(args.data, batch_size=128, train_subset=args.vit_train_subset, seed=0,
-                                            num_workers=0)
-                    net = train_vit(path, vdm, args)
-                else:
-                    raise SystemExit(f"--vit {path} does not exist: pass --train-vit to train it first")
+    dm.setup("fit")
+    results = []
+    for m in models:
+        trained = True
+        if args.smoke:
+            net = {"resnet20": lambda: create_model("cifar_resnet20", num_classes=10),
+                   "resnet18": lambda: create_model("test_resnet", num_classes=10),
+                   "mobilenetv2": lambda: create_model("mobilenetv2_035", num_classes=10),
+                   "vit": lambda: vit_cifar(num_classes=10, depth=1)}[m]().eval()
+        elif m == "resnet20":
+            net = load_state(create_model("cifar_resnet20", num_classes=10), Path(args.resnet))
+        elif m in ("resnet18", "mobilenetv2"):
+            net = create_model("resnet18" if m == "resnet18" else "mobilenetv2_100", num_classes=10).eval()
+            weights = getattr(args, m)
+            trained = weights is not None
+            if trained:
+                net = load_state(net, Path(weights))
+        else:
+            path = Path(args.vit)
+            if path.exists():
+                net = load_state(vit_cifar(num_classes=10, depth=args.vit_depth), path)
+            elif args.train_vit:
+                vdm = CIFAR10DataModule(args.data, batch_size=128, train_subset=args.vit_train_subset, seed=0,
+                                        num_workers=0)
+                net = train_vit(path, vdm, args)
             else:
-                raise SystemExit(f"unknown model {m!r}: resnet20, vit")
-            t0 = time.perf_counter()
-            results.append(bench_model(m, net, dm, args, files_dir))
-            print(f"[{m}] {time.perf_counter() - t0:.0f} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"benchmark": "export", "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
-              "command": "python " + " ".join(sys.argv), "config": vars(args), "machine": machine(),
-              "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(out)
+                raise SystemExit(f"--vit {path} does not exist: pass --train-vit to train it first")
+        res = bench_model(m, net, dm, args, files_dir, trained=trained)
+        results.append(res)
+        record = {"benchmark": "export", "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+                  "command": "python " + " ".join(sys.argv), "config": vars(args), "machine": machine(),
+                  "result": res}
+        _write_atomic(out_dir / f"{m}.json", json.dumps(record, indent=1) + "\n")
+        print(f"[{m}] {res['seconds']:.0f} s -> {out_dir / (m + '.json')}", flush=True)
     print(table(results))
-    print(f"\nJSON in {out}")
+    summarize(out_dir)
+    print(f"\nJSON and summary.md in {out_dir}")
     return 0
 
 

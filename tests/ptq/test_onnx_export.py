@@ -257,18 +257,26 @@ def test_export_benchmark_smoke(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    out = tmp_path / "export.json"
+    out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(repo / "benchmarks" / "export.py"), "--smoke", "--threads", "1",
-                        "--models", "resnet20", "--no-parity-nofusion", "--files", str(tmp_path / "files"),
-                        "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                        "--models", "resnet20", "--files", str(tmp_path / "files"),
+                        "--out-dir", str(out)], cwd=repo, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| resnet20 | W4A8 |" in r.stdout
-    rec = json.loads(out.read_text())
-    rows = rec["results"][0]["rows"]
-    assert set(rows) == {"fp", "w8a8", "w4a8"}
-    assert rows["w4a8"]["onnx_bytes"] < rows["w8a8"]["onnx_bytes"] < rows["fp"]["onnx_bytes"]
-    assert rows["w8a8"]["latency_batch_ms"]["median_ms"] > 0 and rec["machine"]["onnxruntime"]
+    assert "| resnet20 | flatq W8A8, onnxruntime |" in r.stdout
+    rec = json.loads((out / "resnet20.json").read_text())
+    rows = rec["result"]["rows"]
+    assert list(rows) == ["fp", "w8a8_layer_inputs", "w8a8_onnxruntime", "ort_static_w8a8", "w4a8_onnxruntime",
+                          "w4a8_onnxruntime_int8"]
+    assert rows["w4a8_onnxruntime"]["onnx_bytes"] < rows["w8a8_onnxruntime"]["onnx_bytes"] < rows["fp"]["onnx_bytes"]
+    # the kernel counts: every conv of the ResNet-20 (21) integer with the onnxruntime placement, as in ORT's own
+    assert rows["w8a8_onnxruntime"]["kernels"]["ops"]["QLinearConv"] == 21
+    assert rows["ort_static_w8a8"]["kernels"]["ops"]["QLinearConv"] == 21
+    assert rows["w8a8_layer_inputs"]["kernels"]["ops"].get("QLinearConv", 0) < 21
+    lat = rows["w8a8_onnxruntime"]["latency_ms"]["threads1"]
+    assert lat["batch"]["median_ms"] > 0 and lat["single"]["q1_ms"] <= lat["single"]["q3_ms"]
+    assert rows["fp"]["speedup_vs_fp"]["threads1"]["batch"] == 1.0 and rec["machine"]["onnxruntime"]
+    assert "| resnet20 | ORT quantize_static W8A8 |" in (out / "summary.md").read_text()
 
 
 def test_a_failed_export_does_not_cost_the_report(trained, tmp_path, monkeypatch):
@@ -308,19 +316,19 @@ def test_export_benchmark_on_a_jpeg_zip_and_a_saved_state_dict(tmp_path):
     data = _tiny_cifar_zip(tmp_path)
     weights = tmp_path / "resnet20_seed0.pt"
     torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), weights)
-    out = tmp_path / "export.json"
+    out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, str(repo / "benchmarks" / "export.py"), "--data", str(data), "--resnet", str(weights),
-         "--models", "resnet20", "--no-parity-nofusion", "--threads", "1", "--repeats", "1", "--repeats-single", "1",
-         "--calib-images", "8", "--batch-size", "8", "--files", str(tmp_path / "files"), "--out", str(out)],
+         "--models", "resnet20", "--threads", "1", "--repeats", "1", "--repeats-single", "1",
+         "--calib-images", "8", "--batch-size", "8", "--files", str(tmp_path / "files"), "--out-dir", str(out)],
         cwd=repo, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
         env={**os.environ, "OMP_NUM_THREADS": "1", "FLATQ_CACHE": str(tmp_path / "cache")},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "decoding test images: done, 20 images" in r.stderr + r.stdout
-    (res,) = json.loads(out.read_text())["results"]
-    assert res["eval_images"] == 20
-    for bits in ("w8a8", "w4a8"):
-        row = res["rows"][bits]
+    res = json.loads((out / "resnet20.json").read_text())["result"]
+    assert res["eval_images"] == 20 and res["trained"]
+    for key in ("w8a8_layer_inputs", "w8a8_onnxruntime", "w4a8_onnxruntime"):
+        row = res["rows"][key]
         assert row["samples"] == 20 and abs(row["top1_flatq"] - row["top1_ort"]) <= 100 / 20 + 1e-6
         assert (tmp_path / "files").exists()

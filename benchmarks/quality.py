@@ -319,6 +319,12 @@ PTQ_RECIPES: dict[str, tuple[PTQRecipe, str]] = {
     "practical": (PTQRecipe.preset("practical", bn_batches=BN_BATCHES), "clean"),
     # practical + block reconstruction (learned rounding and activation step sizes, QDrop), the library defaults
     "reconstruct": (PTQRecipe.preset("reconstruct", bn_batches=BN_BATCHES), "clean"),
+    # minmax and practical with the quantizers ONNX Runtime needs for integer kernels (issue 21): residual adds,
+    # branch outputs and pooling inputs quantized too
+    "minmax_ort": (PTQRecipe.preset("minmax", name="minmax_ort", bn_batches=BN_BATCHES, placement="onnxruntime"),
+                   "clean"),
+    "practical_ort": (PTQRecipe.preset("practical", name="practical_ort", bn_batches=BN_BATCHES,
+                                       placement="onnxruntime"), "clean"),
 }
 
 

@@ -312,6 +312,15 @@ def _materialize(proto: Any, layers: dict[str, _LayerExport], pack_int4: bool) -
             s.update(weight_bits=spec.bits, weight_container=cont, weight_axis=e.axis)
         else:  # pragma: no cover - only the two placeholders exist
             raise ValueError(f"export_onnx: unknown placeholder {node.op_type}")
+    # drop nodes nothing reads (the exporter's Identity copies of float weights the placeholders replaced,
+    # e.g. of two equal weights), so their float initializers go too
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in nodes for i in n.input} | outputs
+        live = [n for n in nodes if any(o in read for o in n.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}

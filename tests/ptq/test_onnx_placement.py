@@ -122,3 +122,19 @@ def test_run_ptq_with_the_placement_recipe_exports_and_reports(data, tmp_path):
     assert recipe.settings()["ptq/placement"] == "onnxruntime"
     with pytest.raises(ValueError, match="placement must be one of"):
         PTQRecipe.preset("minmax", placement="tensorrt")
+
+
+def test_equal_weights_leave_no_float_copy_in_the_file(tmp_path):
+    """Two convolutions with equal weights (zero-initialised last BN of an untrained timm ResNet, folded): the
+    exporter shares them through Identity nodes, which must go with the float weights they read."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    with torch.no_grad():
+        net[2].weight.zero_()
+        net[4].weight.zero_()
+    x = torch.randn(4, 3, 8, 8)
+    q = quantize_model(net, *QuantSpec.parse("w8a8"), calib_batches=[x])
+    graph = onnx.load(str(export_onnx(q, tmp_path / "q.onnx", x[:1]))).graph
+    floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.name.endswith("weight")]
+    assert floats == []
+    assert not [n for n in graph.node if n.op_type == "Identity"]

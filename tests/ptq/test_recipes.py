@@ -114,19 +114,20 @@ def test_hydra_ptq_group_and_flatq_ptq_take_the_recipe(tmp_path, capsys):
     from tests.app.test_train import TINY, _compose
 
     cfg = _compose([*TINY, "variants=null", "callbacks=[ptq,checkpoint]", "ptq.progress=false", "ptq.bits=[w4a4]",
-                    "ptq/recipe=practical", "+ptq.recipe.bn_batches=2"])
+                    "ptq/recipe=practical", "+ptq.recipe.bn_batches=2", "+ptq.recipe.placement=onnxruntime"])
     res = run(cfg, tmp_path)
     main = res["variants"]["main"]
     rep = json.loads(next(Path(tmp_path).rglob("ptq_report.json")).read_text())
     assert rep["bn_reestimate"] and rep["act_observer"] == "percentile" and rep["observer"] == "mse"
     assert rep["rows"][0]["bn_reestimated"] and rep["bn_batches"] == 2 and rep["rows"][0]["recipe"] == "practical"
+    assert rep["recipe"]["placement"] == "onnxruntime"
     out = tmp_path / "cli"
     rc = ptq_cli.main([main["checkpoint"], "--bits", "w4a4", "--calib-batches", "1", "--no-progress", "--device", "cpu",
-                       "--save-dir", str(out), "--recipe", "practical", "--bn-batches", "2"])
+                       "--save-dir", str(out), "--recipe", "practical", "--bn-batches", "2", "--placement", "onnxruntime"])
     assert rc == 0
     cli = json.loads((out / "ptq_report.json").read_text())
     assert cli["bn_reestimate"] and cli["act_observer"] == "percentile" and cli["bn_batches"] == 2
-    assert cli["recipe"] == PTQRecipe.preset("practical", bn_batches=2).to_dict()
+    assert cli["recipe"] == PTQRecipe.preset("practical", bn_batches=2, placement="onnxruntime").to_dict()
     # no DNQ noise in this fit: there is no second (noisy) BN set to start from
     rc = ptq_cli.main([main["checkpoint"], "--bits", "w4a4", "--calib-batches", "1", "--no-progress", "--device", "cpu",
                        "--save-dir", str(tmp_path / "cli2"), "--bn-stats", "noisy"])

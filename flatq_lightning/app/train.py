@@ -213,6 +213,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check_trainer_values(cfg.get("trainer"))
     if "batch_size" in (cfg.get("data") or {}):
         _check_batch_sizes(cfg.data)
+    resume = cfg.get("resume")
+    if resume is not None and (not isinstance(resume, str) or not resume):
+        raise ConfigError(f"resume must be null, 'last' or a checkpoint path, got {resume!r}")
+    if resume not in (None, "last") and not Path(resume).is_file():
+        raise ConfigError(f"resume={resume!r}: no such checkpoint file (resume=last resumes each variant from "
+                          "<run dir>/<variant>/checkpoints/last.ckpt)")
     variants = cfg.get("variants")
     if variants is not None and not isinstance(variants, DictConfig):
         raise ConfigError(f"variants must be null or a mapping {{name: overrides}}, got {variants!r}")
@@ -455,6 +461,21 @@ def _settings_callback(settings: dict[str, Any]) -> Any:
     return LogSettings()
 
 
+def _resume_from(resume: str | None, vdir: Path, name: str) -> str | None:
+    """The checkpoint a fit resumes from: ``resume=last`` takes ``<vdir>/checkpoints/last.ckpt`` when it exists
+    (the run was stopped; without it the fit starts afresh, said in one line), a path is taken as it is."""
+    if resume is None:
+        return None
+    if resume != "last":
+        return str(resume)
+    last = vdir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"[{name}] resuming from {last}", file=sys.stderr)
+        return str(last)
+    print(f"[{name}] resume=last: no {last} yet, starting from the beginning", file=sys.stderr)
+    return None
+
+
 def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, Any] | None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -491,8 +512,9 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     log.info(
         "[%s] fitting %s on %s with %d callback(s)", name, cfg.model.name, type(dm).__name__, len(callbacks)
     )
+    ckpt_path = _resume_from(cfg.get("resume"), vdir, name)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return None
@@ -503,6 +525,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
         "mse_weight": float(cfg.module.mse_weight),
         "quant_preset": str(cfg.quant.preset),
         "fit_seconds": round(fit_s, 2),
+        "resumed_from": ckpt_path,
         "epochs": int(trainer.current_epoch),
         "steps": int(trainer.global_step),
         "checkpoint": (ckpt.best_model_path or ckpt.last_model_path or None)
@@ -639,14 +662,19 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
             results["variants"][name] = res
     results["job_seconds"] = round(time.perf_counter() - t_job, 2)
     if results["variants"]:
-        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+        from ..ptq.report import numbered_paths, write_file_atomic
+
+        # atomic, and an earlier job's results in the same directory (a rerun, a resume) are kept: results_2.*
+        paths = numbered_paths(out, "results", ("json", "md", "csv"))
         table = comparison_table(results)
-        (out / "results.md").write_text(f"# {results['experiment']}\n\n{table}\n")
-        (out / "results.csv").write_text(_results_csv([results]))
+        write_file_atomic(paths["json"], json.dumps(results, indent=2, allow_nan=True) + "\n")
+        write_file_atomic(paths["md"], f"# {results['experiment']}\n\n{table}\n")
+        write_file_atomic(paths["csv"], _results_csv([results]))
+        results["results_files"] = {k: str(v) for k, v in paths.items()}
         if cfg.get("print_table", True):
             print(f"\n{results['experiment']}: top-1 accuracy (%) on the test split after PTQ\n")
             print(table)
-            print(f"\nresults in {out}")
+            print(f"\nresults in {out}" + (f" ({paths['json'].name})" if paths["json"].name != "results.json" else ""))
     return results
 
 

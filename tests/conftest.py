@@ -21,7 +21,18 @@ except ImportError:  # pragma: no cover - hypothesis is in the dev extra
     pass
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shuffle-seed", type=int, default=None,
+                     help="run the collected tests in a random order drawn from this seed (flake hunting: "
+                          "tests/flake_loop.sh -r); module fixtures may then be set up more than once")
+
+
 def pytest_collection_modifyitems(config, items):
+    seed = config.getoption("--shuffle-seed")
+    if seed is not None:
+        import random
+
+        random.Random(seed).shuffle(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

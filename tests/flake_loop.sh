@@ -7,7 +7,7 @@
 #   -b BURNERS  keep BURNERS CPU burners (python -c 'while True: pass') busy in the background during the runs,
 #               killed at the end (default 0); 2 keeps both cores of a 2-core machine busy
 #   -r          random test order, a fresh seed per run: pytest-randomly (--randomly-seed) or pytest-random-order
-#               (--random-order-seed) when one is installed; without either it says so and keeps the file order
+#               (--random-order-seed) when one is installed, else tests/conftest.py's own --shuffle-seed
 #   -o LOGDIR   where each run's output goes (default: a new temporary folder); run<i>.log per run
 #
 # Every run prints its counts (passed / failed / errors / skipped), its time and its seed; a closing table
@@ -50,14 +50,9 @@ mkdir -p "$logdir"
 has() { "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 order_plugin=none
 if has pytest_randomly; then order_plugin=randomly; elif has random_order; then order_plugin=random_order; fi
-if [ "$random_order" = 1 ] && [ "$order_plugin" = none ]; then
-  echo "flake_loop: random order asked for, but neither pytest-randomly nor pytest-random-order is installed:" \
-       "the runs keep the file order" >&2
-fi
-
 order=file
 if [ "$random_order" = 1 ]; then
-  [ "$order_plugin" = none ] && order="file (no random-order plugin installed)" || order="random via $order_plugin"
+  [ "$order_plugin" = none ] && order="random via --shuffle-seed (tests/conftest.py)" || order="random via $order_plugin"
 fi
 
 burner_pids=()
@@ -92,6 +87,8 @@ for i in $(seq 1 "$runs"); do
     else order_args=(-p no:randomly); fi
   elif [ "$order_plugin" = random_order ] && [ "$random_order" = 1 ]; then
     seed=$RANDOM$RANDOM; order_args=("--random-order-seed=$seed")
+  elif [ "$random_order" = 1 ]; then
+    seed=$RANDOM$RANDOM; order_args=("--shuffle-seed=$seed")
   fi
   log="$logdir/run$i.log"
   t0=$(date +%s)

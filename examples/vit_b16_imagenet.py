@@ -25,7 +25,7 @@ from flatq_lightning import DNQ, PostTrainingQuantization
 from flatq_lightning.app.data import ImageNetDataModule, SyntheticDataModule
 from flatq_lightning.app.models import PretrainedWeightsError
 from flatq_lightning.app.module import ImageClassifier
-from flatq_lightning.progress import progress_bar_callback
+from flatq_lightning.utils.progress import progress_bar_callback
 
 VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
 

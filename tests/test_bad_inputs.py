@@ -183,7 +183,7 @@ def test_flatq_ptq_random_bytes_and_truncated_checkpoints(tiny_checkpoint, tmp_p
 
 
 def test_flatq_ptq_save_dir_that_is_a_file_fails_before_the_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import flatq_lightning.ptq.cli as cli
+    import flatq_lightning.app.ptq_cli as cli
 
     f = tmp_path / "a_file"
     f.write_text("x")

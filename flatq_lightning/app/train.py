@@ -400,15 +400,12 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
     for cb in trainer.callbacks:
         if isinstance(cb, PostTrainingQuantization) and cb.report is not None:
             return cb.report, dict(cb.files or {}) or cb.report.write(vdir)
-    try:
-        from .. import run_ptq  # type: ignore[attr-defined]
-    except ImportError:
-        from ..ptq.runner import run_ptq
+    from ..ptq import runner  # runner.run_ptq: looked up at call time (tests replace it)
 
     p = cfg.ptq
     calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
     augment = getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None
-    report = run_ptq(
+    report = runner.run_ptq(
         module,
         calib,
         dm.test_dataloader(),
@@ -452,7 +449,7 @@ def _settings_callback(settings: dict[str, Any]) -> Any:
     """A callback that adds ``settings`` to the loggers' hyperparameters at fit start (with the module's)."""
     from lightning.pytorch.callbacks import Callback
 
-    from ..callbacks._common import log_settings
+    from ..utils.logging import log_settings
 
     class LogSettings(Callback):
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -480,7 +477,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ..progress import progress_bar_callback
+    from ..utils.progress import progress_bar_callback
 
     L.seed_everything(int(cfg.seed), workers=True)
     module = _instantiate(
@@ -662,7 +659,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
             results["variants"][name] = res
     results["job_seconds"] = round(time.perf_counter() - t_job, 2)
     if results["variants"]:
-        from ..ptq.report import numbered_paths, write_file_atomic
+        from ..utils.io import numbered_paths, write_file_atomic
 
         # atomic, and an earlier job's results in the same directory (a rerun, a resume) are kept: results_2.*
         paths = numbered_paths(out, "results", ("json", "md", "csv"))

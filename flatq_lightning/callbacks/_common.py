@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..quant.hooks import hooks_suspended
+from ..utils.logging import describe
 
 _MASK64 = (1 << 64) - 1
 
@@ -84,39 +85,6 @@ def reestimate_bn_on_training_data(trainer: Any, pl_module: Any, num_batches: in
         except ValueError:
             rank_zero_warn("flatq: the training dataloader is empty: BatchNorm statistics were not re-estimated")
             return 0
-def check_int(name: str, value: object, minimum: int | None = None) -> int:
-    """``value`` as an int, or ``TypeError``/``ValueError`` naming ``name`` (bools and strings are refused)."""
-    import numbers
-
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value: object) -> bool:
-    """``value`` if it is True or False; otherwise ``TypeError`` naming ``name`` (``"no"`` is not False)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_scale_value(name: str, value: object) -> None:
-    """A noise scale: a finite number >= 0 or a callable of the step (checked again where it is used)."""
-    import math
-
-    if callable(value):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0 or a callable of the step, got {value!r}")
-def describe(value: object) -> object:
-    """A logger-friendly hyperparameter: numbers, strings and bools as they are, anything else as its repr."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        return ",".join(str(v) for v in value)
-    return repr(value)
 
 
 def recorder_settings(recorder: object) -> dict[str, object]:
@@ -134,73 +102,3 @@ def recorder_settings(recorder: object) -> dict[str, object]:
     }
 
 
-#: the hooks that run before Lightning logs the module's and data module's hyperparameters (``Trainer._run``:
-#: setup, configure_model, on_fit_start, then ``_log_hyperparams``)
-_BEFORE_AUTOLOG = ("setup", "configure_model", "on_fit_start")
-
-
-def _autolog_pending(trainer: object) -> bool:
-    """Whether Lightning is still to log the module's/data module's hyperparameters in this run: a callback is
-    in one of the hooks before that call, and the Trainer and the module (or the data module) let it log."""
-    if not getattr(trainer, "enable_autolog_hparams", True):
-        return False
-    module = getattr(trainer, "lightning_module", None)
-    if module is None or getattr(module, "_current_fx_name", None) not in _BEFORE_AUTOLOG:
-        return False
-    dm = getattr(trainer, "datamodule", None)
-    return bool(getattr(module, "_log_hyperparams", True) or getattr(dm, "_log_hyperparams", False))
-
-
-def _hold(logger: Any, settings: dict[str, object]) -> None:
-    """Keep ``settings`` for ``logger``'s next ``log_hyperparams`` call (Lightning's own, at fit start): that one
-    call then sends the module's hyperparameters and every callback's settings together."""
-    pending = logger.__dict__.get("_flatq_pending_settings")
-    if pending is None:
-        pending = {}
-        before = logger.__dict__.get("log_hyperparams")  # an instance attribute someone else set, else None
-        send = logger.log_hyperparams
-
-        def log_hyperparams(params: Any, *args: Any, **kwargs: Any) -> Any:
-            from lightning.fabric.utilities.logger import _convert_params
-
-            if before is None:
-                del logger.log_hyperparams  # back to the class's method: this runs once
-            else:
-                logger.log_hyperparams = before
-            held = logger.__dict__.pop("_flatq_pending_settings", {})
-            return send({**(_convert_params(params) or {}), **held}, *args, **kwargs)
-
-        logger.log_hyperparams = log_hyperparams
-        logger.__dict__["_flatq_pending_settings"] = pending
-    pending.update(settings)
-
-
-def log_settings(trainer: object, settings: dict[str, object]) -> None:
-    """Add ``settings`` to every logger's hyperparameters (each logger writes on rank zero only).
-
-    From the hooks before Lightning logs the module's hyperparameters (``setup``, ``on_fit_start``), the settings
-    are held and go out with Lightning's own ``log_hyperparams`` call: one write holds the module's, the data
-    module's and every callback's settings, which is what TensorBoard's HPARAMS view shows (it reads the first
-    hyperparameter summary of a run only). Later, or when Lightning does not log hyperparameters
-    (``enable_autolog_hparams=False``, ``save_hyperparameters(logger=False)``), the merged set is sent at once;
-    CSV and the other loggers merge it into what they have.
-    """
-    from ..ptq.report import log_hyperparams
-
-    hold = _autolog_pending(trainer)
-    for logger in getattr(trainer, "loggers", None) or []:
-        if hold:
-            try:
-                _hold(logger, settings)
-                continue
-            except (AttributeError, TypeError):  # a logger that takes no instance attributes: write now
-                pass
-        log_hyperparams(logger, settings)
-
-
-def log_every_n_steps(trainer: object, step: int) -> bool:
-    """Whether ``step`` is one the Trainer writes logs on (Lightning's rule: ``(step + 1) % log_every_n_steps
-    == 0``): per-step values are logged only then, so that logging a Python number costs no host-device copy
-    on the other steps."""
-    n = int(getattr(trainer, "log_every_n_steps", 1) or 1)
-    return (step + 1) % n == 0

@@ -14,11 +14,9 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from ..quant.hooks import hooks_are_suspended
+from ..utils.checks import check_int, check_scale_value
+from ..utils.logging import log_every_n_steps, log_settings
 from ._common import (
-    check_int,
-    check_scale_value,
-    log_every_n_steps,
-    log_settings,
     recorder_settings,
     splitmix64,
 )

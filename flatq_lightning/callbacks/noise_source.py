@@ -140,7 +140,7 @@ def kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, 
 
 def schedule_settings(prefix: str, cb: Any) -> dict[str, object]:
     """When a noise callback's noise is on and how strong, as ``<prefix>/...`` hyperparameters."""
-    from ._common import describe
+    from ..utils.logging import describe
 
     return {
         f"{prefix}/noise_scale": describe(cb.noise_scale),

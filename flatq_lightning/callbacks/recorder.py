@@ -25,7 +25,7 @@ from ..quant.ops import (
 )
 from ..quant.spec import QuantSpec, preset_name, preset_specs
 from ..quant.targets import has_weight, layer_specs, select_modules
-from ._common import check_bool
+from ..utils.checks import check_bool
 
 __all__ = ["QuantErrorRecorder", "resolve_specs"]
 

@@ -15,11 +15,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..quant.bn import bn_state, load_bn_state
+from ..utils.checks import check_int, check_scale_value
+from ..utils.logging import log_every_n_steps, log_settings
 from ._common import (
-    check_int,
-    check_scale_value,
-    log_every_n_steps,
-    log_settings,
     recorder_settings,
     reestimate_bn_on_training_data,
 )

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from ..callbacks._common import log_settings
+from ..utils.logging import log_settings
 from .export import normalize_export_formats
 from .recipe import RECIPES, PTQRecipe
 from .report import PTQReport

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantizedLayer, QuantSpec, attach_attention_points, fold_batchnorm, quantized_layers
-from ..quant.placement import attach_placement_points, placement_points
 from ..quant.ops import dequantize_int, quantize_int
+from ..quant.placement import attach_placement_points, placement_points
 from ..quant.quantize import _set_submodule
-from .report import write_file_atomic
+from ..utils.io import write_file_atomic
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from ..quant import QuantizedLayer, QuantSpec, batch_inputs, quantized_layers
 from ..quant.quantize import _set_submodule
 from ..quant.targets import has_weight
+from ..utils.io import write_file_atomic
 from .export import pack_codes, weight_codes
-from .report import write_file_atomic
 
 __all__ = [
     "ONNX_FORMAT",

@@ -211,7 +211,7 @@ def _logits(out: Any) -> Tensor:
 
 def _progress(iterable: Iterable[Any], enabled: bool, **kw: Any) -> Iterable[Any]:
     # a tqdm bar on a terminal, a few plain lines in a log (no escape codes from nested bars)
-    from ..progress import progress
+    from ..utils.progress import progress
 
     unit = "bit-widths" if kw.get("desc") == "PTQ" else "batches"  # the outer loop is over bit-widths
     return progress(iterable, enabled=enabled, unit=unit, **kw)
@@ -400,7 +400,7 @@ def _recipe_from_args(recipe: Any, legacy: dict[str, Any]) -> PTQRecipe:
 def _recon_logger(progress: bool) -> Callable[[str], None] | None:
     if not progress:
         return None
-    from ..progress import status
+    from ..utils.progress import status
 
     return status
 

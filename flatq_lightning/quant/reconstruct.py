@@ -59,8 +59,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import QuantPoint, attach_attention_points
-from .placement import attach_placement_points, placement_points
 from .ops import SCALE_EPS, fake_quantize, sqnr_db
+from .placement import attach_placement_points, placement_points
 from .quantize import QuantizedLayer, quantized_layers
 
 __all__ = [

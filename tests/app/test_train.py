@@ -287,7 +287,7 @@ def test_ptq_recipe_reaches_run_ptq_and_the_logged_settings(tmp_path, monkeypatc
         seen.append(kw)
         return real(*args, **kw)
 
-    monkeypatch.setattr(flatq_lightning, "run_ptq", spy)
+    monkeypatch.setattr(flatq_lightning.ptq.runner, "run_ptq", spy)
     cfg = _compose([*TINY, "variants=null", "ptq.progress=false", "ptq/recipe=practical", "+ptq.recipe.bn_batches=2"])
     res = run(cfg, tmp_path)
     (kw,) = seen

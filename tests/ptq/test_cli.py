@@ -8,7 +8,7 @@ import json
 import pytest
 
 from flatq_lightning import PTQRecipe
-from flatq_lightning.ptq import cli as ptq_cli
+from flatq_lightning.app import ptq_cli
 from flatq_lightning.quant import Reconstruction
 
 
@@ -77,7 +77,7 @@ def test_flatq_ptq_default_recipe_is_minmax_and_flags_replace_fields(checkpoint,
         seen.append(kw)
         raise ValueError("captured")
 
-    monkeypatch.setattr(flatq_lightning, "run_ptq", capture)
+    monkeypatch.setattr(flatq_lightning.ptq.runner, "run_ptq", capture)
     cases = [
         ((), PTQRecipe.preset("minmax")),
         (("--observer", "mse", "--bn-reestimate"), PTQRecipe.preset("minmax", observer="mse", bn_reestimate=True)),

@@ -176,7 +176,7 @@ def test_flatq_ptq_bn_stats_picks_the_set_it_quantizes(tmp_path, monkeypatch):
         got.update({n: b["running_var"] for n, b in bn_state(module).items()})
         raise ValueError("captured")
 
-    monkeypatch.setattr(flatq_lightning, "run_ptq", capture)
+    monkeypatch.setattr(flatq_lightning.ptq.runner, "run_ptq", capture)
     for which in ("clean", "noisy"):
         got.clear()
         assert ptq_cli.main([ckpt, "--bits", "w8a8", "--no-progress", "--device", "cpu", "--save-dir",

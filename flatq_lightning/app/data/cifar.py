@@ -89,7 +89,7 @@ def _assemble(
         raise ValueError(f"{source}: test classes {extra} do not appear in the training split")
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, np.ndarray] = {"classes": np.array(classes)}
-    from ...progress import progress
+    from ...utils.progress import progress
 
     for s in _SPLITS:
         items = sorted(by_split[s], key=lambda t: (index[t[0]], t[1]))
@@ -284,7 +284,7 @@ def load_cifar_arrays(
         if cache_file.exists():
             with np.load(cache_file, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-    from ...progress import status
+    from ...utils.progress import status
 
     where = f", cached in {cache_file} for later runs" if cache_file is not None else ""
     status(f"reading {dataset} from {src} ({kind}){where}")

@@ -8,7 +8,7 @@ import pytest
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import run_ptq
-from flatq_lightning.progress import is_terminal, progress
+from flatq_lightning.utils.progress import is_terminal, progress
 from tests.helpers import SmallConvNet, blob_data
 
 
@@ -21,7 +21,7 @@ def frozen_clock(monkeypatch):
     """
     import types
 
-    import flatq_lightning.progress as mod
+    import flatq_lightning.utils.progress as mod
 
     monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: 1000.0))
 
@@ -148,7 +148,7 @@ def _loaders():
 
 
 def test_plain_progress_bar_prints_lines_per_epoch_and_within_it():
-    from flatq_lightning.progress import PlainProgressBar
+    from flatq_lightning.utils.progress import PlainProgressBar
 
     out = io.StringIO()
     train, val = _loaders()
@@ -176,7 +176,7 @@ def test_plain_progress_bar_prints_lines_per_epoch_and_within_it():
 
 
 def test_plain_progress_bar_default_interval_and_disable(frozen_clock):
-    from flatq_lightning.progress import PlainProgressBar
+    from flatq_lightning.utils.progress import PlainProgressBar
 
     out = io.StringIO()
     train, val = _loaders()
@@ -195,7 +195,7 @@ def test_progress_bar_callback_chooses_plain_lines_off_a_terminal(monkeypatch):
 
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from flatq_lightning.progress import PlainProgressBar, progress_bar_callback
+    from flatq_lightning.utils.progress import PlainProgressBar, progress_bar_callback
 
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     monkeypatch.setattr(sys, "stderr", io.StringIO())

@@ -83,6 +83,7 @@ _RECIPE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     # absolute imports: `python -m flatq_lightning.ptq_cli` (the old name) runs this file with another package
+    # name; heavy imports stay inside the functions so that --help answers without torch
     from flatq_lightning.ptq.recipe import RECIPES
     from flatq_lightning.quant.spec import OBSERVERS
 
@@ -232,7 +233,7 @@ def datamodule_from_checkpoint(
     The name comes from the data module state Lightning stores under the module's class name; its
     constructor arguments from ``datamodule_hyper_parameters``. ``None`` values in ``overrides`` are ignored.
     """
-    from ..app.data import DATAMODULES, build_datamodule
+    from flatq_lightning.app.data import DATAMODULES, build_datamodule
 
     hparams: dict[str, Any] = dict(ckpt.get("datamodule_hyper_parameters") or {})
     recorded = None
@@ -281,15 +282,11 @@ def _input_description(dm: Any) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..app.data.base import DataNotFoundError
-    from ..app.module import ImageClassifier
-    from ..callbacks.noise import NOISY_BN_KEY
-    from ..quant.bn import load_bn_state
-
-    try:
-        from .. import run_ptq  # type: ignore[attr-defined]
-    except ImportError:
-        from .runner import run_ptq
+    from flatq_lightning.app.data.base import DataNotFoundError
+    from flatq_lightning.app.module import ImageClassifier
+    from flatq_lightning.callbacks.weight_noise import NOISY_BN_KEY
+    from flatq_lightning.ptq import runner  # runner.run_ptq: looked up at call time (tests replace it)
+    from flatq_lightning.quant.bn import load_bn_state
 
     ckpt_path = Path(args.checkpoint).expanduser()
     if not ckpt_path.is_file():
@@ -298,7 +295,7 @@ def _run(args: argparse.Namespace) -> int:
     if not bits:
         raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
     recipe = recipe_from_args(args)
-    from .export import normalize_export_formats
+    from flatq_lightning.ptq.export import normalize_export_formats
 
     try:
         formats = normalize_export_formats(args.export)
@@ -307,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.parity_batches is not None and args.parity_batches < 1:
         raise _CliError(f"--parity-batches must be a positive number, got {args.parity_batches}")
     if "onnx" in formats:
-        from .onnx_export import require_onnx
+        from flatq_lightning.ptq.onnx_export import require_onnx
 
         try:
             require_onnx("--export onnx")
@@ -359,7 +356,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        report = run_ptq(
+        report = runner.run_ptq(
             module,
             dm.calib_dataloader(args.batch_size),
             dm.test_dataloader(),

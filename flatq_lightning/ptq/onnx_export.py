@@ -532,7 +532,7 @@ def check_onnx_parity(
 
     The flatq model runs on its own device in eval mode; ONNX Runtime on the CPU (see :func:`ort_session`).
     """
-    from .runner import _batch_targets, _logits, _model_device, _progress
+    from .evaluate import _batch_targets, _logits, _model_device, _progress
 
     sess = onnx_path if hasattr(onnx_path, "run") else ort_session(onnx_path, threads, optimization)
     import onnxruntime as ort

@@ -35,6 +35,7 @@ from ..quant import (
 )
 from ..quant.reconstruct import reconstruct
 from ..quant.spec import FLOAT_BITS, OBSERVERS, preset_specs
+from .evaluate import _logits, _model_device, _progress, evaluate_topk
 from .export import normalize_export_formats
 from .recipe import RECIPES, PTQRecipe, resolve_recipe
 from .report import LayerSQNR, PTQReport, PTQRow, free_path
@@ -180,43 +181,6 @@ def check_ptq_network(module: nn.Module, net: nn.Module, eval_loader: Iterable[A
     return True
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    t = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
-def _batch_targets(batch: Any) -> Tensor:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
-        return batch[1]
-    if isinstance(batch, dict):
-        for key in ("y", "target", "targets", "label", "labels"):
-            if key in batch and isinstance(batch[key], Tensor):
-                return batch[key]
-    raise ValueError(
-        f"cannot find the targets in an evaluation batch of type {type(batch).__name__}: expected "
-        "(inputs, targets, ...) or a dict with key 'y'/'target'/'label'/'labels'"
-    )
-
-
-def _logits(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (list, tuple)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise ValueError(f"the model returned {type(out).__name__}: expected logits (a Tensor of shape (N, C))")
-
-
-def _progress(iterable: Iterable[Any], enabled: bool, **kw: Any) -> Iterable[Any]:
-    # a tqdm bar on a terminal, a few plain lines in a log (no escape codes from nested bars)
-    from ..utils.progress import progress
-
-    unit = "bit-widths" if kw.get("desc") == "PTQ" else "batches"  # the outer loop is over bit-widths
-    return progress(iterable, enabled=enabled, unit=unit, **kw)
-
-
 def _check_loader(loader: Any, what: str) -> None:
     if loader is None:
         raise ValueError(f"run_ptq: {what} is None: pass a DataLoader (or any iterable of batches)")
@@ -226,55 +190,6 @@ def _check_loader(loader: Any, what: str) -> None:
         return
     if n == 0:
         raise ValueError(f"run_ptq: {what} is empty (len 0)")
-
-
-@torch.no_grad()
-def evaluate_topk(
-    model: nn.Module,
-    loader: Iterable[Any],
-    device: torch.device | str,
-    ks: Sequence[int] = (1, 5),
-    progress: bool = False,
-    desc: str = "eval",
-) -> tuple[dict[int, float], int, int]:
-    """Top-k accuracies in percent (torchmetrics ``MulticlassAccuracy``, micro average) of ``model`` on ``loader``.
-
-    ``k`` is clipped to the number of classes (read from the first batch's logits). Returns
-    ``({k: accuracy}, num_samples, num_classes)``. No host synchronisation until the end.
-
-    Example:
-        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-        >>> acc, n, c = evaluate_topk(net, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], "cpu")
-        >>> (sorted(acc), n, c, acc[5])
-        ([1, 5], 8, 3, 100.0)
-    """
-    from torchmetrics.classification import MulticlassAccuracy
-
-    device = torch.device(device)
-    metrics: dict[int, MulticlassAccuracy] | None = None
-    n, num_classes = 0, 0
-    for batch in _progress(loader, progress, desc=desc, leave=False):
-        x = batch_inputs(batch).to(device, non_blocking=True)
-        y = _batch_targets(batch).to(device, non_blocking=True)
-        logits = _logits(model(x))
-        if logits.dim() != 2 or logits.shape[1] < 2:
-            raise ValueError(f"evaluation expects logits of shape (N, C >= 2), got {tuple(logits.shape)}")
-        if y.dim() == 2:  # one-hot / soft targets
-            y = y.argmax(1)
-        if metrics is None:
-            num_classes = int(logits.shape[1])
-            metrics = {
-                k: MulticlassAccuracy(
-                    num_classes=num_classes, top_k=min(k, num_classes), average="micro", validate_args=False
-                ).to(device)
-                for k in ks
-            }
-        for m in metrics.values():
-            m.update(logits, y)
-        n += int(y.shape[0])
-    if metrics is None:
-        raise ValueError("evaluation data yielded no batches")
-    return {k: float(m.compute()) * 100.0 for k, m in metrics.items()}, n, num_classes
 
 
 @torch.no_grad()

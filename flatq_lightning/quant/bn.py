@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.batches import batch_inputs
+
 __all__ = ["BN_TYPES", "bn_state", "load_bn_state", "reestimate_bn"]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -72,7 +74,6 @@ def reestimate_bn(
         >>> bool(net[1].running_mean.abs().sum() > 0)
         True
     """
-    from .quantize import batch_inputs  # late: ptq imports this module
 
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.batches import batch_inputs
 from .attention import attach_attention_points, detach_attention_points
 from .bn import bn_state, load_bn_state, reestimate_bn
 from .observers import RangeObserver, make_observer
@@ -232,22 +233,6 @@ def _sync_calibrated_flag(module: nn.Module, incompatible_keys: Any) -> None:
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
-
-
-def batch_inputs(batch: Any) -> Tensor:
-    """The input tensor of a batch: the tensor itself, or the first element of a tuple/list/dict batch."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("x", "input", "inputs", "image", "images", "pixel_values"):
-            if key in batch:
-                return batch[key]
-    raise ValueError(
-        "cannot find the input tensor in a batch of type "
-        f"{type(batch).__name__}: expected a Tensor, (inputs, targets, ...) or a dict with key 'x'/'image'"
-    )
 
 
 @torch.no_grad()

@@ -37,7 +37,12 @@ from .quant import (
 
 _aliases.install()
 
-__version__ = "0.1.0"
+try:  # the one place the version is stated is pyproject.toml
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("flatq_lightning")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DNQ",

@@ -2,7 +2,7 @@
 
 The configs stay at the repository root (``flatq-train`` reads them from there in a checkout or an editable
 install); a wheel has no repository root, so ``build_py`` copies them into the built package, where
-``flatq_lightning.train`` looks next. Everything else is declared in ``pyproject.toml``.
+``flatq_lightning.app.train`` looks next. Everything else is declared in ``pyproject.toml``.
 """
 
 from pathlib import Path

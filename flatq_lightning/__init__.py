@@ -4,7 +4,6 @@ Lightning callbacks record the target quantizer's weight and activation errors, 
 statistics while the network trains, and quantize the result with plain PTQ after fit.
 """
 
-from . import _aliases
 from .callbacks import (
     DNQ,
     ActivationNoiseInjection,
@@ -34,8 +33,6 @@ from .quant import (
     select_modules,
     sqnr_db,
 )
-
-_aliases.install()
 
 try:  # the one place the version is stated is pyproject.toml
     from importlib.metadata import PackageNotFoundError, version

@@ -20,10 +20,10 @@ from flatq_lightning import (
     compute_qparams,
     dnq_callbacks,
     fake_quantize,
-    ptq_cli,
     quantize_model,
     run_ptq,
 )
+from flatq_lightning.app import ptq_cli
 from flatq_lightning.app.data.cifar import load_cifar_arrays
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 

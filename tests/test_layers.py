@@ -12,7 +12,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "flatq_lightning"
 
-#: part -> the parts it may import (besides itself); the package root and the alias shim may import anything
+#: part -> the parts it may import (besides itself); the package root may import anything
 ALLOWED: dict[str, set[str]] = {
     "utils": set(),
     "quant": {"utils"},
@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "ptq": {"quant", "utils"},
     "app": {"callbacks", "ptq", "quant", "utils"},
 }
-ROOT = {"flatq_lightning", "flatq_lightning._aliases"}
+ROOT = {"flatq_lightning"}
 
 
 def _module_name(path: Path) -> str:
@@ -65,7 +65,7 @@ def _part(mod: str) -> str:
 def test_the_parts_are_known():
     parts = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert parts == set(ALLOWED), "a new part needs its place in ALLOWED"
-    loose = {p.name for p in PKG.glob("*.py")} - {"__init__.py", "_aliases.py"}
+    loose = {p.name for p in PKG.glob("*.py")} - {"__init__.py"}
     assert not loose, f"modules outside every part: {sorted(loose)}"
 
 

@@ -82,8 +82,7 @@ _RECIPE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # absolute imports: `python -m flatq_lightning.ptq_cli` (the old name) runs this file with another package
-    # name; heavy imports stay inside the functions so that --help answers without torch
+    # heavy imports stay inside the functions so that --help answers without torch
     from flatq_lightning.ptq.recipe import RECIPES
     from flatq_lightning.quant.spec import OBSERVERS
 

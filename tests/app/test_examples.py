@@ -87,7 +87,7 @@ def test_example_on_an_image_folder(name, image_folder, tmp_path, monkeypatch):
     assert hp["pretrained_file"] == str(weights)
 
     # flatq-ptq on the checkpoint needs neither the starting weights nor the network
-    from flatq_lightning import ptq_cli
+    from flatq_lightning.app import ptq_cli
 
     weights.unlink()
     rc = ptq_cli.main([str(out / "checkpoints" / "last.ckpt"), "--bits", "w4a4", "--calib-batches", "1",

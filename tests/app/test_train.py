@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from flatq_lightning import QuantSpec, ptq_cli
+from flatq_lightning import QuantSpec
+from flatq_lightning.app import ptq_cli
 from flatq_lightning.app.train import (
     CONF_DIR,
     ConfigError,
@@ -637,7 +638,7 @@ def test_multirun_writes_a_summary_table(tmp_path):
 
 def test_sweep_jobs_reuse_a_fit_that_depends_on_nothing_swept(tmp_path, monkeypatch):
     # jobs of one sweep share <sweep dir>/.fits: quickstart's plain variant is fitted in the first job only
-    from flatq_lightning import train as train_mod
+    from flatq_lightning.app import train as train_mod
 
     fitted: list[tuple[str, str]] = []
 

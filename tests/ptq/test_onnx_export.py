@@ -226,7 +226,7 @@ def test_run_ptq_exports_and_reports_parity(trained, tmp_path):
 
 
 def test_flatq_ptq_export_onnx(tmp_path, capsys):
-    from flatq_lightning import ptq_cli
+    from flatq_lightning.app import ptq_cli
     from flatq_lightning.app.train import run
     from tests.app.test_train import TINY, _compose
 

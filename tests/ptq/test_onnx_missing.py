@@ -50,7 +50,7 @@ def test_callback_fails_before_training(no_onnx):
 
 
 def test_flatq_ptq_says_what_to_install(no_onnx, tmp_path, capsys):
-    from flatq_lightning import ptq_cli
+    from flatq_lightning.app import ptq_cli
 
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")

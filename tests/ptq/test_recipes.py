@@ -109,7 +109,7 @@ def test_callback_passes_the_recipe(net_and_data, monkeypatch):
 
 
 def test_hydra_ptq_group_and_flatq_ptq_take_the_recipe(tmp_path, capsys):
-    from flatq_lightning import ptq_cli
+    from flatq_lightning.app import ptq_cli
     from flatq_lightning.app.train import run
     from tests.app.test_train import TINY, _compose
 
@@ -137,7 +137,7 @@ def test_hydra_ptq_group_and_flatq_ptq_take_the_recipe(tmp_path, capsys):
 def test_flatq_ptq_starts_from_the_noisy_statistics_of_a_dnq_checkpoint(tmp_path):
     import torch
 
-    from flatq_lightning import ptq_cli
+    from flatq_lightning.app import ptq_cli
     from flatq_lightning.app.train import run
     from tests.app.test_train import TINY, _compose
 
@@ -161,7 +161,7 @@ def test_flatq_ptq_bn_stats_picks_the_set_it_quantizes(tmp_path, monkeypatch):
     import torch
 
     import flatq_lightning
-    from flatq_lightning import ptq_cli
+    from flatq_lightning.app import ptq_cli
     from flatq_lightning.app.train import run
     from flatq_lightning.quant import bn_state
     from tests.app.test_train import TINY, _compose

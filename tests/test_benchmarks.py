@@ -307,3 +307,37 @@ def test_quality_mean_ci95_and_divergence_stop():
     with pytest.raises(RuntimeError, match="plain seed 0: the training loss is nan at step 16: the run diverged"):
         q.StopOnDivergence("plain seed 0").on_train_batch_end(_T(), None, {"loss": torch.tensor(float("nan"))}, None, 0)
     q.StopOnDivergence("x").on_train_batch_end(_T(), None, {"loss": torch.tensor(1.0)}, None, 0)
+
+
+@pytest.mark.slow
+def test_export_accuracy_seed_by_seed_against_quantize_static(tmp_path):
+    """benchmarks/export_accuracy.py on a CIFAR-style JPEG zip and saved state dicts: every file scored by ONNX
+    Runtime per seed, the paired difference to quantize_static over the seeds in the summary."""
+    pytest.importorskip("onnxruntime")
+    import json
+    import os
+
+    import torch
+
+    from flatq_lightning.app.models import create_model
+
+    data = _tiny_cifar_zip(tmp_path)
+    models = tmp_path / "models"
+    models.mkdir()
+    for s in (0, 1):
+        torch.manual_seed(s)
+        torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), models / f"seed{s}.pt")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "export_accuracy.py"), "--data", str(data),
+                        "--models", str(models), "--seeds", "0,1", "--threads", "1", "--files", str(tmp_path / "f"),
+                        "--out-dir", str(out)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                       env={**os.environ, "FLATQ_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == ["seed0", "seed1"]
+    assert set(summary["paired_vs_ort_static"]) == {"fp", "flatq_minmax_layer_inputs", "flatq_minmax_onnxruntime",
+                                                    "flatq_practical_onnxruntime"}
+    per = summary["paired_vs_ort_static"]["flatq_minmax_onnxruntime"]["per_seed"]
+    rec = json.loads((out / "seed1.json").read_text())["result"]["rows"]
+    assert per[1] == pytest.approx(rec["flatq_minmax_onnxruntime"]["top1_ort"] - rec["ort_static"]["top1_ort"])
+    assert "paired difference to quantize_static" in (out / "summary.md").read_text()

@@ -48,7 +48,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx, ort_session  # noqa: E402
-from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
 from flatq_lightning.quant import batch_inputs  # noqa: E402
 
 BITS = ("w8a8", "w4a8")
@@ -149,8 +148,13 @@ def ort_static(fp_path: Path, out: Path, calib: list[torch.Tensor]) -> Path:
     """ONNX Runtime's own static quantization of ``fp_path`` as its documentation shows it: ``quant_pre_process``,
     then ``quantize_static`` in QDQ format, per-channel int8 weights, uint8 activations, min-max calibration on
     ``calib``."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(f"{out.stem}_preprocessed.onnx")

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from export import _write_atomic, load_state, machine, ort_static  # noqa: E402
+
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx  # noqa: E402
 from flatq_lightning.quant import batch_inputs  # noqa: E402
 

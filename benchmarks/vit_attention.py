@@ -42,8 +42,9 @@ from flatq_lightning import dnq_callbacks  # noqa: E402
 from flatq_lightning.app.data import CIFAR10DataModule  # noqa: E402
 from flatq_lightning.app.models.vit import vit_cifar  # noqa: E402
 from flatq_lightning.app.module import ImageClassifier  # noqa: E402
-from flatq_lightning.ptq.runner import evaluate_topk, specs_for  # noqa: E402
+from flatq_lightning.ptq.runner import evaluate_topk  # noqa: E402
 from flatq_lightning.quant import QuantPoint, batch_inputs, quantize_model  # noqa: E402
+from flatq_lightning.quant.spec import preset_specs  # noqa: E402
 
 BITS = ("w8a8", "w6a6", "w4a4")
 VARIANTS = ("plain", "dnq")
@@ -84,7 +85,7 @@ def ptq_table(net: nn.Module, calib: list[Tensor], test_loader: Any, bits: tuple
     fp, n_eval, _ = evaluate_topk(net, test_loader, device, ks=(1,))
     out: dict[str, Any] = {"fp_top1": fp[1], "num_eval": n_eval, "ptq": {}}
     for b in bits:
-        ws, as_ = specs_for(b)
+        ws, as_ = preset_specs(b)
         row = {}
         for mode, points in MODES.items():
             q = quantize_model(net, ws, as_, calib_batches=calib, attention_points=points).to(device)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {VARIANTS}")
     for b in bits:
-        specs_for(b)  # ValueError naming the allowed form
+        preset_specs(b)  # ValueError naming the allowed form
 
     dm = CIFAR10DataModule(
         args.data, batch_size=args.batch_size, eval_batch_size=256, train_subset=args.train_subset,

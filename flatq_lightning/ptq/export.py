@@ -14,7 +14,7 @@ the FP architecture, bit for bit. Format version 2:
 - every other tensor of the folded model under its own name, and JSON metadata (format, version, the folded
   BatchNorm pairs, per-layer specs, shapes and storage widths) in the safetensors header under ``"flatq"``.
 
-Version 1 files (one int8 per weight, wrapper names) are still read.
+Version 1 (one int8 per weight, wrapper names; development versions only) is refused with a message.
 """
 
 from __future__ import annotations
@@ -294,10 +294,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         version = int(meta.get("version", -1))
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: the '{_META_KEY}' metadata is not valid JSON of this format ({err})") from None
-    if meta.get("format") != FORMAT or not 1 <= version <= FORMAT_VERSION:
+    if meta.get("format") == FORMAT and version == 1:
+        raise ValueError(
+            f"{path}: format version 1 (one int8 per weight) was written only by development versions before "
+            f"the first release; this reader handles version {FORMAT_VERSION}: export the model again"
+        )
+    if meta.get("format") != FORMAT or version != FORMAT_VERSION:
         raise ValueError(
             f"{path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r} "
-            f"(this reader handles {FORMAT!r} versions 1 to {FORMAT_VERSION})"
+            f"(this reader handles {FORMAT!r} version {FORMAT_VERSION})"
         )
     if not isinstance(meta.get("layers"), dict):
         raise ValueError(f"{path}: the metadata has no 'layers' table")
@@ -365,10 +370,7 @@ def load_quantized(
     meta = read_metadata(path)
     tensors = load_file(str(path), device="cpu")
     qm = _rebuild_structure(model_fp, meta, path)
-    if int(meta["version"]) == 1:
-        _fill_v1(qm, meta, tensors, path)
-    else:
-        _fill_v2(qm, meta, tensors, path)
+    _fill_v2(qm, meta, tensors, path)
     if device is None:
         device = next((t.device for t in model_fp.parameters()), torch.device("cpu"))
     return qm.to(device).eval()
@@ -420,25 +422,5 @@ def _fill_v2(qm: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor], pa
     state.update(tensors)
     try:
         qm.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"load_quantized: {path} does not match this architecture: {err}") from err
-
-
-def _fill_v1(qm: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor], path: Any) -> None:
-    """Format version 1: ``<layer>.weight_int`` (int8/int16, signed codes) and the wrapper's state-dict names."""
-    for name, info in meta["layers"].items():
-        layer = _wrap(qm, name, info, path)
-        for buf in _ACT_BUFFERS:  # right shapes first, values come with load_state_dict
-            key = f"{name}.{buf}"
-            if key in tensors:
-                setattr(layer, buf, torch.empty_like(tensors[key]))
-        if layer.weight_spec is not None:
-            q = tensors.pop(f"{name}.weight_int")
-            dtype = getattr(torch, info["weight_dtype"])
-            tensors[f"{name}.module.weight"] = dequantize_int(
-                q, layer.weight_spec, tensors[f"{name}.weight_scale"], None, dtype
-            )
-    try:
-        qm.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise ValueError(f"load_quantized: {path} does not match this architecture: {err}") from err

@@ -48,7 +48,6 @@ __all__ = [
     "ptq_network",
     "check_ptq_network",
     "run_ptq",
-    "specs_for",
     "validate_ptq_args",
 ]
 
@@ -110,8 +109,6 @@ def validate_ptq_args(
     return norm, _patterns(include, "include"), _patterns(exclude, "exclude")
 
 
-#: ``(weight_spec, act_spec)`` of a preset, a 16-bit side ``None``: the package's one preset reader
-specs_for = preset_specs
 
 
 def ptq_network(module: nn.Module) -> nn.Module:
@@ -420,7 +417,7 @@ def run_ptq(
     if not isinstance(keep_first_last_8bit, bool):
         raise TypeError(f"run_ptq: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
     _check_loader(eval_loader, "eval_loader")
-    need_calib = any(specs_for(b)[1] is not None for b in bits_t) or recon is not None
+    need_calib = any(preset_specs(b)[1] is not None for b in bits_t) or recon is not None
     if need_calib:
         _check_loader(calib_loader, "calib_loader")
     net = ptq_network(model)
@@ -481,7 +478,7 @@ def run_ptq(
     bar = _progress(bits_t, progress, desc="PTQ", total=len(bits_t))
     for b in bar:
         t = time.perf_counter()
-        ws, as_ = specs_for(b, observer, act_obs)
+        ws, as_ = preset_specs(b, observer, act_obs)
         wb, ab = parse_bits(b)
         cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if as_ is not None else None
         source = folded

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import dnq_callbacks
-from flatq_lightning.callbacks.noise import NOISY_BN_KEY, DifferentialNoiseInjection
+from flatq_lightning.callbacks.weight_noise import NOISY_BN_KEY, DifferentialNoiseInjection
 from flatq_lightning.quant import bn_state
 from tests.callbacks.lm import TinyLM, trainer
 from tests.helpers import blob_data

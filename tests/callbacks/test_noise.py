@@ -10,7 +10,7 @@ from flatq_lightning import (
     Ramp,
     dnq_callbacks,
 )
-from flatq_lightning.callbacks.noise import NoiseSource
+from flatq_lightning.callbacks.noise_source import NoiseSource
 from tests.callbacks.lm import TinyLM, loaders, trainer
 
 

@@ -134,31 +134,16 @@ def test_the_reader_in_docs_rebuilds_the_float_weights_bit_exact(tmp_path):
             assert torch.equal(plain.get_submodule(name).weight, layer.module.weight)
 
 
-def test_version_1_files_still_load(tmp_path):
-    """The first format (one int8 per weight, the wrapper's state-dict names) is still read."""
+def test_version_1_files_are_refused_with_a_message(tmp_path):
+    """The first format (development versions only, never released) is no longer read: one clear error."""
     import json
 
     from safetensors.torch import save_file
 
-    from flatq_lightning.quant.ops import quantize_int
-
-    folded, pairs = fold_batchnorm(_randomize_bn(SmallConvNet()), return_pairs=True)
-    x = torch.randn(16, 1, 8, 8)
-    q = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[x])
-    state = {k: v.clone() for k, v in q.state_dict().items()}
-    layers = {}
-    for name, layer in quantized_layers(q):
-        w = state.pop(f"{name}.module.weight")
-        state[f"{name}.weight_int"] = quantize_int(w, layer.weight_spec, layer.weight_scale).to(torch.int8)
-        layers[name] = {"module_type": "Conv2d" if name != "fc" else "Linear", "weight_spec": layer.weight_spec.to_dict(),
-                        "act_spec": layer.act_spec.to_dict(), "weight_dtype": "float32", "weight_sqnr_db": None}
-    meta = {"format": "flatq-quantized", "version": 1, "folded_bn_pairs": [list(p) for p in pairs], "layers": layers,
-            "user": {}}
-    save_file(state, str(tmp_path / "v1.safetensors"), metadata={"flatq": json.dumps(meta), "format": "pt"})
-    r = load_quantized(SmallConvNet(), tmp_path / "v1.safetensors")
-    with torch.no_grad():
-        assert torch.equal(q(x), r(x))
-
+    meta = {"format": "flatq-quantized", "version": 1, "folded_bn_pairs": None, "layers": {}, "user": {}}
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "v1.safetensors"), metadata={"flatq": json.dumps(meta), "format": "pt"})
+    with pytest.raises(ValueError, match="format version 1 .* export the model again"):
+        load_quantized(SmallConvNet(), tmp_path / "v1.safetensors")
 
 def test_files_are_never_silently_replaced(tmp_path):
     folded = fold_batchnorm(SmallConvNet())

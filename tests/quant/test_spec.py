@@ -24,16 +24,15 @@ def test_parse_presets(preset, expected):
 
 
 def test_one_preset_reader_and_one_spelling_of_float():
-    """QuantSpec.parse, PTQ's specs_for and the recorder all read presets through preset_specs: a 16-bit side
+    """QuantSpec.parse, PTQ and the recorder all read presets through preset_specs: a 16-bit side
     is None (stays float) everywhere, and the training side refuses it with the way out."""
     from flatq_lightning import QuantErrorRecorder
-    from flatq_lightning.ptq.runner import specs_for
     from flatq_lightning.quant import preset_specs
 
     for preset in ("w4a16", "w16a4", "w3a3"):
-        assert QuantSpec.parse(preset) == preset_specs(preset) == specs_for(preset)
+        assert QuantSpec.parse(preset) == preset_specs(preset)
     assert QuantSpec.parse("w4a16")[1] is None and QuantSpec.parse("w16a4")[0] is None
-    assert QuantSpec.parse("w4a4", "mse", "percentile") == specs_for("w4a4", "mse", act_observer="percentile")
+    assert QuantSpec.parse("w4a4", "mse", "percentile") == preset_specs("w4a4", "mse", act_observer="percentile")
     with pytest.raises(ValueError, match="a 16-bit side stays float"):
         QuantErrorRecorder("w4a16")
 

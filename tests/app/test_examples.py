@@ -97,7 +97,7 @@ def test_example_on_an_image_folder(name, image_folder, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["resnet50_imagenet", "vit_b16_imagenet"])
 def test_example_pretrained_offline_is_one_line(name, image_folder, monkeypatch, capsys):
-    from flatq_lightning import models
+    from flatq_lightning.app import models
 
     monkeypatch.setattr(models, "_weights_cached", lambda *a: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

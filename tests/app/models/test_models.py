@@ -127,7 +127,7 @@ def test_pretrained_file_errors_name_the_parameter(tmp_path):
 def test_pretrained_offline_fails_fast_in_one_line(monkeypatch):
     import timm
 
-    from flatq_lightning import models
+    from flatq_lightning.app import models
     from flatq_lightning.app.models import PretrainedWeightsError
 
     def no_download(*args, **kwargs):  # "fast" = timm (and its minute of hub retries) is never reached

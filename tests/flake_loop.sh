@@ -69,7 +69,12 @@ for _ in $(seq 1 "$burners"); do
   burner_pids+=("$!")
 done
 [ "$burners" -gt 0 ] && echo "flake_loop: $burners CPU burner(s) running (pids ${burner_pids[*]})"
-echo "flake_loop: $runs run(s) of: $py -m pytest $* (logs in $logdir)"
+# every tier unless the arguments pick one (plain pytest runs the fast tier only: pyproject's addopts)
+tier_args=(-m "slow or not slow")
+for a in "$@"; do
+  case "$a" in -m|-m*) tier_args=() ;; esac
+done
+echo "flake_loop: $runs run(s) of: $py -m pytest ${tier_args[*]} $* (logs in $logdir)"
 
 count() {  # count WORD FILE: the number before WORD in pytest's closing summary line, 0 when absent
   local line
@@ -92,7 +97,7 @@ for i in $(seq 1 "$runs"); do
   fi
   log="$logdir/run$i.log"
   t0=$(date +%s)
-  "$py" -m pytest -p no:cacheprovider "${order_args[@]}" "$@" >"$log" 2>&1
+  "$py" -m pytest -p no:cacheprovider "${tier_args[@]}" "${order_args[@]}" "$@" >"$log" 2>&1
   rc=$?
   dt=$(( $(date +%s) - t0 ))
   p=$(count passed "$log"); f=$(count failed "$log"); e=$(count error "$log"); s=$(count skipped "$log")

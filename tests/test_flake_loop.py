@@ -22,6 +22,7 @@ def _collected(*args: str) -> list[str]:
     return [line for line in r.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.slow
 def test_shuffle_seed_reorders_the_same_tests_reproducibly():
     plain = _collected()
     a, b, c = _collected("--shuffle-seed", "1"), _collected("--shuffle-seed", "1"), _collected("--shuffle-seed", "2")

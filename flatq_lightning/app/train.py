@@ -18,20 +18,27 @@ A multirun ends with ``summary.md`` and ``summary.csv`` in the sweep directory (
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .config import (  # noqa: F401  (re-exported: the app's API)
+    CONF_DIR,
+    ConfigError,
+    _variants,
+    group_options,
+    ptq_recipe,
+    validate_config,
+)
+from .results import _results_csv, comparison_table, seed_aggregate, summarize_sweep  # noqa: F401
 
 log = logging.getLogger("flatq_lightning.app.train")
 
@@ -53,212 +60,9 @@ __all__ = [
 ]
 
 
-def _conf_dir() -> Path:
-    """``$FLATQ_CONF_DIR``, else the ``conf/`` folder beside the package (repository root)."""
-    env = os.environ.get("FLATQ_CONF_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    package = Path(__file__).resolve().parent.parent
-    for cand in (package.parent / "conf", package / "conf"):  # a checkout / editable install, then a wheel
-        if (cand / "train.yaml").is_file():
-            return cand
-    return package.parent / "conf"
-
-
-#: the Hydra config directory used by :func:`main`
-CONF_DIR: Path = _conf_dir()
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and the allowed choices."""
-
-
-def group_options(group: str) -> list[str]:
-    """The options of a config group (``"model"`` → ``['cifar_resnet20', …]``)."""
-    d = CONF_DIR / group
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
-
-
 # ---------------------------------------------------------------------------------------------------------
 # validation and instantiation
 # ---------------------------------------------------------------------------------------------------------
-#: Trainer options that must be whole numbers (None allowed), and those that may be any number
-_TRAINER_INTS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "log_every_n_steps", "num_sanity_val_steps",
-                 "accumulate_grad_batches", "check_val_every_n_epoch", "num_nodes")
-_TRAINER_NUMBERS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval",
-                    "gradient_clip_val", "overfit_batches")
-
-
-def _check_trainer_numbers(trainer: Any) -> None:
-    """``trainer.max_epochs=abc`` and the like fail here, before any data or model is built."""
-    if not isinstance(trainer, DictConfig):
-        return
-    for key in (*_TRAINER_INTS, *_TRAINER_NUMBERS):
-        v = trainer.get(key)
-        if v is None:
-            continue
-        ok = isinstance(v, int) if key in _TRAINER_INTS else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok:
-            kind = "an integer" if key in _TRAINER_INTS else "a number"
-            raise ConfigError(f"trainer.{key} must be {kind} (or null), got {v!r}")
-
-
-def _accelerator_names() -> list[str]:
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-
-    return sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
-
-
-def _check_trainer_values(trainer: Any) -> None:
-    """The training length and the accelerator, before any data or model is built.
-
-    flatq-train quantizes after the fit ends, so the fit must end: ``max_epochs=-1`` (Lightning's endless
-    training) needs ``max_steps``, and ``max_steps`` is -1 (no step limit) or positive. These used to fail late,
-    inside the fit (a traceback from the learning-rate schedule), or with Lightning's message after the data
-    was prepared.
-    """
-    if not isinstance(trainer, DictConfig):
-        return
-    epochs = trainer.get("max_epochs")
-    steps = trainer.get("max_steps", -1)
-    if steps is None or steps == 0 or steps < -1:
-        raise ConfigError(
-            f"trainer.max_steps must be -1 (no step limit) or a positive number of optimizer steps, got {steps!r}"
-        )
-    if epochs is not None and epochs < -1:
-        raise ConfigError(
-            f"trainer.max_epochs must be a number of epochs >= 0, or null (or -1 with trainer.max_steps), got {epochs!r}"
-        )
-    if epochs == -1 and steps == -1:
-        raise ConfigError(
-            "trainer.max_epochs=-1 is Lightning's endless training, and flatq-train quantizes the network after the "
-            "fit ends: give a number of epochs (trainer.max_epochs=N), or a number of optimizer steps "
-            "(+trainer.max_steps=N with trainer.max_epochs=-1 or null)"
-        )
-    acc = trainer.get("accelerator")
-    if isinstance(acc, str) and acc.lower() not in _accelerator_names():
-        raise ConfigError(
-            f"trainer.accelerator={acc!r} is not an accelerator Lightning knows: choose one of {_accelerator_names()} "
-            f"(or trainer=<option>: the config group 'trainer' has {group_options('trainer')})"
-        )
-
-
-def _check_batch_sizes(data: Any) -> None:
-    if not isinstance(data, DictConfig):
-        return
-    for key in ("batch_size", "eval_batch_size"):
-        v = data.get(key)
-        if v is None and key == "eval_batch_size":
-            continue  # null: data.batch_size
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            extra = " (or null: data.batch_size)" if key == "eval_batch_size" else ""
-            raise ConfigError(f"data.{key} must be a positive integer{extra}, got {v!r}")
-
-
-def _check_quant_specs(quant: DictConfig, weight_bits: int, act_bits: int) -> None:
-    """``quant.weight`` / ``quant.act`` (QuantSpec fields) build, and their bits are the ones ``quant.preset`` names
-    (so that ``quant.preset=w3a3`` alone cannot label a W4A4 run as W3A3)."""
-    for side, bits in (("weight", weight_bits), ("act", act_bits)):
-        node = quant.get(side)
-        if node is None:
-            continue
-        try:
-            spec = hydra.utils.instantiate(node)
-        except Exception as err:  # noqa: BLE001 - the QuantSpec's own message names the field
-            cause = err.__cause__ or err
-            raise ConfigError(f"quant.{side}: {cause}") from None
-        if getattr(spec, "bits", bits) != bits:
-            raise ConfigError(
-                f"quant.preset={quant.preset!r} names {bits}-bit {side}s but quant.{side}.bits={spec.bits}: choose "
-                f"the target with quant=<preset> (the config group 'quant' has {group_options('quant')}), or set "
-                "quant.preset, quant.weight.bits and quant.act.bits together"
-            )
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Check the values a typo would make fail late (model name, presets, bits) with a clear message.
-
-    Raises:
-        ConfigError: naming the key, the value and the choices.
-    """
-    from ..quant.spec import parse_bits
-    from .models import LOCAL_MODELS, is_model
-
-    name = cfg.model.get("name")
-    if not isinstance(name, str) or not is_model(name):
-        raise ConfigError(
-            f"model.name={name!r} is not a known model: the config group 'model' has {group_options('model')} "
-            f"(model=<option>); model.name may be a local network {sorted(LOCAL_MODELS)} or any timm "
-            "architecture (timm.list_models())"
-        )
-    try:
-        wb, ab = parse_bits(str(cfg.quant.preset))
-    except ValueError as err:
-        raise ConfigError(
-            f"quant.preset: {err}; the config group 'quant' has {group_options('quant')}"
-        ) from None
-    _check_quant_specs(cfg.quant, wb, ab)
-    bits = cfg.ptq.get("bits") or []
-    if isinstance(bits, str):
-        raise ConfigError(f"ptq.bits must be a list like [w8a8,w4a4], got the string {bits!r}")
-    for b in bits:
-        try:
-            parse_bits(str(b))
-        except ValueError as err:
-            raise ConfigError(f"ptq.bits: {err}") from None
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-    _check_trainer_numbers(cfg.get("trainer"))
-    _check_trainer_values(cfg.get("trainer"))
-    if "batch_size" in (cfg.get("data") or {}):
-        _check_batch_sizes(cfg.data)
-    resume = cfg.get("resume")
-    if resume is not None and (not isinstance(resume, str) or not resume):
-        raise ConfigError(f"resume must be null, 'last' or a checkpoint path, got {resume!r}")
-    if resume not in (None, "last") and not Path(resume).is_file():
-        raise ConfigError(f"resume={resume!r}: no such checkpoint file (resume=last resumes each variant from "
-                          "<run dir>/<variant>/checkpoints/last.ckpt)")
-    variants = cfg.get("variants")
-    if variants is not None and not isinstance(variants, DictConfig):
-        raise ConfigError(f"variants must be null or a mapping {{name: overrides}}, got {variants!r}")
-    ptq_recipe(cfg)
-    # a variant may set ptq.recipe, or its own trainer overrides, too (the base passed above)
-    for name, vcfg in _variants(cfg) if variants else []:
-        try:
-            ptq_recipe(vcfg)
-            _check_trainer_numbers(vcfg.get("trainer"))
-            _check_trainer_values(vcfg.get("trainer"))
-        except ConfigError as err:
-            raise ConfigError(f"variants.{name}: {err}") from None
-
-
-#: the PTQ settings the recipe replaced (``ptq.<key>`` is then the recipe field of that name)
-_OLD_PTQ_KEYS = ("observer", "act_observer", "bn_reestimate", "bn_batches")
-
-
-def ptq_recipe(cfg: DictConfig) -> Any:
-    """The :class:`~flatq_lightning.ptq.recipe.PTQRecipe` of ``cfg.ptq.recipe`` (the ``ptq/recipe`` group:
-    ``{name: practical}`` plus any field given as ``+ptq.recipe.<field>=value``; missing: ``minmax``).
-
-    Raises:
-        ConfigError: a bad field or value, an unknown name, or a pre-recipe key (``ptq.observer``, …).
-    """
-    from ..ptq.callback import plain_recipe
-    from ..ptq.recipe import resolve_recipe
-
-    p = cfg.get("ptq") or {}
-    old = [k for k in _OLD_PTQ_KEYS if k in p]
-    if old:
-        raise ConfigError(
-            f"ptq.{old[0]} is no longer a setting: the PTQ recipe holds it. Choose one with ptq/recipe=<name> (the "
-            f"config group 'ptq/recipe' has {group_options('ptq/recipe')}) and replace a field with "
-            f"+ptq.recipe.{old[0]}=<value>"
-        )
-    try:
-        return resolve_recipe(plain_recipe(p.get("recipe")))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"ptq.recipe: {err}") from None
 
 
 def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
@@ -369,24 +173,6 @@ def _overrides() -> list[str]:
     if HydraConfig.initialized():
         return list(HydraConfig.get().overrides.task)
     return []
-
-
-def _variants(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """``[(name, config)]``: each variant's overrides merged onto the config (without ``variants``); a variant
-    set to null is left out, ``{}`` is the config as it is."""
-    base = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "variants"])
-    OmegaConf.set_struct(base, False)
-    variants = cfg.get("variants")
-    if not variants:
-        return [("main", base)]
-    out = []
-    for name, over in variants.items():
-        if over is None:  # variants.plain=null leaves that variant out (e.g. a baseline a sweep need not refit)
-            continue
-        merged = OmegaConf.merge(base, over)
-        OmegaConf.set_struct(merged, False)
-        out.append((str(name), merged))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -678,172 +464,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
 # ---------------------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------------------
-def _fmt(v: Any) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "—"
-    return "—" if f != f else f"{f:.2f}"
-
-
-def comparison_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per bit-width (FP first), one column per variant (top-1 %), then fit times.
-
-    Example:
-        >>> r = {"bits": ["w4a4"], "variants": {"plain": {"fp_top1": 97.0, "ptq": {"w4a4": {"top1": 60.0}},
-        ...      "fit_seconds": 9.5}, "dnq": {"fp_top1": 96.5, "ptq": {"w4a4": {"top1": 90.0}}, "fit_seconds": 12.0}}}
-        >>> print(comparison_table(r))
-        | bits | plain | dnq |
-        |---|---:|---:|
-        | FP | 97.00 | 96.50 |
-        | W4A4 | 60.00 | 90.00 |
-        | fit time (s) | 9.5 | 12.0 |
-    """
-    names = list(results["variants"])
-    vs = [results["variants"][n] for n in names]
-    lines = ["| bits | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    lines.append("| FP | " + " | ".join(_fmt(v.get("fp_top1")) for v in vs) + " |")
-    for b in results.get("bits", []):
-        lines.append(
-            f"| {b.upper()} | " + " | ".join(_fmt(v.get("ptq", {}).get(b, {}).get("top1")) for v in vs) + " |"
-        )
-    lines.append("| fit time (s) | " + " | ".join(f"{v.get('fit_seconds', 0):.1f}" for v in vs) + " |")
-    return "\n".join(lines)
-
-
-def _summary_rows(all_results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    bits: list[str] = []
-    for r in all_results:
-        bits += [b for b in r.get("bits", []) if b not in bits]
-    # only the overrides that tell the jobs apart (the swept ones), unless there is a single job
-    common = (
-        set.intersection(*(set(r.get("overrides", [])) for r in all_results))
-        if len(all_results) > 1
-        else set()
-    )
-    header = ["job", "overrides", "variant", "fp_top1", *[f"{b}_top1" for b in bits], "fit_seconds"]
-    rows = []
-    for r in all_results:
-        for name, v in r.get("variants", {}).items():
-            rows.append(
-                [
-                    str(r.get("job", "")),
-                    " ".join(o for o in r.get("overrides", []) if o not in common),
-                    name,
-                    _fmt(v.get("fp_top1")),
-                    *[_fmt(v.get("ptq", {}).get(b, {}).get("top1")) for b in bits],
-                    f"{v.get('fit_seconds', 0):.1f}",
-                ]
-            )
-    return header, rows
-
-
-def _results_csv(all_results: Sequence[dict[str, Any]]) -> str:
-    header, rows = _summary_rows(all_results)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def _is_seed(override: str) -> bool:
-    return override.lstrip("+~").split("=", 1)[0] == "seed"
-
-
-def seed_aggregate(all_results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
-    """Mean ± sample std and n over seeds, per (other swept overrides, variant); None unless seeds were swept.
-
-    Columns: overrides, variant, n, seeds, then ``mean ± std`` of FP top-1, each bit-width's top-1 and fit time.
-
-    Example:
-        >>> r = lambda seed, acc: {"overrides": [f"seed={seed}", "quant=w4a4"], "bits": ["w4a4"],
-        ...     "variants": {"dnq": {"fp_top1": 90.0, "ptq": {"w4a4": {"top1": acc}}, "fit_seconds": 2.0}}}
-        >>> header, rows = seed_aggregate([r(0, 80.0), r(1, 84.0)])
-        >>> rows[0][:5]
-        ['', 'dnq', '2', '0,1', '90.00 ± 0.00']
-        >>> rows[0][5]
-        '82.00 ± 2.83'
-    """
-    import statistics
-
-    seeds = {o for r in all_results for o in r.get("overrides", []) if _is_seed(o)}
-    if len(seeds) < 2:
-        return None
-    bits: list[str] = []
-    for r in all_results:
-        bits += [b for b in r.get("bits", []) if b not in bits]
-    others = [[o for o in r.get("overrides", []) if not _is_seed(o)] for r in all_results]
-    common = set.intersection(*(set(o) for o in others)) if len(others) > 1 else set()
-    groups: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
-    for r, over in zip(all_results, others):
-        seed = next((o.split("=", 1)[1] for o in r.get("overrides", []) if _is_seed(o)), str(r.get("seed", "")))
-        key_over = " ".join(o for o in over if o not in common)
-        for name, v in r.get("variants", {}).items():
-            groups.setdefault((key_over, name), []).append((seed, v))
-
-    def stat(vals: list[float]) -> str:
-        vals = [x for x in vals if x == x]  # NaN: a failed or skipped measurement
-        if not vals:
-            return "—"
-        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        return f"{statistics.fmean(vals):.2f} ± {_fmt(sd)}"
-
-    def num(x: Any) -> float:
-        try:
-            return float(x)
-        except (TypeError, ValueError):
-            return float("nan")
-
-    header = ["overrides", "variant", "n", "seeds", "fp_top1", *[f"{b}_top1" for b in bits], "fit_seconds"]
-    rows = []
-    for (over, name), items in groups.items():
-        vs = [v for _, v in items]
-        rows.append(
-            [over, name, str(len(items)), ",".join(sd for sd, _ in items), stat([num(v.get("fp_top1")) for v in vs])]
-            + [stat([num(v.get("ptq", {}).get(b, {}).get("top1")) for v in vs]) for b in bits]
-            + [stat([num(v.get("fit_seconds")) for v in vs])]
-        )
-    return header, rows
-
-
-def summarize_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[Path, Path] | None:
-    """Collect ``*/results.json`` below ``sweep_dir`` into ``summary.md`` and ``summary.csv`` there.
-
-    When the sweep ran over ``seed``, ``summary.md`` also has a table of mean ± std (sample) and n over the
-    seeds for each setting and variant, also written as ``summary_seeds.csv``. Returns the two paths, or None
-    when no job wrote results.
-    """
-    sweep = Path(sweep_dir)
-    found = sorted(sweep.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name))  # 2 < 10
-    all_results = []
-    for f in found:
-        r = json.loads(f.read_text())
-        r["job"] = f.parent.name.split("_", 1)[0]
-        all_results.append(r)
-    if not all_results:
-        return None
-    header, rows = _summary_rows(all_results)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    title = all_results[0].get("experiment", "sweep")
-    md_path, csv_path = sweep / "summary.md", sweep / "summary.csv"
-    agg = seed_aggregate(all_results)
-    if agg is not None:
-        h, rs = agg
-        md += ["", "## Mean ± std over seeds (sample std; n seeds)", "",
-               "| " + " | ".join(h) + " |", "|" + "---|" * 2 + "---:|" * (len(h) - 2)]
-        md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rs]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(h)
-        w.writerows(rs)
-        (sweep / "summary_seeds.csv").write_text(buf.getvalue())
-    else:
-        (sweep / "summary_seeds.csv").unlink(missing_ok=True)  # from an earlier summary of this directory
-    md_path.write_text(f"# {title}: multirun summary (top-1 %, test split)\n\n" + "\n".join(md) + "\n")
-    csv_path.write_text(_results_csv(all_results))
-    return md_path, csv_path
 
 
 class MultirunSummary(HydraCallback):

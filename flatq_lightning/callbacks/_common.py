@@ -99,6 +99,7 @@ def recorder_settings(recorder: object) -> dict[str, object]:
         "dnq/keep_first_last_8bit": describe(getattr(recorder, "keep_first_last_8bit", None)),
         "dnq/include": describe(getattr(recorder, "include", None)) or "",
         "dnq/exclude": describe(getattr(recorder, "exclude", None)) or "",
+        "dnq/placement": describe(getattr(recorder, "placement", "layer_inputs")),
     }
 
 

@@ -42,7 +42,9 @@ class DNQ(CallbackGroup):
     attention modules. ``clean_bn_batches``: training batches on which the end of fit (and every checkpoint)
     re-estimates the BatchNorm statistics on the clean weights; 0 keeps those gathered under noise. ``name``:
     this DNQ's name (its recorder's: the ``quant_<name>/`` metrics and the checkpoint's state key), by default
-    the preset's (``"w4a4"``). The other arguments are those of the three parts.
+    the preset's (``"w4a4"``). ``placement``: ``"onnxruntime"`` also records and perturbs the residual-block and
+    pooling points that PTQ with ``placement="onnxruntime"`` quantizes (:mod:`~flatq_lightning.quant.placement`),
+    each tensor once. The other arguments are those of the three parts.
 
     One DNQ per Trainer: two with the same name have the same state key, which Lightning refuses when the
     Trainer is built ("Found more than one stateful callback of type `DNQ`", before any hook of ours runs);
@@ -81,6 +83,7 @@ class DNQ(CallbackGroup):
         attention_points: bool = True,
         clean_bn_batches: int = 32,
         name: str | None = None,
+        placement: str = "layer_inputs",
     ) -> None:
         for flag, value in (("weight_noise", weight_noise), ("act_noise", act_noise)):
             if not isinstance(value, bool):
@@ -100,6 +103,7 @@ class DNQ(CallbackGroup):
             attention_points=attention_points,
             refresh_weights=not weight_noise,
             name=name,
+            placement=placement,
         )
         #: the weight noise (owns the clean weights and the clean BN statistics), or None
         self.weight_noise: DifferentialNoiseInjection | None = None

@@ -23,6 +23,7 @@ from ..quant.ops import (
     quant_error_stats,
     sqnr_db_from_error_stats,
 )
+from ..quant.placement import attach_placement_points, check_placement, detach_placement_points
 from ..quant.spec import QuantSpec, preset_name, preset_specs
 from ..quant.targets import has_weight, layer_specs, select_modules
 from ..utils.checks import check_bool
@@ -93,8 +94,12 @@ class QuantErrorRecorder(Callback):
         attention_points: bool = True,
         check_finite: bool = True,
         refresh_weights: bool = True,
+        placement: str = "layer_inputs",
     ) -> None:
         self.weight_spec, self.act_spec = resolve_specs(weight_spec, act_spec)
+        #: where the activation quantizers are (:mod:`~flatq_lightning.quant.placement`): with ``"onnxruntime"``
+        #: the fit records (and the noise perturbs) the residual and pooling points PTQ will quantize too
+        self.placement = check_placement(placement, "placement")
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
             raise ValueError(f"stats_every must be an int >= 1, got {stats_every!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
@@ -143,6 +148,14 @@ class QuantErrorRecorder(Callback):
         self._pending: dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
         # (module, point names) of the attention points this recorder attached, removed at the end of fit
         self._attached: tuple[nn.Module, list[str]] | None = None
+        # the model the placement points were attached to (removed at the end of fit)
+        self._placed: nn.Module | None = None
+        #: layer -> the placement point whose output is this layer's input (the same tensor, which PTQ quantizes
+        #: once): not recorded, so not perturbed twice; found on the first training batch of a fit
+        self.shared_inputs: dict[str, str] = {}
+        self._probe: list[RemovableHandle] | None = None
+        self._probe_done = False
+        self._probe_seen: dict[int, tuple[str, int, Tensor]] = {}
 
     # identity -----------------------------------------------------------------------------------------------
     @property
@@ -161,11 +174,20 @@ class QuantErrorRecorder(Callback):
         if fit and self.attention_points:
             self.detach_attention_points()
             self._attached = (pl_module, attach_attention_points(pl_module))
+        placed = self.placement != "layer_inputs"
+        if fit and placed:
+            self.detach_placement_points()
+            attach_placement_points(pl_module, self.placement)
+            self._placed = pl_module
+        if fit:
+            self.shared_inputs = {}
+            self._probe_done = False
         selected = select_modules(
-            pl_module, include=self.include, exclude=self.exclude, attention_points=self.attention_points
+            pl_module, include=self.include, exclude=self.exclude, attention_points=self.attention_points or placed
         )
         if not any(has_weight(m) for _, m in selected):  # points alone are no target
             self.detach_attention_points()
+            self.detach_placement_points()
             raise ValueError(
                 f"{type(self).__name__}: {type(pl_module).__name__} has no quantizable layers (Conv1d/2d/3d, "
                 f"Linear) matching include={self.include!r} exclude={self.exclude!r}"
@@ -190,6 +212,45 @@ class QuantErrorRecorder(Callback):
         attached, self._attached = self._attached, None
         if attached is not None and attached[1]:
             detach_attention_points(*attached)
+
+    def detach_placement_points(self) -> None:
+        """Remove the placement points this recorder attached; idempotent."""
+        placed, self._placed = self._placed, None
+        if placed is not None:
+            detach_placement_points(placed)
+
+    # one quantizer per tensor: the layers whose input a placement point's output is ---------------------------
+    def _start_sharing_probe(self) -> None:
+        """Temporary hooks for one training forward: a point's output tensor (identity and version) and, for every
+        layer, whether its input is such a tensor (what ``share_quantizers`` finds at PTQ)."""
+        self._probe_seen = {}
+        points = [n for n in self.layers if not has_weight(self.modules[n])]
+        handles = []
+        for n in points:
+            def out_hook(mod: nn.Module, args: Any, out: Any, n: str = n) -> None:
+                if isinstance(out, Tensor) and id(out) not in self._probe_seen:
+                    self._probe_seen[id(out)] = (n, out._version, out)
+            handles.append(self.modules[n].register_forward_hook(out_hook))
+        for n in self.layers:
+            def in_hook(mod: nn.Module, args: Any, n: str = n) -> None:
+                x = args[0] if args else None
+                src = self._probe_seen.get(id(x)) if isinstance(x, Tensor) else None
+                if src is not None and src[0] != n and src[1] == x._version and self.specs[src[0]][1] == self.specs[n][1]:
+                    self.shared_inputs[n] = src[0]
+            handles.append(self.modules[n].register_forward_pre_hook(in_hook, prepend=True))
+        self._probe = handles
+
+    def _end_sharing_probe(self) -> None:
+        for h in self._probe or []:
+            h.remove()
+        self._probe, self._probe_seen = None, {}
+        for n in self.shared_inputs:
+            self._pending.pop(n, None)  # measured in this batch before the probe knew
+        if self.shared_inputs:
+            rank_zero_info(f"{type(self).__name__} [{self.name}]: {len(self.shared_inputs)} layer input(s) are a "
+                           "placement point's output and are recorded there only: "
+                           + ", ".join(f"{k} <- {v}" for k, v in list(self.shared_inputs.items())[:6])
+                           + (" …" if len(self.shared_inputs) > 6 else ""))
 
     def summary(self) -> str:
         """A table of the selected layers and their target bit-widths."""
@@ -272,6 +333,8 @@ class QuantErrorRecorder(Callback):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not self._measuring or not module.training or hooks_are_suspended() or name in self._pending:
                 return
+            if name in self.shared_inputs:
+                return
             x = args[0]
             if not isinstance(x, Tensor):
                 return
@@ -307,10 +370,15 @@ class QuantErrorRecorder(Callback):
             self.record_activations and self.is_refresh_step(step) and step != self.act_refreshed_at
         )
         self._measure_step = step  # global_step moves on with the optimizer step before batch end
+        if self._placed is not None and self._probe is None and not self._probe_done:
+            self._start_sharing_probe()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._probe is not None:
+            self._end_sharing_probe()
+            self._probe_done = True
         if self._measuring and self._pending:
             self._commit_activation_stats(trainer)
             self._measuring = False
@@ -371,9 +439,10 @@ class QuantErrorRecorder(Callback):
 
     # lifecycle ----------------------------------------------------------------------------------------------
     def remove_hooks(self) -> None:
-        for h in self._handles:
+        for h in [*self._handles, *(self._probe or [])]:
             h.remove()
         self._handles.clear()
+        self._probe = None
         self._measuring = False
         self._pending.clear()
 
@@ -381,16 +450,19 @@ class QuantErrorRecorder(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.remove_hooks()
         self.detach_attention_points()
+        self.detach_placement_points()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.remove_hooks()
         self.detach_attention_points()
+        self.detach_placement_points()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_hooks()
         self.detach_attention_points()
+        self.detach_placement_points()
 
     # state --------------------------------------------------------------------------------------------------
     def _stat_dicts(self) -> dict[str, dict[str, Tensor]]:

@@ -317,6 +317,65 @@ def _recon_logger(progress: bool) -> Callable[[str], None] | None:
     return status
 
 
+
+def _gather_data(calib_loader: Iterable[Any], calib_batches: int, bn_loader: Iterable[Any] | None, rcp: PTQRecipe,
+                 need_calib: bool, progress: bool) -> tuple[list[Tensor], Tensor | None, list[Tensor]]:
+    """The calibration batches (one pass; the reconstruction's extra images come from the same pass), the
+    reconstruction's input images, and the BN re-estimation batches (``bn_loader``, default the calibration
+    loader), with the warnings and errors of too little data."""
+    recon = rcp.reconstruction
+    calib, extra = _collect_calibration(calib_loader, calib_batches, progress, recon.calib_images if recon else 0) \
+        if need_calib else ([], [])
+    recon_inputs = torch.cat(calib + extra)[: recon.calib_images] if recon is not None and calib else None
+    if recon is not None and recon_inputs is not None and recon_inputs.shape[0] < recon.calib_images:
+        warnings.warn(
+            f"run_ptq: reconstruction asked for {recon.calib_images} calibration images, the calibration loader "
+            f"has {recon_inputs.shape[0]}; reconstructing on those", UserWarning, stacklevel=3)
+    if need_calib:
+        if not calib:
+            raise ValueError("run_ptq: calib_loader yielded no batches")
+        if len(calib) < calib_batches:
+            warnings.warn(
+                f"run_ptq: the calibration loader has only {len(calib)} batch(es), fewer than "
+                f"calib_batches={calib_batches}; calibrating on those {len(calib)}",
+                UserWarning,
+                stacklevel=3,
+            )
+    bn_data: list[Tensor] = []
+    if rcp.bn_reestimate:
+        if bn_loader is None:
+            bn_loader = calib_loader
+        _check_loader(bn_loader, "bn_loader")
+        bn_data = [batch_inputs(b) for b in itertools.islice(bn_loader, rcp.bn_batches)]
+        if not bn_data:
+            raise ValueError("run_ptq: bn_loader yielded no batches for the BN re-estimation")
+    return calib, recon_inputs, bn_data
+
+
+def _quantized_copy(net: nn.Module, folded: nn.Module, b: str, ws: Any, as_: Any, rcp: PTQRecipe,
+                    calib: list[Tensor], bn_data: list[Tensor], recon_inputs: Tensor | None, dev: torch.device,
+                    progress: bool, **select: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """One bit-width's quantized copy as the recipe makes it: BN re-estimated on the quantized network (then
+    folded), weights quantized, activations calibrated at the recipe's placement, blocks reconstructed; returns
+    the model and the reconstruction's per-block records. ``select``: keep_first_last_8bit, include, exclude,
+    bn_transform, attention_points."""
+    bn_transform = select.pop("bn_transform")
+    cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if as_ is not None else None
+    source = folded
+    if rcp.bn_reestimate:
+        reest = reestimate_bn_quantized(net, ws, as_, bn_data, calib_batches=calib or None, transform=bn_transform,
+                                        placement=rcp.placement, **select)
+        source = fold_batchnorm(reest).to(dev)
+        del reest
+    qmodel = quantize_model(source, ws, as_, calib_batches=cal, placement=rcp.placement, **select).to(dev)
+    blocks: list[dict[str, Any]] = []
+    if rcp.reconstruction is not None:
+        res = reconstruct(qmodel, source, folded, recon_inputs, rcp.reconstruction, log=_recon_logger(progress),
+                          desc=f"reconstruct {b}")
+        blocks = [r.to_dict() for r in res]
+    return qmodel, blocks
+
+
 def run_ptq(
     model: nn.Module,
     calib_loader: Iterable[Any],
@@ -438,31 +497,7 @@ def run_ptq(
     timing["fold_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    calib, extra = _collect_calibration(calib_loader, calib_batches, progress, recon.calib_images if recon else 0) \
-        if need_calib else ([], [])
-    recon_inputs = torch.cat(calib + extra)[: recon.calib_images] if recon is not None and calib else None
-    if recon is not None and recon_inputs is not None and recon_inputs.shape[0] < recon.calib_images:
-        warnings.warn(
-            f"run_ptq: reconstruction asked for {recon.calib_images} calibration images, the calibration loader "
-            f"has {recon_inputs.shape[0]}; reconstructing on those", UserWarning, stacklevel=2)
-    if need_calib:
-        if not calib:
-            raise ValueError("run_ptq: calib_loader yielded no batches")
-        if len(calib) < calib_batches:
-            warnings.warn(
-                f"run_ptq: the calibration loader has only {len(calib)} batch(es), fewer than "
-                f"calib_batches={calib_batches}; calibrating on those {len(calib)}",
-                UserWarning,
-                stacklevel=2,
-            )
-    bn_data: list[Tensor] = []
-    if bn_reestimate:
-        if bn_loader is None:
-            bn_loader = calib_loader
-        _check_loader(bn_loader, "bn_loader")
-        bn_data = [batch_inputs(b) for b in itertools.islice(bn_loader, bn_batches)]
-        if not bn_data:
-            raise ValueError("run_ptq: bn_loader yielded no batches for the BN re-estimation")
+    calib, recon_inputs, bn_data = _gather_data(calib_loader, calib_batches, bn_loader, rcp, need_calib, progress)
     timing["calib_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -480,32 +515,9 @@ def run_ptq(
         t = time.perf_counter()
         ws, as_ = preset_specs(b, observer, act_obs)
         wb, ab = parse_bits(b)
-        cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if as_ is not None else None
-        source = folded
-        if bn_reestimate:
-            reest = reestimate_bn_quantized(
-                net, ws, as_, bn_data, calib_batches=calib or None, keep_first_last_8bit=keep_first_last_8bit,
-                include=inc, exclude=exc, transform=bn_transform, attention_points=attention_points,
-                placement=rcp.placement,
-            )
-            source = fold_batchnorm(reest).to(dev)
-            del reest
-        qmodel = quantize_model(
-            source,
-            ws,
-            as_,
-            calib_batches=cal,
-            keep_first_last_8bit=keep_first_last_8bit,
-            include=inc,
-            exclude=exc,
-            attention_points=attention_points,
-            placement=rcp.placement,
-        ).to(dev)
-        blocks: list[dict[str, Any]] = []
-        if recon is not None:
-            res = reconstruct(qmodel, source, folded, recon_inputs, recon, log=_recon_logger(progress),
-                              desc=f"reconstruct {b}")
-            blocks = [r.to_dict() for r in res]
+        qmodel, blocks = _quantized_copy(net, folded, b, ws, as_, rcp, calib, bn_data, recon_inputs, dev, progress,
+                                         keep_first_last_8bit=keep_first_last_8bit, include=inc, exclude=exc,
+                                         bn_transform=bn_transform, attention_points=attention_points)
         layers = _layer_sqnr(qmodel, calib[0] if (as_ is not None and calib) else None, dev)
         t_q = time.perf_counter() - t
         t = time.perf_counter()

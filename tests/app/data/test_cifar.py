@@ -11,10 +11,10 @@ from flatq_lightning.app.data import (
     CIFAR100DataModule,
     DataNotFoundError,
     build_datamodule,
+    cifar_io,
     load_cifar_arrays,
     random_crop_flip,
 )
-from flatq_lightning.app.data import cifar as cifar_mod
 from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 from .conftest import CLASSES, N_TEST, N_TRAIN, _image
@@ -41,7 +41,7 @@ def test_decoded_once_then_read_from_cache(tiny_cifar_zip, tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(cifar_mod, "_read_zip", boom)
+    monkeypatch.setattr(cifar_io, "_read_zip", boom)
     b = load_cifar_arrays(tiny_cifar_zip, cache_dir=tmp_path)
     for k in ("x_train", "y_train", "x_test", "y_test"):
         assert np.array_equal(a[k], b[k])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite (or the tests named after --) several times to hunt flaky tests (issue 22).
+# Run the test suite (or the tests named after --) several times to hunt flaky tests.
 #
 #   tests/flake_loop.sh [-n RUNS] [-b BURNERS] [-r] [-o LOGDIR] [-- PYTEST_ARGS...]
 #

@@ -1,4 +1,4 @@
-"""The flake-hunting tools (issue 22): the suite's own random order and tests/flake_loop.sh."""
+"""The flake-hunting tools: the suite's own random order and tests/flake_loop.sh."""
 
 from __future__ import annotations
 

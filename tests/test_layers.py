@@ -1,4 +1,4 @@
-"""The package's layers only point down (issue 23): utils <- quant <- callbacks, ptq <- app.
+"""The package's layers only point down: utils <- quant <- callbacks, ptq <- app.
 
 Every ``import``/``from ... import`` of a ``flatq_lightning`` module in the package's source is an edge, at module
 level or inside a function; a new upward edge (``quant`` importing ``callbacks``, ``ptq`` importing ``app``...) or

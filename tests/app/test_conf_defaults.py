@@ -1,4 +1,4 @@
-"""Defaults stated in a callback's YAML are the Python defaults (issue 23): a config file that restates a default
+"""Defaults stated in a callback's YAML are the Python defaults: a config file that restates a default
 must not drift from the code."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A fault test of the whole app: flatq-train killed with SIGKILL while it trains, then rerun in the same run
-directory with resume=last (issue 22)."""
+directory with resume=last."""
 
 from __future__ import annotations
 

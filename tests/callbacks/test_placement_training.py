@@ -1,5 +1,5 @@
 """DNQ with the "onnxruntime" quantizer placement: the fit records and perturbs the points PTQ will quantize,
-each tensor once (issue 21)."""
+each tensor once."""
 
 from __future__ import annotations
 

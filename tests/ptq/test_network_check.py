@@ -1,4 +1,4 @@
-"""Issue 13, item 7: PTQ of a LightningModule whose ``model`` is only a part of the network warns."""
+"""PTQ of a LightningModule whose ``model`` is only a part of the network warns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 13: shared parameters, weight averaging, non-finite runs, re-used callbacks, resume, sharded strategies."""
+"""The weight-noise guards: shared parameters, weight averaging, non-finite runs, re-used callbacks, resume, sharded strategies."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class _DivergingLM(TinyLM):
         return loss * float("nan") if self.global_step >= self.nan_at else loss
 
 
-# -- item 4: non-finite values -----------------------------------------------------------------------------
+# -- non-finite values -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("weight_noise", [True, False])
@@ -81,7 +81,7 @@ def test_a_schedule_returning_nan_stops_the_fit_at_that_step(which):
     assert torch.isfinite(model.model.conv2.weight).all()
 
 
-# -- item 1: shared parameters ------------------------------------------------------------------------------
+# -- shared parameters ------------------------------------------------------------------------------
 
 
 class _TiedLM(TinyLM):
@@ -142,7 +142,7 @@ def test_a_shared_parameter_is_noised_once_and_every_alias_key_is_clean_in_check
     assert model.model.b.weight is model.model.c.weight
 
 
-# -- item 10: resume ----------------------------------------------------------------------------------------
+# -- resume ----------------------------------------------------------------------------------------
 
 
 def _fit(callbacks, epochs, tmp_path=None, ckpt_path=None, **tkw):
@@ -175,7 +175,7 @@ def test_resume_from_an_epoch_boundary_continues_bit_for_bit(tmp_path, validate)
         assert torch.equal(a[k], b[k]), (k, (a[k].float() - b[k].float()).abs().max())
 
 
-# -- item 2: weight averaging ---------------------------------------------------------------------------------
+# -- weight averaging ---------------------------------------------------------------------------------
 
 
 def _averagers():
@@ -222,7 +222,7 @@ def test_mode_off_is_not_refused_next_to_weight_averaging():
     _fit([*dnq_callbacks("w4a4", mode="off", act_noise=False), EMAWeightAveraging(decay=0.5)], epochs=1)
 
 
-# -- item 11: sharded strategies --------------------------------------------------------------------------
+# -- sharded strategies --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
@@ -239,7 +239,7 @@ def test_sharded_strategies_are_refused_in_setup(strategy):
     dnq.setup(fake, TinyLM(), "validate")  # only fitting touches the weights
 
 
-# -- item 5: re-used callbacks ----------------------------------------------------------------------------
+# -- re-used callbacks ----------------------------------------------------------------------------
 
 
 class _WideLM(TinyLM):

@@ -23,6 +23,7 @@ def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-c", "from flatq_lightning.app.train import main; main()",
             "data=cifar10", f"data.path={data}", "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=32",
             "model=small_cnn", "model.kwargs.width=4", "variants=null", "callbacks=[dnq,checkpoint]",
+            "+callbacks.stall._target_=tests.app.stall.StallMidEpoch",
             f"trainer.max_epochs={EPOCHS}", "trainer.enable_progress_bar=false", "ptq.bits=[w8a8,w4a4]",
             "ptq.calib_batches=1", "ptq.progress=false", "torch_threads=1", f"hydra.run.dir={out}", *extra]
 
@@ -33,13 +34,16 @@ def test_sigkill_while_training_then_resume_last(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "FLATQ_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     last = out / "checkpoints" / "last.ckpt"
-    # 1. a fit killed (SIGKILL: no handler runs) once its first epoch's checkpoint exists
-    proc = subprocess.Popen(_cmd(data, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # 1. a fit killed with SIGKILL (no handler runs) in the middle of its second epoch, after the first epoch's
+    # checkpoint: the stall callback marks the point and waits there, so the kill lands in training every time
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen(_cmd(data, out), env={**env, "FLATQ_TEST_STALL_MARKER": str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
-    while not last.exists() and proc.poll() is None and time.monotonic() - t0 < SUBPROCESS_TIMEOUT_S:
+    while not marker.exists() and proc.poll() is None and time.monotonic() - t0 < SUBPROCESS_TIMEOUT_S:
         time.sleep(0.05)
     assert proc.poll() is None, f"the fit ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
-    time.sleep(0.3)
+    assert last.exists()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -47,7 +51,7 @@ def test_sigkill_while_training_then_resume_last(tmp_path):
     import torch
 
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["epoch"]  # our own file, just written
-    assert killed_at < EPOCHS - 1
+    assert killed_at == 0 and int(marker.read_text()) > 0  # the last checkpoint is epoch 0's; it died in epoch 1
     logs_before = {p: p.read_bytes() for p in (out / "lightning_logs").rglob("*") if p.is_file()}
 
     # 2. the same command in the same directory with resume=last: it continues and finishes

@@ -1,4 +1,4 @@
-"""Every bad input listed in issue 13 raises a named error (its type, and a message naming the parameter).
+"""Bad inputs raise a named error (its type, and a message naming the parameter), across the entry points.
 
 Each case must fail loudly and early; none may pass silently or fail deep inside torch.
 """
@@ -27,7 +27,7 @@ from flatq_lightning.app import ptq_cli
 from flatq_lightning.app.data.cifar import load_cifar_arrays
 from flatq_lightning.quant.ops import dequantize_int, quantize_int
 
-# -- the quantization core (item 8) -----------------------------------------------------------------------
+# -- the quantization core -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
@@ -88,7 +88,7 @@ def test_quantspec_wrong_types_are_named(kwargs, name):
         QuantSpec(**kwargs)
 
 
-# -- untrusted files never execute code (item 3) --------------------------------------------------------------
+# -- untrusted files never execute code ----------------------------------------------------------------------
 
 
 class _Exploit:
@@ -199,7 +199,7 @@ def test_flatq_ptq_data_with_the_wrong_channel_count(tiny_checkpoint, tmp_path, 
     assert "--data digits: the data has 1-channel images but the checkpoint's network takes 3 input channels" in err
 
 
-# -- data files: corrupt or non-image zip members (item 9) -----------------------------------------------
+# -- data files: corrupt or non-image zip members ------------------------------------------------------------
 
 
 def _jpeg() -> bytes:
@@ -238,7 +238,7 @@ def test_corrupt_zip_member_is_named(tmp_path):
         load_cifar_arrays(z, cache_dir="")
 
 
-# -- arguments that must name themselves (item 9) -----------------------------------------------------------
+# -- arguments that must name themselves ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,12 @@ from ..quant.ops import (
     quant_error_stats,
     sqnr_db_from_error_stats,
 )
-from ..quant.placement import attach_placement_points, check_placement, detach_placement_points
+from ..quant.placement import (
+    SharedInputProbe,
+    attach_placement_points,
+    check_placement,
+    detach_placement_points,
+)
 from ..quant.spec import QuantSpec, preset_name, preset_specs
 from ..quant.targets import has_weight, layer_specs, select_modules
 from ..utils.checks import check_bool
@@ -153,9 +158,8 @@ class QuantErrorRecorder(Callback):
         #: layer -> the placement point whose output is this layer's input (the same tensor, which PTQ quantizes
         #: once): not recorded, so not perturbed twice; found on the first training batch of a fit
         self.shared_inputs: dict[str, str] = {}
-        self._probe: list[RemovableHandle] | None = None
+        self._probe: SharedInputProbe | None = None
         self._probe_done = False
-        self._probe_seen: dict[int, tuple[str, int, Tensor]] = {}
 
     # identity -----------------------------------------------------------------------------------------------
     @property
@@ -221,29 +225,14 @@ class QuantErrorRecorder(Callback):
 
     # one quantizer per tensor: the layers whose input a placement point's output is ---------------------------
     def _start_sharing_probe(self) -> None:
-        """Temporary hooks for one training forward: a point's output tensor (identity and version) and, for every
-        layer, whether its input is such a tensor (what ``share_quantizers`` finds at PTQ)."""
-        self._probe_seen = {}
+        """Watch one training forward (``SharedInputProbe``, what ``share_quantizers`` runs at PTQ)."""
         points = [n for n in self.layers if not has_weight(self.modules[n])]
-        handles = []
-        for n in points:
-            def out_hook(mod: nn.Module, args: Any, out: Any, n: str = n) -> None:
-                if isinstance(out, Tensor) and id(out) not in self._probe_seen:
-                    self._probe_seen[id(out)] = (n, out._version, out)
-            handles.append(self.modules[n].register_forward_hook(out_hook))
-        for n in self.layers:
-            def in_hook(mod: nn.Module, args: Any, n: str = n) -> None:
-                x = args[0] if args else None
-                src = self._probe_seen.get(id(x)) if isinstance(x, Tensor) else None
-                if src is not None and src[0] != n and src[1] == x._version and self.specs[src[0]][1] == self.specs[n][1]:
-                    self.shared_inputs[n] = src[0]
-            handles.append(self.modules[n].register_forward_pre_hook(in_hook, prepend=True))
-        self._probe = handles
+        self._probe = SharedInputProbe(self.modules, points, lambda n: self.specs[n][1]).__enter__()
 
     def _end_sharing_probe(self) -> None:
-        for h in self._probe or []:
-            h.remove()
-        self._probe, self._probe_seen = None, {}
+        probe, self._probe = self._probe, None
+        probe.__exit__(None, None, None)
+        self.shared_inputs = dict(probe.shared)
         for n in self.shared_inputs:
             self._pending.pop(n, None)  # measured in this batch before the probe knew
         if self.shared_inputs:
@@ -439,10 +428,12 @@ class QuantErrorRecorder(Callback):
 
     # lifecycle ----------------------------------------------------------------------------------------------
     def remove_hooks(self) -> None:
-        for h in [*self._handles, *(self._probe or [])]:
+        for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._probe = None
+        if self._probe is not None:
+            self._probe.__exit__(None, None, None)
+            self._probe = None
         self._measuring = False
         self._pending.clear()
 

@@ -65,6 +65,7 @@ __all__ = [
     "placement_points",
     "residual_blocks",
     "share_quantizers",
+    "SharedInputProbe",
 ]
 
 #: the placement policies (see the module docstring)
@@ -234,49 +235,76 @@ def placement_points(model: nn.Module) -> list[str]:
 # one quantizer per tensor
 
 
+class SharedInputProbe:
+    """Watches forwards and finds the layers whose input is the very tensor a quantization point produced (the
+    same object, not changed in place since: its ``_version`` is the one the point returned), with an equal
+    activation spec: those tensors must be quantized once, by the point.
+
+    ``layers``: ``{name: module}``; ``points``: the names among them that are points; ``spec(name)``: a layer's
+    activation spec (``None``: its input is not quantized, so it takes no part). Used as a context manager around
+    the forwards to watch; :attr:`shared` is ``{layer: point}``. :func:`share_quantizers` runs it at PTQ, the
+    :class:`~flatq_lightning.QuantErrorRecorder` on the first training batch of a fit.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], points: Sequence[str], spec: Any) -> None:
+        self.layers, self.points, self.spec = layers, set(points), spec
+        self.shared: dict[str, str] = {}
+        # id(tensor) -> (the first point that produced it, its version then, the tensor: kept alive so that ids
+        # stay unique while watching)
+        self._seen: dict[int, tuple[str, int, Tensor]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> SharedInputProbe:
+        for name, mod in self.layers.items():
+            if self.spec(name) is None:
+                continue
+            self._handles.append(mod.register_forward_pre_hook(self._input_hook(name), prepend=True))
+            if name in self.points:
+                self._handles.append(mod.register_forward_hook(self._output_hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._seen = [], {}
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            src = self._seen.get(id(x)) if isinstance(x, Tensor) else None
+            if src is not None and src[0] != name and src[1] == x._version and self.spec(src[0]) == self.spec(name):
+                self.shared.setdefault(name, src[0])
+        return hook
+
+    def _output_hook(self, name: str) -> Any:
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and id(out) not in self._seen:
+                self._seen[id(out)] = (name, out._version, out)
+        return hook
+
+
 @torch.no_grad()
 def share_quantizers(model: nn.Module, example: Tensor, layers: Sequence[tuple[str, nn.Module]]) -> dict[str, str]:
-    """Turn off input quantizers that would quantize a tensor an earlier quantizer of the same spec quantizes.
+    """Turn off input quantizers that would quantize a tensor a placement point of the same spec quantizes.
 
-    ``layers``: the model's ``(name, QuantizedLayer)`` pairs, none calibrated yet (so each returns its input
-    object unchanged and tensor identity follows the data). One forward on ``example``; a layer whose input
-    tensor is the very tensor an earlier *point* received, with an equal activation spec, gets
-    ``act_spec = None`` and ``input_from`` = that point's name. Returns ``{layer: point}``.
+    ``layers``: the model's ``(name, QuantizedLayer)`` pairs, none calibrated yet (so a point returns its input
+    object unchanged and tensor identity follows the data). One forward on ``example`` under a
+    :class:`SharedInputProbe`; each shared layer gets ``act_spec = None`` and ``input_from`` = the point's name.
+    Returns ``{layer: point}``.
     """
-    # id(tensor) -> (first point that received it, the tensor's version then, the point's spec); the version
-    # counter tells a tensor changed in place since (``x += shortcut``, an in-place ReLU) from the same data
-    seen: dict[int, tuple[str, int, Any]] = {}
-    keep: list[Tensor] = []  # keeps the tensors alive so their ids stay unique during the pass
-    shared: dict[str, str] = {}
     by_name = dict(layers)
-    handles = []
-    for name, layer in layers:
-        def pre(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if not args or not isinstance(args[0], Tensor) or mod.act_spec is None:
-                return
-            x = args[0]
-            first = seen.get(id(x))
-            if first is not None and first[1] != x._version:
-                first = None  # changed in place: another tensor now
-            if first is not None and first[0] != name and first[2] == mod.act_spec:
-                shared[name] = first[0]
-            elif first is None and mod.weight_spec is None and not _has_weight(mod):
-                seen[id(x)] = (name, x._version, mod.act_spec)
-                keep.append(x)
-        handles.append(layer.register_forward_pre_hook(pre))
+    points = [n for n, m in layers if m.weight_spec is None and not _has_weight(m)]
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        with SharedInputProbe(by_name, points, lambda n: by_name[n].act_spec) as probe:
+            model(example)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    for name, src in shared.items():
-        layer = by_name[name]
-        layer.act_spec = None
-        layer.input_from = src
-    return shared
+    for name, src in probe.shared.items():
+        by_name[name].act_spec = None
+        by_name[name].input_from = src
+    return probe.shared
 
 
 def _has_weight(layer: nn.Module) -> bool:

@@ -3,6 +3,8 @@ convolution of a residual network on ONNX Runtime's integer kernels, parity with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,32 @@ def test_equal_weights_leave_no_float_copy_in_the_file(tmp_path):
     floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.name.endswith("weight")]
     assert floats == []
     assert not [n for n in graph.node if n.op_type == "Identity"]
+
+
+@pytest.mark.slow
+def test_flatq_ptq_placement_on_a_cifar_checkpoint(tmp_path, monkeypatch, capsys):
+    """`flatq-ptq --placement onnxruntime --export onnx` on the real kind of input: a ResNet-20 checkpoint that
+    flatq-train wrote from a CIFAR-style JPEG zip; the file runs every convolution and residual add as integer
+    kernels in ONNX Runtime and agrees with the fake-quant model."""
+    from flatq_lightning.app import ptq_cli
+    from flatq_lightning.app.train import run
+    from tests.app.test_train import _compose
+    from tests.test_benchmarks import _tiny_cifar_zip
+
+    monkeypatch.setenv("FLATQ_CACHE", str(tmp_path / "cache"))
+    data = _tiny_cifar_zip(tmp_path)
+    cfg = _compose(["data=cifar10", f"data.path={data}", "data.num_workers=0", "data.batch_size=8",
+                    "data.eval_batch_size=32", "model=cifar_resnet20", "variants=null", "callbacks=[checkpoint]",
+                    "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "ptq.bits=[]", "print_table=false"])
+    ckpt = run(cfg, tmp_path / "fit")["variants"]["main"]["checkpoint"]
+    out = tmp_path / "deploy"
+    rc = ptq_cli.main([ckpt, "--bits", "w8a8", "--calib-batches", "2", "--no-progress", "--device", "cpu",
+                       "--placement", "onnxruntime", "--export", "onnx", "--save-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    rep = json.loads((out / "ptq_report.json").read_text())
+    assert rep["recipe"]["placement"] == "onnxruntime"
+    export = rep["rows"][0]["exports"][0]
+    assert export["samples"] == rep["num_eval_samples"] and export["agreement"] >= 95.0  # tiny test split
+    kernels = ort_kernels(out / "quantized_w8a8.onnx")
+    assert kernels["ops"].get("QLinearConv", 0) == 21 and kernels["ops"].get("Conv", 0) == 0
+    assert kernels["ops"].get("QLinearAdd", 0) == 9

@@ -39,6 +39,8 @@ import torch  # noqa: E402
 from export import _write_atomic, load_state, machine, ort_static  # noqa: E402
 
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx  # noqa: E402
+from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
+from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
 from flatq_lightning.quant import batch_inputs  # noqa: E402
 
 FILES = ("ort_static", "flatq_minmax_layer_inputs", "flatq_minmax_onnxruntime", "flatq_practical_onnxruntime")
@@ -56,29 +58,17 @@ def ci95(values: list[float]) -> tuple[float, float]:
     return m, _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def flatq_model(net: torch.nn.Module, recipe_name: str, placement: str, calib: list[torch.Tensor],
-                bn_loader: Any, bn_transform: Any) -> torch.nn.Module:
-    """The W8A8 model ``run_ptq`` builds with that recipe and placement (same steps, same batches)."""
-    from flatq_lightning.ptq.recipe import PTQRecipe
-    from flatq_lightning.quant import QuantSpec, fold_batchnorm, quantize_model, reestimate_bn_quantized
-
-    recipe = PTQRecipe.preset(recipe_name, bn_batches=BN_BATCHES, placement=placement)
-    ws, as_ = QuantSpec.parse("w8a8", recipe.observer, recipe.act_obs)
-    source = net
-    if recipe.bn_reestimate:
-        source = reestimate_bn_quantized(net, ws, as_, bn_loader, calib_batches=calib, max_batches=BN_BATCHES,
-                                         transform=bn_transform, placement=placement)
-    return quantize_model(fold_batchnorm(source), ws, as_, calib_batches=calib, placement=placement)
-
-
 def evaluate_seed(path: Path, dm: Any, args: argparse.Namespace, files_dir: Path) -> dict[str, Any]:
     from flatq_lightning.app.models import create_model
 
     net = load_state(create_model("cifar_resnet20", num_classes=10), path)
     test = list(dm.test_dataloader())
     calib = [batch_inputs(b) for _, b in zip(range(CALIB_IMAGES // 128), dm.calib_dataloader(128))]
-    g = torch.Generator().manual_seed(1)
-    bn_loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=128, shuffle=True, generator=g)
+
+    def bn_loader() -> Any:  # the same seeded draw of training batches for every file that re-estimates BN
+        g = torch.Generator().manual_seed(1)
+        return torch.utils.data.DataLoader(dm.train_dataset, batch_size=128, shuffle=True, generator=g)
+
     d = files_dir / path.stem
     d.mkdir(parents=True, exist_ok=True)
     x = calib[0][:1]
@@ -90,15 +80,19 @@ def evaluate_seed(path: Path, dm: Any, args: argparse.Namespace, files_dir: Path
         if key == "ort_static":
             out.unlink(missing_ok=True)
             ort_static(fp, out, calib)
-            model = net
-        else:
+            p = check_onnx_parity(net, out, test)
+            rows[key] = {"top1_ort": p.top1_ort, "agreement_with_source": p.agreement, "top1_flatq": None}
+        else:  # the library's own PTQ and export, as a user runs them: run_ptq writes the file and scores it
             _, recipe, placement = key.split("_", 2)
-            model = flatq_model(net, recipe, placement, calib, bn_loader, dm.augment_batch)
-            export_onnx(model, out, x, overwrite=True)
-        p = check_onnx_parity(model, out, test)
-        rows[key] = {"top1_ort": p.top1_ort, "agreement_with_source": p.agreement,
-                     "top1_flatq": p.top1_flatq if key != "ort_static" else None, "seconds": time.perf_counter() - t}
-        print(f"[{path.stem}] {key}: top-1 ORT {p.top1_ort:.2f}", flush=True)
+            report = run_ptq(net, calib, test, bits=("w8a8",), calib_batches=len(calib), progress=False,
+                             recipe=PTQRecipe.preset(recipe, bn_batches=BN_BATCHES, placement=placement),
+                             bn_loader=bn_loader(), bn_transform=dm.augment_batch, evaluate_fp=False,
+                             export_dir=d / key, export_formats=("onnx",), overwrite=True)
+            e = report.row("w8a8").exports[0]
+            rows[key] = {"top1_ort": e["top1_ort"], "agreement_with_source": e["agreement"],
+                         "top1_flatq": e["top1_flatq"]}
+        rows[key]["seconds"] = time.perf_counter() - t
+        print(f"[{path.stem}] {key}: top-1 ORT {rows[key]['top1_ort']:.2f}", flush=True)
     return {"model": str(path), "rows": rows}
 
 

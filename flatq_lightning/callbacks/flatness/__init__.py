@@ -1,16 +1,15 @@
-"""Flatness: the measures (Hessian trace, top eigenvalue, loss-landscape slices) and the callback that logs them."""
+"""Flatness: Hessian estimates (:mod:`.hessian`), loss-landscape slices (:mod:`.landscape`), both on the loss
+convention of :mod:`.loss`, and the callback that logs them during training (:mod:`.monitor`)."""
 
-from .measures import (
-    LossFn,
-    classification_loss,
+from .hessian import hessian_diagonal, hessian_trace, hessian_trace_per_param, top_eigenvalue
+from .landscape import (
     filter_normalized_direction,
-    hessian_trace,
     loss_landscape_1d,
     loss_landscape_2d,
     plot_landscape_1d,
     plot_landscape_2d,
-    top_eigenvalue,
 )
+from .loss import LossFn, classification_loss
 from .monitor import SharpnessMonitor
 
 __all__ = [
@@ -18,7 +17,9 @@ __all__ = [
     "SharpnessMonitor",
     "classification_loss",
     "filter_normalized_direction",
+    "hessian_diagonal",
     "hessian_trace",
+    "hessian_trace_per_param",
     "loss_landscape_1d",
     "loss_landscape_2d",
     "plot_landscape_1d",

@@ -1,149 +1,51 @@
-"""Flatness measures: Hessian trace, top Hessian eigenvalue and loss-landscape slices.
+"""Hessian estimates of a loss: Hutchinson's trace (whole, per parameter, diagonal) and the top eigenvalue.
 
-Everything here takes a ``loss_fn(model, batch) -> scalar Tensor`` and a list of batches, so any model and any
-batch layout works; :func:`classification_loss` is the ready one for ``(inputs, targets, ...)`` batches.
+Every estimate takes ``loss_fn(model, batch) -> scalar Tensor`` and a list of batches (:mod:`.loss`: the
+convention, :func:`~.loss.classification_loss`, and the guarantees: eval mode by default, nothing written to
+``param.grad``, batches moved to the model's device, seeded CPU draws). H is the Hessian of the loss averaged
+over the batches, taken over ``params`` (default: every parameter with ``requires_grad``).
 
-Guarantees shared by every function:
+How the Hutchinson estimates are computed (:func:`_hutchinson`, shared by the three of them): per batch, one
+forward and one first-order gradient graph (``create_graph=True``); per probe, one Rademacher vector ``v`` over
+*all* parameters and one Hessian-vector product (double backward) over all of them at once, so the cost does not
+grow with the number of layers. Each parameter's part of ``(v, Hv)`` then gives its own diagonal block:
+``v_p·(Hv)_p`` estimates Tr(H_pp) and ``v_p ⊙ (Hv)_p`` estimates diag(H_pp). With the same ``seed`` and
+``params`` the three functions draw the very same probes, so the per-parameter traces add up to
+:func:`hessian_trace` (up to float rounding) and each is the sum of its diagonal estimate. For per-layer
+estimates pass the layers' weights as ``params`` (or map the per-parameter results back with
+``model.named_parameters()``): the Hessian blocks between two parameters are never formed.
 
-* the model runs in eval mode by default (BatchNorm uses its running statistics; dropout is off); each
-  submodule's own ``training`` flag is restored afterwards;
-* parameters are restored bit for bit after any perturbation (``torch.equal`` holds);
-* nothing is written to ``param.grad`` (second derivatives go through :func:`torch.autograd.grad`);
-* batches are moved to the device of the model's parameters, so CPU and CUDA models work alike;
-* the random probes/directions come from a CPU generator seeded with ``seed``, so the same seed gives the same
-  draws on every device and for two models of the same architecture (e.g. "plain" vs "DNQ").
-
-Double backward is needed for the Hessian functions; a few fused kernels (e.g. flash attention in
-``scaled_dot_product_attention``) do not support it: measure such models with the math backend.
+Double backward is needed; a few fused kernels (e.g. flash attention in ``scaled_dot_product_attention``) do not
+support it: measure such models with the math backend.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "LossFn",
-    "classification_loss",
-    "hessian_trace",
-    "top_eigenvalue",
-    "filter_normalized_direction",
-    "loss_landscape_1d",
-    "loss_landscape_2d",
-    "plot_landscape_1d",
-    "plot_landscape_2d",
-]
+from .loss import (
+    LossFn,
+    _as_batch_list,
+    _check_loss,
+    _check_positive_int,
+    _grad_context,
+    _mode,
+    _model_device,
+    _resolve_params,
+    _to_device,
+)
 
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""``loss_fn(model, batch) -> scalar Tensor``: the convention of every function in this module."""
-
-
-def classification_loss(model: nn.Module, batch: Any) -> Tensor:
-    """Cross-entropy of ``model(inputs)`` against ``targets`` for a ``(inputs, targets, ...)`` batch.
-
-    Also accepts a dict batch with keys ``x``/``input``/``image`` and ``y``/``target``/``label``.
-
-    Example:
-        >>> model = nn.Linear(3, 2)
-        >>> batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
-        >>> classification_loss(model, batch).shape
-        torch.Size([])
-    """
-    if isinstance(batch, Mapping):
-        x = next((batch[k] for k in ("x", "input", "inputs", "image", "images") if k in batch), None)
-        y = next((batch[k] for k in ("y", "target", "targets", "label", "labels") if k in batch), None)
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-    else:
-        x = y = None
-    if x is None or y is None:
-        raise ValueError(
-            f"classification_loss expects an (inputs, targets, ...) batch or a dict with 'x' and 'y' keys, "
-            f"got {type(batch).__name__}; pass your own loss_fn(model, batch) for other layouts"
-        )
-    return nn.functional.cross_entropy(model(x), y)
+__all__ = ["hessian_diagonal", "hessian_trace", "hessian_trace_per_param", "top_eigenvalue"]
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a (nested) batch to ``device``; inference tensors are cloned to normal ones."""
-    if isinstance(batch, Tensor):
-        if batch.is_inference():
-            with torch.inference_mode(False):
-                return batch.to(device).clone()
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _as_batch_list(batches: Iterable[Any]) -> list[Any]:
-    if isinstance(batches, Tensor):
-        raise TypeError(
-            "batches must be a list of batches, got a single Tensor; wrap it: [tensor] or [(inputs, targets)]"
-        )
-    out = list(batches)
-    if not out:
-        raise ValueError("batches is empty: pass at least one batch")
-    return out
-
-
-def _resolve_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[Tensor]:
-    ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    if not ps:
-        raise ValueError(
-            "no parameters to measure: the model has no trainable parameters and none were given"
-        )
-    for p in ps:
-        if not p.requires_grad:
-            raise ValueError("every parameter in params must have requires_grad=True")
-    return ps
-
-
-def _model_device(model: nn.Module, params: Sequence[Tensor]) -> torch.device:
-    return params[0].device if params else next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, train_mode: bool) -> Iterator[None]:
-    """Put ``model`` in train or eval mode and restore every submodule's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(train_mode)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-@contextlib.contextmanager
-def _grad_context() -> Iterator[None]:
-    # inference_mode(False) so the functions also work when called from a validation hook.
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-def _check_loss(loss: Any) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(
-            f"loss_fn(model, batch) must return a scalar Tensor, got "
-            f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-        )
-    return loss.reshape(())
-
-
+# ------------------------------------------------------------------------------------- building blocks
 def _gradients(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
+    """First-order gradients with their graph (``create_graph=True``), for Hessian-vector products."""
     return list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
 
 
@@ -157,12 +59,48 @@ def _hvp(grads: Sequence[Tensor | None], params: Sequence[Tensor], vs: Sequence[
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """Σ_p ⟨a_p, b_p⟩ over all parameters, accumulated in float64."""
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _rademacher(params: Sequence[Tensor], gen: torch.Generator) -> list[Tensor]:
+    """One probe: ±1 entries shaped like each parameter, drawn on the CPU generator ``gen`` (identical draws on
+    every device), moved to the parameter's device and dtype."""
+    return [
+        (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(device=p.device, dtype=p.dtype) for p in params
+    ]
+
+
+#: ``visit(batch_index, v, Hv)``: called once per (batch, probe) by :func:`_hutchinson`, with one tensor per
+#: parameter in each list (``Hv`` detached from the graph only where the caller detaches it)
+ProbeVisitor = Callable[[int, Sequence[Tensor], Sequence[Tensor]], None]
+
+
+def _hutchinson(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Sequence[Any],
+    params: Sequence[Tensor],
+    n_probes: int,
+    seed: int,
+    train_mode: bool,
+    visit: ProbeVisitor,
+) -> None:
+    """The Hutchinson loop behind every trace/diagonal estimate: for each batch (in order), build the gradient
+    graph once and call ``visit(batch_index, v, Hv)`` for ``n_probes`` Rademacher probes ``v`` (drawn from a CPU
+    generator seeded with ``seed``, batch by batch and probe by probe), each ``Hv`` one double backward over all
+    ``params`` at once. The callers accumulate what they need from ``(v, Hv)``; the graph of a batch is freed
+    before the next one."""
+    device = _model_device(model, params)
+    gen = torch.Generator().manual_seed(seed)
+    with _mode(model, train_mode), _grad_context():
+        for b, batch in enumerate(data):
+            loss = _check_loss(loss_fn(model, _to_device(batch, device)))
+            grads = _gradients(loss, params)
+            for _ in range(n_probes):
+                vs = _rademacher(params, gen)
+                visit(b, vs, _hvp(grads, params, vs))
+            del loss, grads
 
 
 # ------------------------------------------------------------------------------------------- Hessian
@@ -191,6 +129,7 @@ def hessian_trace(
         train_mode: run the model in train mode (BatchNorm on batch statistics, dropout on); default eval.
 
     Example:
+        >>> from flatq_lightning.callbacks.flatness import classification_loss
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
         >>> t = hessian_trace(model, classification_loss, [batch], n_probes=4)
@@ -200,23 +139,100 @@ def hessian_trace(
     _check_positive_int("n_probes", n_probes)
     ps = _resolve_params(model, params)
     data = _as_batch_list(batches)
-    device = _model_device(model, ps)
-    gen = torch.Generator().manual_seed(seed)
+    per_batch = [0.0] * len(data)  # Σ over the batch's probes of vᵀHv
+
+    def visit(b: int, vs: Sequence[Tensor], hvs: Sequence[Tensor]) -> None:
+        per_batch[b] += _dot(vs, hvs)
+
+    _hutchinson(model, loss_fn, data, ps, n_probes, seed, train_mode, visit)
     total = 0.0
-    with _mode(model, train_mode), _grad_context():
-        for batch in data:
-            loss = _check_loss(loss_fn(model, _to_device(batch, device)))
-            grads = _gradients(loss, ps)
-            acc = 0.0
-            for _ in range(n_probes):
-                vs = [
-                    (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(device=p.device, dtype=p.dtype)
-                    for p in ps
-                ]
-                acc += _dot(vs, _hvp(grads, ps, vs))
-            total += acc / n_probes
-            del loss, grads
+    for acc in per_batch:
+        total += acc / n_probes
     return total / len(data)
+
+
+def hessian_trace_per_param(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    n_probes: int = 8,
+    seed: int = 0,
+    params: Iterable[Tensor] | None = None,
+    train_mode: bool = False,
+) -> list[float]:
+    """Hutchinson estimates of Tr(H_pp), the trace of each parameter's own diagonal block of H, in one pass.
+
+    One list entry per parameter, in the order of ``params`` (default: ``model.parameters()`` with
+    ``requires_grad``). The probes and Hessian-vector products are those of :func:`hessian_trace` with the same
+    arguments (one HVP per probe over every parameter at once), so the entries add up to its result, up to float
+    rounding; each is accumulated in float64. Per layer: pass the layers' weights as ``params``.
+
+    Args:
+        as in :func:`hessian_trace`.
+
+    Example:
+        >>> from flatq_lightning.callbacks.flatness import classification_loss
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> per = hessian_trace_per_param(model, classification_loss, [batch], n_probes=4)
+        >>> len(per) == len(list(model.parameters()))
+        True
+        >>> t = hessian_trace(model, classification_loss, [batch], n_probes=4)
+        >>> math.isclose(sum(per), t, rel_tol=1e-6, abs_tol=1e-9)
+        True
+    """
+    _check_positive_int("n_probes", n_probes)
+    ps = _resolve_params(model, params)
+    data = _as_batch_list(batches)
+    sums = [0.0] * len(ps)
+
+    def visit(b: int, vs: Sequence[Tensor], hvs: Sequence[Tensor]) -> None:
+        for i, (v, h) in enumerate(zip(vs, hvs)):
+            sums[i] += float((v.double() * h.double()).sum())
+
+    _hutchinson(model, loss_fn, data, ps, n_probes, seed, train_mode, visit)
+    return [s / (n_probes * len(data)) for s in sums]
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    n_probes: int = 8,
+    seed: int = 0,
+    params: Iterable[Tensor] | None = None,
+    train_mode: bool = False,
+) -> list[Tensor]:
+    """Hutchinson estimate of diag(H): the mean over probes (and batches) of v ⊙ Hv, one tensor per parameter.
+
+    Each tensor has its parameter's shape and dtype and lies on its device, detached. Unbiased, exact for a
+    diagonal Hessian; an element's variance is Σ_{j≠i} H_ij² / (n_probes · batches). The probes are those of
+    :func:`hessian_trace` with the same arguments, so ``d.sum()`` of a parameter's tensor is its entry of
+    :func:`hessian_trace_per_param` (up to float rounding). Memory: one accumulator per parameter, besides
+    what one Hessian-vector product needs.
+
+    Args:
+        as in :func:`hessian_trace`.
+
+    Example:
+        >>> from flatq_lightning.callbacks.flatness import classification_loss
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> d = hessian_diagonal(model, classification_loss, [batch], n_probes=4)
+        >>> [t.shape for t in d] == [p.shape for p in model.parameters()]
+        True
+    """
+    _check_positive_int("n_probes", n_probes)
+    ps = _resolve_params(model, params)
+    data = _as_batch_list(batches)
+    acc = [torch.zeros(p.shape, device=p.device, dtype=torch.float64) for p in ps]
+
+    def visit(b: int, vs: Sequence[Tensor], hvs: Sequence[Tensor]) -> None:
+        for a, v, h in zip(acc, vs, hvs):
+            a.add_(v.detach().double() * h.detach().double())
+
+    _hutchinson(model, loss_fn, data, ps, n_probes, seed, train_mode, visit)
+    return [(a / (n_probes * len(data))).to(p.dtype) for a, p in zip(acc, ps)]
 
 
 def top_eigenvalue(
@@ -243,6 +259,7 @@ def top_eigenvalue(
         tol: relative change of the eigenvalue estimate that ends the iteration.
 
     Example:
+        >>> from flatq_lightning.callbacks.flatness import classification_loss
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
         >>> top_eigenvalue(model, classification_loss, [batch], iters=10) >= 0.0
@@ -281,301 +298,3 @@ def top_eigenvalue(
                 break
             v = nv
     return float(eig if eig is not None else 0.0)
-
-
-# ------------------------------------------------------------------------------------- loss landscape
-def filter_normalized_direction(
-    model: nn.Module,
-    seed: int = 0,
-    params: Iterable[Tensor] | None = None,
-    ignore_1d: bool = True,
-    generator: torch.Generator | None = None,
-) -> list[Tensor]:
-    """A random Gaussian direction, filter-normalised as in Li et al. 2018 ("Visualizing the loss landscape").
-
-    For every parameter with two or more dimensions, each filter (slice along dim 0, i.e. an output channel or
-    an output row of a Linear) of the direction is rescaled to the norm of the same filter of the weight. One-
-    dimensional parameters (biases, BatchNorm affine) get a zero direction when ``ignore_1d`` (the paper's
-    ``ignore biasbn``), otherwise they are normalised as a single filter.
-
-    Args:
-        model: source of the parameters (default: every parameter with ``requires_grad``).
-        seed: seed of the CPU generator (ignored when ``generator`` is given).
-        params: explicit parameter list, in the order the direction is returned.
-        ignore_1d: zero the direction of 1-d parameters.
-        generator: a CPU ``torch.Generator`` to draw from (for several directions from one stream).
-
-    Example:
-        >>> model = nn.Conv2d(3, 4, 3)
-        >>> d = filter_normalized_direction(model, seed=1)
-        >>> torch.allclose(d[0].flatten(1).norm(dim=1), model.weight.flatten(1).norm(dim=1))
-        True
-    """
-    ps = _resolve_params(model, params)
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for p in ps:
-            d = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=torch.float32)
-            w = p.detach().float()
-            if p.dim() <= 1:
-                if ignore_1d:
-                    d.zero_()
-                else:
-                    d.mul_(w.norm() / (d.norm() + 1e-10))
-            else:
-                wn = w.flatten(1).norm(dim=1)
-                dn = d.flatten(1).norm(dim=1)
-                d.mul_((wn / (dn + 1e-10)).view(-1, *([1] * (p.dim() - 1))))
-            out.append(d.to(p.dtype))
-    return out
-
-
-def _mean_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[Any], device: torch.device) -> float:
-    total = 0.0
-    for batch in data:
-        total += float(_check_loss(loss_fn(model, _to_device(batch, device))).detach().double())
-    return total / len(data)
-
-
-def _check_directions(ps: Sequence[Tensor], direction: Sequence[Tensor], name: str) -> list[Tensor]:
-    d = list(direction)
-    if len(d) != len(ps) or any(a.shape != p.shape for a, p in zip(d, ps)):
-        raise ValueError(
-            f"{name} must hold one tensor per parameter with the parameter's shape "
-            f"({len(ps)} parameters), got {len(d)} tensors"
-        )
-    return [a.to(device=p.device, dtype=p.dtype) for a, p in zip(d, ps)]
-
-
-def _landscape(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Sequence[Any],
-    ps: Sequence[Tensor],
-    dirs: Sequence[Sequence[Tensor]],
-    coords: Sequence[Sequence[float]],
-    train_mode: bool,
-) -> list[float]:
-    """Mean loss at w0 + Σ_k c_k·d_k for every coefficient tuple in ``coords``; parameters restored exactly."""
-    device = _model_device(model, ps)
-    originals = [p.detach().clone() for p in ps]
-    losses = []
-    try:
-        with _mode(model, train_mode), torch.no_grad():
-            for cs in coords:
-                for p, w0, *ds in zip(ps, originals, *dirs):
-                    p.copy_(w0)
-                    for c, d in zip(cs, ds):
-                        if c != 0.0:
-                            p.add_(d, alpha=c)
-                losses.append(_mean_loss(model, loss_fn, data, device))
-    finally:
-        with torch.no_grad():
-            for p, w0 in zip(ps, originals):
-                p.copy_(w0)
-    return losses
-
-
-def _check_grid(steps: int, span: float) -> np.ndarray:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise ValueError(f"steps must be an int >= 2, got {steps!r}")
-    if not (isinstance(span, (int, float)) and span > 0 and math.isfinite(span)):
-        raise ValueError(f"span must be a finite number > 0, got {span!r}")
-    grid = np.linspace(-span, span, steps)
-    if steps % 2 == 1:
-        grid[steps // 2] = 0.0  # exact centre: the loss there is the unperturbed model's
-    return grid
-
-
-def loss_landscape_1d(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Any],
-    steps: int = 21,
-    span: float = 1.0,
-    seed: int = 0,
-    params: Iterable[Tensor] | None = None,
-    direction: Sequence[Tensor] | None = None,
-    ignore_1d: bool = True,
-    train_mode: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean loss along w + α·d for α in ``linspace(-span, span, steps)``, d filter-normalised (Li et al. 2018).
-
-    With an odd ``steps`` the centre is exactly α = 0 and its loss equals the unperturbed model's loss.
-
-    Returns:
-        ``(alphas, losses)``: two float64 numpy arrays of length ``steps``.
-
-    Args:
-        model, loss_fn, batches, params, train_mode: as in :func:`hessian_trace`.
-        steps: number of points (>= 2).
-        span: the largest |α|.
-        seed, ignore_1d: passed to :func:`filter_normalized_direction`.
-        direction: use this direction (one tensor per parameter) instead of drawing one.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-        >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
-        >>> alphas, losses = loss_landscape_1d(model, classification_loss, [batch], steps=5)
-        >>> alphas.tolist()
-        [-1.0, -0.5, 0.0, 0.5, 1.0]
-    """
-    ps = _resolve_params(model, params)
-    data = _as_batch_list(batches)
-    alphas = _check_grid(steps, span)
-    d = (
-        filter_normalized_direction(model, seed=seed, params=ps, ignore_1d=ignore_1d)
-        if direction is None
-        else _check_directions(ps, direction, "direction")
-    )
-    losses = _landscape(model, loss_fn, data, ps, [d], [(float(a),) for a in alphas], train_mode)
-    return alphas, np.asarray(losses, dtype=np.float64)
-
-
-def loss_landscape_2d(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Any],
-    steps: int = 21,
-    span: float = 1.0,
-    seed: int = 0,
-    params: Iterable[Tensor] | None = None,
-    directions: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,
-    ignore_1d: bool = True,
-    train_mode: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean loss on the plane w + α·d1 + β·d2 with two filter-normalised random directions (Li et al. 2018).
-
-    Both directions are drawn from one generator seeded with ``seed``; costs ``steps²`` evaluations of the loss
-    over ``batches``.
-
-    Returns:
-        ``(alphas, betas, losses)`` with ``losses[i, j]`` the loss at ``(alphas[i], betas[j])``; float64 numpy.
-
-    Args:
-        as in :func:`loss_landscape_1d`; ``directions`` is an optional pair of directions.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-        >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
-        >>> a, b, z = loss_landscape_2d(model, classification_loss, [batch], steps=3)
-        >>> z.shape
-        (3, 3)
-    """
-    ps = _resolve_params(model, params)
-    data = _as_batch_list(batches)
-    grid = _check_grid(steps, span)
-    if directions is None:
-        gen = torch.Generator().manual_seed(seed)
-        d1 = filter_normalized_direction(model, params=ps, ignore_1d=ignore_1d, generator=gen)
-        d2 = filter_normalized_direction(model, params=ps, ignore_1d=ignore_1d, generator=gen)
-    else:
-        if len(directions) != 2:
-            raise ValueError(f"directions must be a pair (d1, d2), got {len(directions)} items")
-        d1 = _check_directions(ps, directions[0], "directions[0]")
-        d2 = _check_directions(ps, directions[1], "directions[1]")
-    coords = [(float(a), float(b)) for a in grid for b in grid]
-    losses = _landscape(model, loss_fn, data, ps, [d1, d2], coords, train_mode)
-    return grid.copy(), grid.copy(), np.asarray(losses, dtype=np.float64).reshape(steps, steps)
-
-
-# ------------------------------------------------------------------------------------------- plotting
-def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0) -> tuple[Any, Any]:
-    # Object-oriented Agg figure: no pyplot global state, no backend switch for the rest of the process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
-
-
-def _check_results(results: Mapping[str, Any], arity: int, fn: str) -> None:
-    if not isinstance(results, Mapping) or not results:
-        raise ValueError(f"{fn} needs a non-empty dict name -> landscape result")
-    for name, value in results.items():
-        if not isinstance(value, (tuple, list)) or len(value) != arity:
-            raise ValueError(
-                f"{fn}: results[{name!r}] must be a {arity}-tuple, as returned by loss_landscape_*"
-            )
-
-
-def plot_landscape_1d(
-    results: Mapping[str, tuple[Any, Any]],
-    path: str | Path,
-    title: str | None = None,
-    log_scale: bool = False,
-) -> Path:
-    """Draw several 1-D slices on one axis (e.g. ``{"plain": ..., "DNQ": ...}``) and save the figure to ``path``.
-
-    Returns the path written (its suffix picks the format: .png, .pdf, .svg).
-
-    Example:
-        >>> import tempfile, os
-        >>> res = {"plain": (np.linspace(-1, 1, 5), np.linspace(-1, 1, 5) ** 2)}
-        >>> p = plot_landscape_1d(res, os.path.join(tempfile.mkdtemp(), "l1d.png"))
-        >>> p.exists()
-        True
-    """
-    _check_results(results, 2, "plot_landscape_1d")
-    fig, (ax,) = _figure()
-    for name, (alphas, losses) in results.items():
-        ax.plot(np.asarray(alphas), np.asarray(losses), marker=".", label=str(name))
-    ax.set_xlabel("α (filter-normalised direction)")
-    ax.set_ylabel("loss")
-    if log_scale:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def plot_landscape_2d(
-    results: Mapping[str, tuple[Any, Any, Any]],
-    path: str | Path,
-    levels: int = 20,
-    title: str | None = None,
-) -> Path:
-    """Contour plots of 2-D slices side by side with shared contour levels, saved to ``path``.
-
-    Example:
-        >>> import tempfile, os
-        >>> g = np.linspace(-1, 1, 5)
-        >>> res = {"plain": (g, g, g[:, None] ** 2 + g[None] ** 2), "DNQ": (g, g, 0.5 * g[:, None] ** 2 + g[None] ** 2)}
-        >>> plot_landscape_2d(res, os.path.join(tempfile.mkdtemp(), "l2d.png")).exists()
-        True
-    """
-    _check_results(results, 3, "plot_landscape_2d")
-    if not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
-    zs = [np.asarray(v[2], dtype=np.float64) for v in results.values()]
-    finite = np.concatenate([z[np.isfinite(z)].ravel() for z in zs])
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    lv = np.linspace(lo, hi if hi > lo else lo + 1.0, levels)
-    fig, axes = _figure(ncols=len(results), width=4.5)
-    cs = None
-    for ax, (name, (alphas, betas, z)) in zip(axes, results.items()):
-        # losses[i, j] is at (alphas[i], betas[j]): x = alpha along columns needs the transpose.
-        cs = ax.contourf(np.asarray(alphas), np.asarray(betas), np.asarray(z).T, levels=lv, cmap="viridis")
-        ax.contour(
-            np.asarray(alphas), np.asarray(betas), np.asarray(z).T, levels=lv, colors="k", linewidths=0.3
-        )
-        ax.plot([0.0], [0.0], "r+")
-        ax.set_title(str(name))
-        ax.set_xlabel("α")
-        ax.set_ylabel("β")
-        ax.set_aspect("equal")
-    if cs is not None:
-        fig.colorbar(cs, ax=list(axes), label="loss")
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ...quant.hooks import hooks_suspended
-from .measures import LossFn, classification_loss, hessian_trace, top_eigenvalue
+from .hessian import hessian_trace, top_eigenvalue
+from .loss import LossFn, classification_loss
 
 __all__ = ["SharpnessMonitor"]
 
@@ -57,7 +58,7 @@ class SharpnessMonitor(Callback):
         n_batches: number of cached batches.
         n_probes: Rademacher probes per batch for the Hutchinson trace.
         power_iters: maximum power iterations for the top eigenvalue.
-        loss_fn: ``loss_fn(module, batch) -> scalar``; default :func:`flatq_lightning.callbacks.flatness.measures.classification_loss`
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default :func:`flatq_lightning.callbacks.flatness.loss.classification_loss`
             (cross-entropy of ``module(x)`` for ``(x, y)`` batches). Use a module-level function (picklable).
         tol: relative tolerance ending the power iteration.
         seed: seed of the probes and the power-iteration start.

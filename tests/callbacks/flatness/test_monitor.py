@@ -15,8 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flatq_lightning.callbacks.flatness import SharpnessMonitor
-from flatq_lightning.callbacks.flatness.measures import classification_loss, hessian_trace
+from flatq_lightning.callbacks.flatness import SharpnessMonitor, classification_loss, hessian_trace
 from tests.helpers import SmallConvNet, blob_data
 
 

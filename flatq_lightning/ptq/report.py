@@ -20,6 +20,7 @@ from typing import Any
 
 from ..utils.io import _temp_beside, free_path, numbered_paths, write_file_atomic
 from ..utils.logging import log_hyperparams
+from . import report_plot
 
 __all__ = [
     "LayerSQNR",
@@ -232,9 +233,7 @@ class PTQReport:
 
     def png_bytes(self) -> bytes:
         """The accuracy plot as PNG bytes (what :meth:`write` saves as ``ptq_report.png``)."""
-        buf = io.BytesIO()
-        self.figure().savefig(buf, dpi=120, format="png")
-        return buf.getvalue()
+        return report_plot.png_bytes(self)
 
     def log_to(self, loggers: Sequence[Any], step: int = 0, image_path: PathLike | None = None) -> None:
         """Send the report to Lightning loggers: settings as hyperparameters, accuracies and per-layer SQNR as
@@ -254,7 +253,7 @@ class PTQReport:
             log_hyperparams(logger, self.settings())
             logger.log_metrics(metrics, step=step)
             try:
-                png = _log_image(logger, "ptq/accuracy", self, png, image_path, step)
+                png = report_plot.log_image(logger, "ptq/accuracy", self, png, image_path, step)
             except Exception as err:  # an image is not worth losing the run's metrics for
                 import warnings
 
@@ -461,40 +460,11 @@ class PTQReport:
         A directory ``path`` gets ``ptq_accuracy.png`` inside it. Written atomically (temporary file, then
         ``os.replace``). Returns the file written.
         """
-        p = Path(path)
-        if p.is_dir():
-            p = p / "ptq_accuracy.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_beside(p)
-        try:
-            self.figure().savefig(tmp, dpi=120, format="png")
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return p
+        return report_plot.save_accuracy_plot(self, path)
 
     def figure(self) -> Any:
         """The accuracy-vs-bit-width plot as a matplotlib ``Figure`` (Agg canvas; for loggers and files)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(max(4.0, 1.1 * len(self.rows) + 2.0), 3.6))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        xs = list(range(len(self.rows)))
-        ax.plot(xs, [r.top1 for r in self.rows], "o-", color="C0", label="top-1")
-        ax.plot(xs, [r.top5 for r in self.rows], "s--", color="C1", label=f"top-{self.top5_k}")
-        ax.axhline(self.fp_top1, color="C0", lw=1, alpha=0.6, label=f"FP top-1 ({self.fp_top1:.1f})")
-        ax.axhline(self.fp_top5, color="C1", lw=1, ls=":", alpha=0.6, label=f"FP top-{self.top5_k} ({self.fp_top5:.1f})")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(self.bits)
-        ax.set_xlabel("bit-width")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
-        fig.tight_layout()
-        return fig
+        return report_plot.accuracy_figure(self)
 
     def write(
         self, save_dir: PathLike, names: Sequence[str] = REPORT_FORMATS, overwrite: bool = False
@@ -533,31 +503,6 @@ class PTQReport:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
         return out
-
-
-def _log_image(
-    logger: Any, key: str, report: PTQReport, png: bytes | None, path: PathLike | None, step: int
-) -> bytes | None:
-    """The plot to one logger, if it takes images; returns the PNG bytes (rendered at most once)."""
-    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-
-    def image() -> Any:
-        import numpy as np
-        from PIL import Image
-
-        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-    if isinstance(logger, TensorBoardLogger):
-        png = png or report.png_bytes()
-        logger.experiment.add_image(key, image(), global_step=step, dataformats="HWC")
-    elif isinstance(logger, MLFlowLogger):
-        if path is None:
-            return png
-        logger.experiment.log_artifact(logger.run_id, str(path))
-    elif callable(getattr(logger, "log_image", None)):  # W&B, Neptune, Comet, ...
-        png = png or report.png_bytes()
-        logger.log_image(key=key, images=[image()], step=step)
-    return png
 
 
 def _size(n: int) -> str:

@@ -84,15 +84,6 @@ def test_csv_and_metrics():
         rep.row("w2a2")
 
 
-def test_plot_accuracy_png(tmp_path):
-    p = _report().plot_accuracy(tmp_path / "sub" / "ptq_accuracy.png")
-    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _report().plot_accuracy(tmp_path).name == "ptq_accuracy.png"
-    files = _report().write(tmp_path / "all")
-    assert sorted(p.name for p in files.values()) == ["ptq_report.csv", "ptq_report.json", "ptq_report.md", "ptq_report.png"]
-    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_write_never_replaces_an_earlier_report_unless_told(tmp_path):
     first = _report().write(tmp_path)
     before = {f: p.read_bytes() for f, p in first.items()}

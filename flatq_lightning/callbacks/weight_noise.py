@@ -1,10 +1,12 @@
-"""Differential weight noise with the recorded weight-error statistics."""
+"""Differential weight noise with the recorded weight-error statistics: the Lightning callback (its hooks, the
+guards against strategies and callbacks it cannot work with, BatchNorm statistics in checkpoints and at the end of
+fit). The in-place noise itself is :class:`~flatq_lightning.callbacks.param_noise.ParamNoise`; the strategies are
+in :mod:`.noise_modes`."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,6 +34,7 @@ from .noise_source import (
     resolve_warmup,
     schedule_settings,
 )
+from .param_noise import NoiseSnapshot, ParamNoise
 from .recorder import QuantErrorRecorder
 
 __all__ = [
@@ -47,20 +50,6 @@ __all__ = [
 
 #: checkpoint key holding the BatchNorm statistics gathered under noise (the state_dict holds clean ones)
 NOISY_BN_KEY = "flatq_noisy_bn"
-
-
-
-@dataclass
-class _Snapshot:
-    """The noise currently inside the parameters: δ_i = a_i + b_i ⊙ ε(step, i)."""
-
-    step: int
-    kappa: float
-    a: list[Tensor | None]
-    b: list[Tensor]
-
-    def to(self, device: torch.device) -> _Snapshot:
-        return _Snapshot(self.step, self.kappa, [None if t is None else t.to(device) for t in self.a], [t.to(device) for t in self.b])
 
 
 def _refuse_sharded_strategy(trainer: pl.Trainer, cb: Callback) -> None:
@@ -175,24 +164,48 @@ class DifferentialNoiseInjection(Callback):
         self.seed = int(seed)
         self.noise_source = noise_source
         self.pool_fraction = float(pool_fraction)
-        self._params: list[Tensor] = []
-        self._names: list[str] = []  # the first weighted layer of each unique parameter, in the order of self._params
-        self._layer_index: dict[str, int] = {}  # every weighted layer → its index in self._params
-        self._source: NoiseSource | None = None
-        self._applied: _Snapshot | None = None
-        self._resume: _Snapshot | None = None
+        #: the in-place noise on the weighted layers' parameters, built at train start (``None`` before)
+        self.engine: ParamNoise | None = None
+        self._names: list[str] = []  # the first weighted layer of each unique parameter, in the engine's order
+        self._layer_index: dict[str, int] = {}  # every weighted layer → its parameter's index in the engine
+        self._resume: NoiseSnapshot | None = None
         self._resume_residual: list[tuple[Tensor, Tensor]] | None = None
-        self._coef_cache: tuple[tuple[int, float], _Snapshot] | None = None
-        self._before_eval: _Snapshot | None = None
+        self._coef_cache: tuple[tuple[int, float], NoiseSnapshot] | None = None
+        self._before_eval: NoiseSnapshot | None = None
         self.clean_bn_batches = clean_bn_batches
         #: the BatchNorm statistics gathered under noise, kept when the end of fit re-estimated clean ones
         self.noisy_bn_state: dict[str, dict[str, Tensor]] | None = None
-        self._noised = False  # some noise was applied in this fit (BN statistics saw it)
         self._resume_bn: dict[str, dict[str, Tensor]] | None = None
 
     def noise_memory_bytes(self) -> int:
         """Bytes of pre-drawn noise this callback holds (its pool; 0 before fit or with the exact generator)."""
         return self._source.memory_bytes() if self._source is not None else 0
+
+    # the engine's state, as this callback reads it -----------------------------------------------------------
+    @property
+    def _applied(self) -> NoiseSnapshot | None:
+        """The noise the parameters hold now (``None``: clean, or before train start)."""
+        return self.engine.applied if self.engine is not None else None
+
+    @_applied.setter
+    def _applied(self, snap: NoiseSnapshot | None) -> None:
+        if self.engine is not None:
+            self.engine.applied = snap
+        elif snap is not None:
+            raise RuntimeError("no noise engine yet: it is built at train start")
+
+    @property
+    def _params(self) -> list[Tensor]:
+        return self.engine.params if self.engine is not None else []
+
+    @property
+    def _source(self) -> NoiseSource | None:
+        return self.engine.source if self.engine is not None else None
+
+    @property
+    def _noised(self) -> bool:
+        """Some noise was applied in this fit (the BN statistics saw it)."""
+        return self.engine is not None and self.engine.noised
 
     @property
     def state_key(self) -> str:
@@ -227,129 +240,63 @@ class DifferentialNoiseInjection(Callback):
             raise RuntimeError("the recorder has no layers: add the QuantErrorRecorder to the Trainer's callbacks")
         # one entry per unique Parameter: a weight shared by several layers (tied weights) is noised once,
         # with the statistics of its first layer; self._layer_index maps every layer to its entry
-        self._names, self._params, self._layer_index = [], [], {}
+        self._names, self._layer_index = [], {}
+        params: list[Tensor] = []
         first: dict[int, int] = {}
         for n in rec.weight_layers:
             p = rec.modules[n].weight
-            i = first.setdefault(id(p), len(self._params))
-            if i == len(self._params):
+            i = first.setdefault(id(p), len(params))
+            if i == len(params):
                 self._names.append(n)
-                self._params.append(p)
+                params.append(p)
             self._layer_index[n] = i
-        total = sum(p.numel() for p in self._params)
+        total = sum(p.numel() for p in params)
         kind = self.noise_source
         if kind == "auto":
             kind = "pool" if (pl_module.device.type == "cpu" and total >= POOL_MIN_NUMEL) else "generator"
         pool = max(1 << 15, int(total * self.pool_fraction)) if kind == "pool" else 0
-        self._source = NoiseSource(kind, self.noise_mode.distribution, self.seed, pool)
+        self.engine = ParamNoise(params, NoiseSource(kind, self.noise_mode.distribution, self.seed, pool))
 
     def kappa(self, step: int) -> float:
         return kappa_value(self.noise_scale, self.warmup_steps, step)
 
-    def _coefficients(self, step: int, device: torch.device) -> _Snapshot:
+    def _coefficients(self, step: int, device: torch.device) -> NoiseSnapshot:
+        """The noise of ``step`` from the recorder's statistics (the coefficients are reused until the next
+        refresh or change of κ)."""
         rec = self.recorder
         kappa = self.kappa(step)
         key = (rec.weight_refreshed_at, kappa)
         if self._coef_cache is not None and self._coef_cache[0] == key:
             c = self._coef_cache[1]
-            return _Snapshot(step, kappa, c.a, c.b)
-        a: list[Tensor | None] = []
-        b: list[Tensor] = []
-        for n, p in zip(self._names, self._params):
-            shape = (-1,) + (1,) * (p.dim() - 1) if not p.is_contiguous() else (-1, 1)
-            a_n, b_n = self.noise_mode.coefficients(rec, n, kappa)
-            a.append(None if a_n is None else a_n.to(device, p.dtype).reshape(shape))
-            b.append(b_n.to(device, p.dtype).reshape(shape))
-        snap = _Snapshot(step, kappa, a, b)
+            return NoiseSnapshot(step, kappa, c.a, c.b)
+        assert self.engine is not None
+        coefficients = [self.noise_mode.coefficients(rec, n, kappa) for n in self._names]
+        snap = self.engine.snapshot(step, kappa, coefficients, device)
         self._coef_cache = (key, snap)
         return snap
 
-    # the in-place updates ------------------------------------------------------------------------------------
-    def _target(self, p: Tensor) -> Tensor:
-        return p.data.view(p.shape[0], -1) if p.is_contiguous() else p.data
-
-    @torch.no_grad()
-    def _add(self, snap: _Snapshot, sign: float, into: dict[int, Tensor] | None = None) -> None:
-        """``tensor += sign · δ(snap)`` for every layer's weight, or only for the tensors in ``into``
-        (layer index → a tensor shaped like that weight)."""
-        if snap.kappa == 0.0:
-            return
-        if into is None and sign > 0:
-            self._noised = True
-        src = self._source
-        assert src is not None
-        items = into.items() if into is not None else enumerate(self._params)
-        for i, p in items:
-            t = self._target(p)
-            if t.dim() == 2:
-                for r0, r1, eps in src.chunks((snap.step, i), t.shape[0], t.shape[1], p.device, p.dtype):
-                    t[r0:r1].addcmul_(snap.b[i][r0:r1], eps, value=sign)
-            else:
-                t.addcmul_(snap.b[i], src.full((snap.step, i), t.shape, p.device, p.dtype), value=sign)
-            if snap.a[i] is not None:
-                t.add_(snap.a[i], alpha=sign)
-
-    @torch.no_grad()
-    def _swap(self, new: _Snapshot, old: _Snapshot) -> None:
-        """params += δ(new) − δ(old) in one pass per layer (the differential increment P_t)."""
-        if old.kappa == 0.0:
-            return self._add(new, 1.0)
-        if new.kappa == 0.0:
-            return self._add(old, -1.0)
-        self._noised = True
-        src = self._source
-        assert src is not None
-        for i, p in enumerate(self._params):
-            t = self._target(p)
-            if t.dim() == 2:
-                rows, cols = t.shape
-                for (r0, r1, e_new), (s0, s1, e_old) in zip(
-                    src.chunks((new.step, i), rows, cols, p.device, p.dtype),
-                    src.chunks((old.step, i), rows, cols, p.device, p.dtype),
-                ):
-                    t[r0:r1].addcmul_(new.b[i][r0:r1], e_new).addcmul_(old.b[i][s0:s1], e_old, value=-1.0)
-            else:
-                t.addcmul_(new.b[i], src.full((new.step, i), t.shape, p.device, p.dtype))
-                t.addcmul_(old.b[i], src.full((old.step, i), t.shape, p.device, p.dtype), value=-1.0)
-            if new.a[i] is not None and not (new.a[i] is old.a[i] and new.kappa == old.kappa):
-                t.add_(new.a[i]).sub_(old.a[i])
-
+    # moving the noise ----------------------------------------------------------------------------------------
     def _apply_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Move the parameters from W + δ_old to W + δ_step (refreshing weight statistics on clean W if due)."""
         rec = self.recorder
-        old = self._applied
-        refresh = rec.is_refresh_step(step) and step != rec.weight_refreshed_at
-        if refresh:
-            if old is not None:
-                self._add(old, -1.0)
-                self._applied = None
+        engine = self.engine
+        assert engine is not None
+        if rec.is_refresh_step(step) and step != rec.weight_refreshed_at:
+            engine.remove()
             rec.refresh_weight_stats(step)
             rec.log_stats(trainer)
-            old = None
-        new = self._coefficients(step, pl_module.device)
-        if old is None:
-            self._add(new, 1.0)
-        else:
-            self._swap(new, old)
-        self._applied = new
+        engine.move_to(self._coefficients(step, pl_module.device))
 
     def _remove(self) -> None:
-        if self._applied is not None:
-            self._add(self._applied, -1.0)
-            self._applied = None
+        if self.engine is not None:
+            self.engine.remove()
 
     # public helpers ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def clean_weights(self) -> Iterator[None]:
         """Inside the block the parameters hold the clean weights; the noise is restored afterwards."""
-        snap = self._applied
-        self._remove()
-        try:
+        with self.engine.clean() if self.engine is not None else contextlib.nullcontext():
             yield
-        finally:
-            if snap is not None:
-                self._add(snap, 1.0)
-                self._applied = snap
 
     def current_noise(self, name: str) -> Tensor | None:
         """δ currently inside the named layer's weight (regenerated; None when no noise is applied or the layer
@@ -360,10 +307,8 @@ class DifferentialNoiseInjection(Callback):
             if name in self.recorder.layers:
                 return None  # a weightless point: nothing in its weight
             raise ValueError(f"{name!r} is not one of the recorder's layers")
-        i = self._layer_index[name]
-        delta = torch.zeros_like(self._params[i])
-        self._add(self._applied, 1.0, into={i: delta})
-        return delta
+        assert self.engine is not None
+        return self.engine.noise(self._layer_index[name])
 
     def clean_weight(self, name: str) -> Tensor:
         """``param − δ``: the clean weight of a layer, differentiable w.r.t. the parameter."""
@@ -398,9 +343,11 @@ class DifferentialNoiseInjection(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
         self._prepare(pl_module)
+        engine = self.engine
+        assert engine is not None
         self.noisy_bn_state = None
         resume_bn, self._resume_bn = self._resume_bn, None
-        self._noised = resume_bn is not None
+        engine.noised = resume_bn is not None
         if resume_bn is not None:  # the checkpoint's state_dict held clean statistics: train on with the noisy
             load_bn_state(pl_module, resume_bn)
         rec = self.recorder
@@ -412,19 +359,14 @@ class DifferentialNoiseInjection(Callback):
         resume, self._resume = self._resume, None
         if resume is not None and resume.step == trainer.global_step:
             snap = resume.to(pl_module.device)
-            self._add(snap, 1.0)
-            self._applied = snap
+            engine.put(snap)
             # the live run reuses these very coefficient tensors until the next refresh (and skips a's add/sub
             # when they are the same objects): so must the resumed one, or it rounds differently
             if snap.kappa == self.kappa(trainer.global_step):
                 self._coef_cache = ((rec.weight_refreshed_at, snap.kappa), snap)
             residual, self._resume_residual = self._resume_residual, None
-            if residual is not None and len(residual) == len(self._params):
-                for (idx, vals), p in zip(residual, self._params):
-                    if idx.numel() and vals.numel() == idx.numel() and int(idx.max()) < p.numel():
-                        flat = p.data.reshape(-1).clone()
-                        flat[idx.to(p.device)] = vals.to(p.device, p.dtype)
-                        p.data.copy_(flat.view(p.shape))
+            if residual is not None:
+                engine.restore_residual(residual)
         else:
             self._apply_step(trainer, pl_module, trainer.global_step)
 
@@ -437,9 +379,8 @@ class DifferentialNoiseInjection(Callback):
             if rec.is_refresh_step(step) and step != rec.weight_refreshed_at:
                 rec.refresh_weight_stats(step)
                 rec.log_stats(trainer)
-            snap = self._coefficients(step, pl_module.device)
-            self._add(snap, 1.0)
-            self._applied = snap
+            assert self.engine is not None
+            self.engine.put(self._coefficients(step, pl_module.device))
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -463,8 +404,8 @@ class DifferentialNoiseInjection(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snap, self._before_eval = self._before_eval, None
         if snap is not None and trainer.state.fn == TrainerFn.FITTING and self._applied is None:
-            self._add(snap, 1.0)
-            self._applied = snap
+            assert self.engine is not None
+            self.engine.put(snap)
 
     def _clean_bn_due(self) -> bool:
         return self.clean_bn_batches > 0 and self._noised
@@ -493,17 +434,11 @@ class DifferentialNoiseInjection(Callback):
         """Clean BN statistics into the checkpoint's state_dict, the noisy set beside it; the live model keeps
         training with the noisy set."""
         noisy = bn_state(pl_module)
+        assert self.engine is not None
         # exact copies put back afterwards: removing and re-adding the noise would leave float rounding behind
         # and make a run with checkpoints differ from one without
-        saved = [p.detach().clone() for p in self._params]
-        snap = self._applied
-        try:
-            self._remove()
+        with self.engine.clean_exact():
             n = reestimate_bn_on_training_data(trainer, pl_module, self.clean_bn_batches)
-        finally:
-            for p, v in zip(self._params, saved):
-                p.data.copy_(v)
-            self._applied = snap
         if n == 0:
             return
         clean = bn_state(pl_module)
@@ -537,27 +472,12 @@ class DifferentialNoiseInjection(Callback):
         self._remove()
 
     # state --------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _rounding_residual(self, snap: _Snapshot) -> list[tuple[Tensor, Tensor]]:
-        """Per parameter, the elements where re-applying δ to the checkpoint's clean weight (``W + δ − δ``, float
-        rounded) would not give back the current ``W + δ`` bit for bit: their flat indices and exact values. A
-        resume writes them back, so it continues exactly (usually a small fraction of the elements)."""
-        out = []
-        for i, p in enumerate(self._params):
-            delta = torch.zeros_like(p)
-            self._add(snap, 1.0, into={i: delta})
-            sim = p.detach().clone().sub_(delta)  # the clean weight on_save_checkpoint writes
-            self._add(snap, 1.0, into={i: sim})  # what the resume re-applies
-            idx = (sim != p.detach()).reshape(-1).nonzero().squeeze(1)
-            out.append((idx.cpu(), p.detach().reshape(-1)[idx].cpu()))
-        return out
-
     @override
     def state_dict(self) -> dict[str, Any]:
         snap = self._applied
         return {
             "seed": self.seed,
-            "residual": None if snap is None or snap.kappa == 0.0 else self._rounding_residual(snap),
+            "residual": None if snap is None or snap.kappa == 0.0 else self.engine.rounding_residual(snap),
             "applied": None
             if snap is None
             else {
@@ -572,5 +492,5 @@ class DifferentialNoiseInjection(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = int(state_dict.get("seed", self.seed))
         a = state_dict.get("applied")
-        self._resume = None if a is None else _Snapshot(a["step"], a["kappa"], list(a["a"]), list(a["b"]))
+        self._resume = None if a is None else NoiseSnapshot(a["step"], a["kappa"], list(a["a"]), list(a["b"]))
         self._resume_residual = state_dict.get("residual") if a is not None else None

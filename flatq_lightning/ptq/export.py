@@ -218,43 +218,7 @@ def save_quantized(
         raise ValueError("save_quantized: the model has no QuantizedLayer (pass the output of quantize_model)")
     state = qmodel.state_dict()
     tensors: dict[str, Tensor] = {}
-    meta_layers: dict[str, Any] = {}
-    for name, layer in layers:
-        ws, as_ = layer.weight_spec, layer.act_spec
-        w = getattr(layer.module, "weight", None)  # None for weightless points (attention operands)
-        info: dict[str, Any] = {
-            "module_type": type(layer.module).__name__,
-            "weight_spec": ws.to_dict() if ws is not None else None,
-            "act_spec": as_.to_dict() if as_ is not None else None,
-            "weight_dtype": _dtype_name(w.dtype) if isinstance(w, Tensor) else None,
-        }
-        if layer.input_from:
-            info["input_from"] = layer.input_from
-        if ws is not None:
-            q, scale = weight_codes(name, layer)
-            width = storage_bits(ws.bits)
-            u = (q - ws.qmin).to(torch.int32).cpu()
-            tensors[f"{name}.weight_packed"] = u.reshape(-1).contiguous() if width == 32 else pack_codes(u, width)
-            tensors[f"{name}.weight_scale"] = scale.cpu().contiguous().clone()
-            tensors[f"{name}.weight_zero_point"] = torch.full_like(scale, -ws.qmin, dtype=torch.int32).cpu()
-            sqnr = layer.weight_sqnr_db
-            info.update(weight_shape=list(w.shape), weight_bits=ws.bits, storage_bits=width,
-                        weight_sqnr_db=sqnr if math.isfinite(sqnr) else None)
-        if as_ is not None:
-            if not bool(layer.act_calibrated):
-                raise ValueError(
-                    f"save_quantized: layer {name!r} quantizes its input but was never calibrated "
-                    "(quantize_model with calib_batches calibrates it)"
-                )
-            tensors[f"{name}.input_scale"] = layer.act_scale.detach().float().cpu().reshape(()).clone()
-            tensors[f"{name}.input_zero_point"] = layer.act_zero_point.detach().cpu().reshape(()).to(torch.int32)
-        meta_layers[name] = info
-        for buf in _ACT_BUFFERS:
-            state.pop(f"{name}.{buf}", None)
-        if ws is not None:
-            state.pop(f"{name}.module.weight")
-        for key in [k for k in state if k.startswith(f"{name}.module.")]:
-            tensors[f"{name}.{key.removeprefix(f'{name}.module.')}"] = state.pop(key)
+    meta_layers = {name: _store_layer(name, layer, state, tensors) for name, layer in layers}
     for key, t in state.items():
         tensors[key] = t
     for key, t in tensors.items():
@@ -271,6 +235,47 @@ def save_quantized(
     }
     header = {_META_KEY: json.dumps(meta), "format": "pt"}
     return write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), overwrite=overwrite)
+
+
+def _store_layer(name: str, layer: QuantizedLayer, state: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """One quantized layer of :func:`save_quantized`: its packed integer weight, scales and zero points into
+    ``tensors``, its float tensors moved from ``state`` to ``tensors`` under the layer's name (the quantizer's
+    buffers and the fake-quant weight dropped from ``state``); returns the layer's metadata."""
+    ws, as_ = layer.weight_spec, layer.act_spec
+    w = getattr(layer.module, "weight", None)  # None for weightless points (attention operands)
+    info: dict[str, Any] = {
+        "module_type": type(layer.module).__name__,
+        "weight_spec": ws.to_dict() if ws is not None else None,
+        "act_spec": as_.to_dict() if as_ is not None else None,
+        "weight_dtype": _dtype_name(w.dtype) if isinstance(w, Tensor) else None,
+    }
+    if layer.input_from:
+        info["input_from"] = layer.input_from
+    if ws is not None:
+        q, scale = weight_codes(name, layer)
+        width = storage_bits(ws.bits)
+        u = (q - ws.qmin).to(torch.int32).cpu()
+        tensors[f"{name}.weight_packed"] = u.reshape(-1).contiguous() if width == 32 else pack_codes(u, width)
+        tensors[f"{name}.weight_scale"] = scale.cpu().contiguous().clone()
+        tensors[f"{name}.weight_zero_point"] = torch.full_like(scale, -ws.qmin, dtype=torch.int32).cpu()
+        sqnr = layer.weight_sqnr_db
+        info.update(weight_shape=list(w.shape), weight_bits=ws.bits, storage_bits=width,
+                    weight_sqnr_db=sqnr if math.isfinite(sqnr) else None)
+    if as_ is not None:
+        if not bool(layer.act_calibrated):
+            raise ValueError(
+                f"save_quantized: layer {name!r} quantizes its input but was never calibrated "
+                "(quantize_model with calib_batches calibrates it)"
+            )
+        tensors[f"{name}.input_scale"] = layer.act_scale.detach().float().cpu().reshape(()).clone()
+        tensors[f"{name}.input_zero_point"] = layer.act_zero_point.detach().cpu().reshape(()).to(torch.int32)
+    for buf in _ACT_BUFFERS:
+        state.pop(f"{name}.{buf}", None)
+    if ws is not None:
+        state.pop(f"{name}.module.weight")
+    for key in [k for k in state if k.startswith(f"{name}.module.")]:
+        tensors[f"{name}.{key.removeprefix(f'{name}.module.')}"] = state.pop(key)
+    return info
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

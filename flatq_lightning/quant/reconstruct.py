@@ -455,6 +455,29 @@ def _device(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
+def _blocks_to_learn(qmodel: nn.Module, st: Reconstruction) -> list[tuple[str, list[str]]]:
+    """The blocks of ``qmodel`` (:func:`find_blocks` under ``st.blocks``) with something to learn."""
+    blocks = find_blocks(qmodel, st.blocks)
+    if not blocks:
+        raise ValueError("reconstruct: the model has no quantized layers (QuantizedLayer): quantize it first")
+    # a point whose input another quantizer quantizes (placement "onnxruntime", shared) has nothing to learn
+    return [(b, ls) for b, ls in blocks
+            if any(qmodel.get_submodule(n).weight_spec is not None or qmodel.get_submodule(n).act_spec is not None
+                   for n in ls)]
+
+
+def _reference_with_points(qmodel: nn.Module, reference: nn.Module) -> nn.Module:
+    """``reference``, or a copy of it with the quantization points ``qmodel`` carries (attention operands, the
+    "onnxruntime" placement), so that both name their blocks and layers alike (points are identities)."""
+    if any(isinstance(m, QuantPoint) for m in qmodel.modules()) and not any(
+            isinstance(m, QuantPoint) for m in reference.modules()):
+        reference = copy.deepcopy(reference)
+        attach_attention_points(reference)  # the same module names (points are identities)
+        if placement_points(qmodel):
+            attach_placement_points(reference, "onnxruntime")
+    return reference
+
+
 def reconstruct(
     qmodel: nn.Module,
     source: nn.Module,
@@ -488,22 +511,11 @@ def reconstruct(
     if x_all.shape[0] == 0:
         raise ValueError("reconstruct: no calibration images")
     x_all = x_all[: st.calib_images]
-    blocks = find_blocks(qmodel, st.blocks)
-    if not blocks:
-        raise ValueError("reconstruct: the model has no quantized layers (QuantizedLayer): quantize it first")
-    # a point whose input another quantizer quantizes (placement "onnxruntime", shared) has nothing to learn
-    blocks = [(b, ls) for b, ls in blocks
-              if any(qmodel.get_submodule(n).weight_spec is not None or qmodel.get_submodule(n).act_spec is not None
-                     for n in ls)]
+    blocks = _blocks_to_learn(qmodel, st)
     device = _device(qmodel)
     cache = torch.device(st.cache_device) if st.cache_device else device
     chunk = max(st.batch_size, 64)
-    if any(isinstance(m, QuantPoint) for m in qmodel.modules()) and not any(
-            isinstance(m, QuantPoint) for m in reference.modules()):
-        reference = copy.deepcopy(reference)
-        attach_attention_points(reference)  # the same module names (points are identities)
-        if placement_points(qmodel):
-            attach_placement_points(reference, "onnxruntime")
+    reference = _reference_with_points(qmodel, reference)
     ref_modes = [(m, m.training) for m in reference.modules()]
     reference.eval()
     src_weights = dict(source.named_parameters())

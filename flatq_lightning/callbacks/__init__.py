@@ -4,7 +4,8 @@
   :func:`dnq_callbacks` gives the same parts as separate callbacks.
 - :class:`QuantErrorRecorder` (:mod:`.recorder`): the target quantizer's error statistics, which the noise
   callbacks and :class:`~flatq_lightning.callbacks.mse.QuantMSEMixin` are given.
-- :class:`DifferentialNoiseInjection` with its :class:`NoiseMode` strategies (:mod:`.weight_noise`),
+- :class:`DifferentialNoiseInjection` (:mod:`.weight_noise`) with its :class:`NoiseMode` strategies
+  (:mod:`.noise_modes`) and its in-place noise engine (:mod:`.param_noise`, usable without a Trainer),
   :class:`ActivationNoiseInjection` (:mod:`.act_noise`), regenerable noise (:mod:`.noise_source`) and
   schedules (:mod:`.schedules`).
 - The FP-vs-quantized MSE mixin (:mod:`.mse`), SAM (:mod:`.sam`), flatness measures and their callback

@@ -176,7 +176,7 @@ def ort_static(fp_path: Path, out: Path, calib: list[torch.Tensor]) -> Path:
 def bench_model(name: str, net: nn.Module, dm: Any, args: argparse.Namespace, files_dir: Path,
                 trained: bool = True) -> dict[str, Any]:
     from flatq_lightning.ptq.onnx_export import ort_kernels
-    from flatq_lightning.quant import QuantSpec, fold_batchnorm, quantize_model
+    from flatq_lightning.quant import fold_batchnorm, quantize_model
 
     test = list(dm.test_dataloader())
     if args.eval_images:
@@ -202,7 +202,7 @@ def bench_model(name: str, net: nn.Module, dm: Any, args: argparse.Namespace, fi
             path.unlink(missing_ok=True)
             ort_static(paths["fp"], path, calib)
         else:
-            model = quantize_model(folded, *QuantSpec.parse(bits), calib_batches=calib, placement=placement)
+            model = quantize_model(folded, bits, calib_batches=calib, placement=placement)
             export_onnx(model, path, x[:1], pack_int4=int4, overwrite=True)
         paths[key] = path
         parity = check_onnx_parity(model, path, test, threads=all_threads)

@@ -26,7 +26,7 @@ from flatq_lightning.app.train import (
     validate_config,
     wire_quant_stats,
 )
-from flatq_lightning.quant.spec import parse_bits
+from flatq_lightning.quant.targets import QuantTarget
 
 #: λ of the MSE variant (λ = 1 destabilised DNQ training on the digits quickstart; --mse-weight sets it)
 MSE_WEIGHT = 0.1
@@ -89,8 +89,9 @@ def variant_overrides(name: str, args: argparse.Namespace, total_steps: int | No
     if target in group_options("quant"):
         quant = [f"quant={target}"]
     else:  # any other preset (e.g. w4a3): the quantizer's bits on the method's specs
-        wb, ab = parse_bits(target)  # a clear error for a bad target before any training
-        quant = [f"quant.preset={target}", f"quant.weight.bits={wb}", f"quant.act.bits={ab}"]
+        t = QuantTarget.preset(target)  # a clear error for a bad target before any training
+        wb, ab = (spec.bits if spec is not None else 16 for spec in (t.weight, t.act))
+        quant = [f"quant.weight.bits={wb}", f"quant.act.bits={ab}"]
     fill = {"RHO": str(args.rho), "MSE_WEIGHT": str(args.mse_weight)}
     if total_steps is not None:  # known once the data is loaded (--show-config leaves the name)
         fill["TOTAL_STEPS"] = str(int(total_steps))

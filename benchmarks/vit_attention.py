@@ -10,7 +10,7 @@ on a CIFAR-10 subset twice with the same data, budget and seed (AdamW, linear wa
 then runs plain round-to-nearest PTQ (per-channel min-max weights, per-tensor min-max activations, first/last
 layer at 8 bit, calibration on un-augmented training images) at W8A8, W6A6 and W4A4, twice per bit-width:
 
-    linear     only the inputs of the Linear/Conv layers are quantized (``attention_points=False``)
+    linear     only the inputs of the Linear/Conv layers are quantized (``QuantTarget(attention_points=False)``)
     +attn      Q, K, V and the softmax output too (``attention_points=True``, the ViT PTQ papers' W4A4)
 
 and reports top-1 on the test subset. Prints a Markdown table and writes JSON (``--out``).
@@ -43,8 +43,7 @@ from flatq_lightning.app.data import CIFAR10DataModule  # noqa: E402
 from flatq_lightning.app.models.vit import vit_cifar  # noqa: E402
 from flatq_lightning.app.module import ImageClassifier  # noqa: E402
 from flatq_lightning.ptq.runner import evaluate_topk  # noqa: E402
-from flatq_lightning.quant import QuantPoint, batch_inputs, quantize_model  # noqa: E402
-from flatq_lightning.quant.spec import preset_specs  # noqa: E402
+from flatq_lightning.quant import QuantPoint, QuantTarget, batch_inputs, quantize_model  # noqa: E402
 
 BITS = ("w8a8", "w6a6", "w4a4")
 VARIANTS = ("plain", "dnq")
@@ -85,10 +84,9 @@ def ptq_table(net: nn.Module, calib: list[Tensor], test_loader: Any, bits: tuple
     fp, n_eval, _ = evaluate_topk(net, test_loader, device, ks=(1,))
     out: dict[str, Any] = {"fp_top1": fp[1], "num_eval": n_eval, "ptq": {}}
     for b in bits:
-        ws, as_ = preset_specs(b)
         row = {}
         for mode, points in MODES.items():
-            q = quantize_model(net, ws, as_, calib_batches=calib, attention_points=points).to(device)
+            q = quantize_model(net, QuantTarget.preset(b, attention_points=points), calib_batches=calib).to(device)
             row[mode] = evaluate_topk(q, test_loader, device, ks=(1,))[0][1]
             del q
         out["ptq"][b] = row
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {VARIANTS}")
     for b in bits:
-        preset_specs(b)  # ValueError naming the allowed form
+        QuantTarget.preset(b)  # ValueError naming the allowed form
 
     dm = CIFAR10DataModule(
         args.data, batch_size=args.batch_size, eval_batch_size=256, train_subset=args.train_subset,

@@ -22,6 +22,7 @@ from .ptq.report import PTQReport
 from .ptq.runner import run_ptq
 from .quant import (
     QuantSpec,
+    QuantTarget,
     Reconstruction,
     compute_qparams,
     fake_quantize,
@@ -61,6 +62,7 @@ __all__ = [
     "Ramp",
     "dnq_callbacks",
     "QuantSpec",
+    "QuantTarget",
     "compute_qparams",
     "fake_quantize",
     "fold_batchnorm",

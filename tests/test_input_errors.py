@@ -17,6 +17,7 @@ import torch
 from flatq_lightning import (
     QuantErrorRecorder,
     QuantSpec,
+    QuantTarget,
     compute_qparams,
     dnq_callbacks,
     fake_quantize,
@@ -248,19 +249,19 @@ def test_corrupt_zip_member_is_named(tmp_path):
         ({"seed": 1.5}, TypeError, r"seed must be an int, got 1\.5"),
         ({"momentum": "abc"}, ValueError, r"momentum must be in \[0, 1\) \(a float\), got 'abc'"),
         ({"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\)"),
-        ({"keep_first_last_8bit": "no"}, TypeError, r"keep_first_last_8bit must be True or False, got 'no'"),
-        ({"keep_first_last_8bit": 0}, TypeError, r"keep_first_last_8bit must be True or False, got 0"),
+        ({"target": QuantTarget.preset("w4a16")}, ValueError, r"'w4a16': DNQ trains against a quantizer on both sides"),
+        ({"target": 4}, ValueError, r"target must be a QuantTarget or a preset string like 'w4a4', got 4"),
         ({"noise_scale": float("nan")}, ValueError, r"noise_scale must be a finite float >= 0"),
         ({"act_noise_scale": float("inf")}, ValueError, r"noise_scale must be a finite float >= 0"),
     ],
 )
 def test_dnq_callbacks_name_the_bad_argument(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
-        dnq_callbacks("w4a4", **kwargs)
+        dnq_callbacks(**{"target": "w4a4", **kwargs})
 
 
 def test_recorder_flags_must_be_bools():
-    for flag in ("keep_first_last_8bit", "record_activations", "log_sqnr", "check_finite"):
+    for flag in ("record_activations", "log_sqnr", "check_finite"):
         with pytest.raises(TypeError, match=rf"{flag} must be True or False, got 'no'"):
             QuantErrorRecorder("w4a4", **{flag: "no"})
 
@@ -269,19 +270,22 @@ def _net():
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
 
 
-def test_quantize_model_names_a_preset_string_given_as_a_spec():
-    with pytest.raises(TypeError, match=r"weight_spec must be a QuantSpec or None, got 'w4a4'.*QuantSpec\.parse"):
-        quantize_model(_net(), "w4a4", None)
-    with pytest.raises(TypeError, match=r"act_spec must be a QuantSpec or None, got 4"):
-        quantize_model(_net(), QuantSpec.weight(4), 4)
-    with pytest.raises(TypeError, match=r"keep_first_last_8bit must be True or False, got 'no'"):
-        quantize_model(_net(), QuantSpec.weight(4), None, keep_first_last_8bit="no")
+def test_a_target_names_a_preset_string_given_as_a_spec():
+    with pytest.raises(ValueError, match=r"QuantTarget.weight must be a QuantSpec or None \(float\), got 'w4a4'.*"
+                                         r"QuantTarget\.preset"):
+        QuantTarget(weight="w4a4")
+    with pytest.raises(ValueError, match=r"QuantTarget.act must be a QuantSpec or None \(float\), got 4"):
+        QuantTarget(weight=QuantSpec.weight(4), act=4)
+    with pytest.raises(ValueError, match=r"QuantTarget.keep_first_last_8bit must be True or False, got 'no'"):
+        QuantTarget(weight=QuantSpec.weight(4), keep_first_last_8bit="no")
+    with pytest.raises(ValueError, match=r"quantize_model: target must be a QuantTarget or a preset string"):
+        quantize_model(_net(), (QuantSpec.weight(4), None))
 
 
-def test_run_ptq_keep_first_last_8bit_must_be_a_bool():
+def test_run_ptq_target_must_be_a_target():
     data = [(torch.randn(4, 4), torch.randint(0, 2, (4,)))]
-    with pytest.raises(TypeError, match=r"keep_first_last_8bit must be True or False, got 'no'"):
-        run_ptq(_net(), data, data, bits="w8a8", calib_batches=1, keep_first_last_8bit="no", progress=False)
+    with pytest.raises(ValueError, match=r"run_ptq: target must be a QuantTarget or None, got 'w8a8'"):
+        run_ptq(_net(), data, data, bits="w8a8", calib_batches=1, target="w8a8", progress=False)
 
 
 @pytest.mark.parametrize(

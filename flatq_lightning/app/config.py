@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONF_DIR", "ConfigError", "group_options", "ptq_recipe", "validate_config"]
+__all__ = ["CONF_DIR", "ConfigError", "group_options", "ptq_recipe", "quant_target", "validate_config"]
 
 
 def _conf_dir() -> Path:
@@ -114,24 +114,41 @@ def _check_batch_sizes(data: Any) -> None:
             raise ConfigError(f"data.{key} must be a positive integer{extra}, got {v!r}")
 
 
-def _check_quant_specs(quant: DictConfig, weight_bits: int, act_bits: int) -> None:
-    """``quant.weight`` / ``quant.act`` (QuantSpec fields) build, and their bits are the ones ``quant.preset`` names
-    (so that ``quant.preset=w3a3`` alone cannot label a W4A4 run as W3A3)."""
-    for side, bits in (("weight", weight_bits), ("act", act_bits)):
+#: the PTQ settings that moved into the quant group's target (``ptq.<key>`` is now ``quant.<key>``)
+_MOVED_TO_QUANT = ("keep_first_last_8bit", "include", "exclude", "attention_points")
+
+
+def quant_target(cfg: DictConfig) -> Any:
+    """The :class:`~flatq_lightning.quant.targets.QuantTarget` of ``cfg.quant`` (``None`` without a quant group).
+
+    Raises:
+        ConfigError: naming ``quant.weight``/``quant.act`` (a QuantSpec field) or ``quant`` (a target field).
+    """
+    quant = cfg.get("quant")
+    if quant is None:
+        return None
+    if not isinstance(quant, DictConfig) or "_target_" not in quant:
+        raise ConfigError(f"quant must be a target config (quant=<preset>: the config group 'quant' has "
+                          f"{group_options('quant')}), got {quant!r}")
+    if "preset" in quant:
+        raise ConfigError(
+            "quant.preset is no longer a setting: the name comes from the bits. Choose the target with quant=<preset> "
+            f"(the config group 'quant' has {group_options('quant')}), or set quant.weight.bits and quant.act.bits"
+        )
+    for side in ("weight", "act"):
         node = quant.get(side)
-        if node is None:
+        if not isinstance(node, DictConfig):
             continue
         try:
-            spec = hydra.utils.instantiate(node)
+            hydra.utils.instantiate(node)
         except Exception as err:  # noqa: BLE001 - the QuantSpec's own message names the field
             cause = err.__cause__ or err
             raise ConfigError(f"quant.{side}: {cause}") from None
-        if getattr(spec, "bits", bits) != bits:
-            raise ConfigError(
-                f"quant.preset={quant.preset!r} names {bits}-bit {side}s but quant.{side}.bits={spec.bits}: choose "
-                f"the target with quant=<preset> (the config group 'quant' has {group_options('quant')}), or set "
-                "quant.preset, quant.weight.bits and quant.act.bits together"
-            )
+    try:
+        return hydra.utils.instantiate(quant, _convert_="all")
+    except Exception as err:  # noqa: BLE001 - the QuantTarget's own message names the field
+        cause = err.__cause__ or err
+        raise ConfigError(f"quant: {cause}") from None
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -140,7 +157,7 @@ def validate_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, the value and the choices.
     """
-    from ..quant.spec import parse_bits
+    from ..quant.targets import QuantTarget
     from .models import LOCAL_MODELS, is_model
 
     name = cfg.model.get("name")
@@ -150,19 +167,19 @@ def validate_config(cfg: DictConfig) -> None:
             f"(model=<option>); model.name may be a local network {sorted(LOCAL_MODELS)} or any timm "
             "architecture (timm.list_models())"
         )
-    try:
-        wb, ab = parse_bits(str(cfg.quant.preset))
-    except ValueError as err:
+    quant_target(cfg)
+    moved = [k for k in _MOVED_TO_QUANT if k in (cfg.get("ptq") or {})]
+    if moved:
         raise ConfigError(
-            f"quant.preset: {err}; the config group 'quant' has {group_options('quant')}"
-        ) from None
-    _check_quant_specs(cfg.quant, wb, ab)
+            f"ptq.{moved[0]} is no longer a PTQ setting: the quant group's target holds it, shared by DNQ and PTQ "
+            f"(quant.{moved[0]}=...)"
+        )
     bits = cfg.ptq.get("bits") or []
     if isinstance(bits, str):
         raise ConfigError(f"ptq.bits must be a list like [w8a8,w4a4], got the string {bits!r}")
     for b in bits:
         try:
-            parse_bits(str(b))
+            QuantTarget.preset(str(b))
         except ValueError as err:
             raise ConfigError(f"ptq.bits: {err}") from None
     seed = cfg.get("seed")
@@ -186,6 +203,7 @@ def validate_config(cfg: DictConfig) -> None:
     for name, vcfg in _variants(cfg) if variants else []:
         try:
             ptq_recipe(vcfg)
+            quant_target(vcfg)
             _check_trainer_numbers(vcfg.get("trainer"))
             _check_trainer_values(vcfg.get("trainer"))
         except ConfigError as err:

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..callbacks.mse import QuantMSEMixin
 from ..callbacks.sam import SAM
-from ..quant.spec import parse_bits
+from ..quant.targets import QuantTarget, as_target
 from .models import create_model
 
 __all__ = ["ImageClassifier", "OPTIMIZERS", "SCHEDULERS"]
@@ -53,7 +53,9 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
             ``"none"``; stepped every optimizer step.
         warmup_fraction: fraction of the optimizer steps spent warming up (``pct_start`` of one-cycle).
         label_smoothing: cross-entropy label smoothing.
-        mse_weight, mse_every, mse_preset: the MSE term's λ, period in steps and target quantizer.
+        mse_weight, mse_every, mse_target: the MSE term's λ, period in steps and target quantizer (a
+            :class:`~flatq_lightning.quant.targets.QuantTarget` or a preset string; a target object is not saved
+            with the hyperparameters, a string is).
 
     Example:
         >>> import torch
@@ -86,7 +88,7 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
         label_smoothing: float = 0.0,
         mse_weight: float = 0.0,
         mse_every: int = 1,
-        mse_preset: str = "w4a4",
+        mse_target: QuantTarget | str = "w4a4",
     ) -> None:
         super().__init__()
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
@@ -118,12 +120,13 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
             raise ValueError(f"mse_weight must be >= 0, got {mse_weight!r}")
         if isinstance(mse_every, bool) or not isinstance(mse_every, int) or mse_every < 1:
             raise ValueError(f"mse_every must be a positive int (optimizer steps), got {mse_every!r}")
-        parse_bits(mse_preset)  # ValueError naming the expected form
+        target = as_target(mse_target, "mse_target")  # ValueError naming the expected form
+        # hyperparameters stay plain values (flatq-ptq reads checkpoints with weights_only=True)
+        ignore = [k for k, v in (("model", model), ("mse_target", mse_target)) if not isinstance(v, str)]
+        self.save_hyperparameters(ignore=ignore)
         if isinstance(model, nn.Module):
-            self.save_hyperparameters(ignore=["model"])
             self.model = model
         else:
-            self.save_hyperparameters()
             self.model = create_model(
                 model, num_classes, pretrained=pretrained, pretrained_file=pretrained_file, **dict(model_kwargs or {})
             )
@@ -133,7 +136,7 @@ class ImageClassifier(QuantMSEMixin, L.LightningModule):
         self.num_classes = num_classes
         self.mse_weight = float(mse_weight)
         self.mse_every = int(mse_every)
-        self.mse_preset = str(mse_preset)
+        self.mse_target = target
 
         def acc(k: int) -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro")

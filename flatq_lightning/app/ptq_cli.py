@@ -286,6 +286,7 @@ def _run(args: argparse.Namespace) -> int:
     from flatq_lightning.callbacks.weight_noise import NOISY_BN_KEY
     from flatq_lightning.ptq import runner  # runner.run_ptq: looked up at call time (tests replace it)
     from flatq_lightning.quant.bn import load_bn_state
+    from flatq_lightning.quant.targets import QuantTarget
 
     ckpt_path = Path(args.checkpoint).expanduser()
     if not ckpt_path.is_file():
@@ -362,7 +363,7 @@ def _run(args: argparse.Namespace) -> int:
             bits=bits,
             calib_batches=args.calib_batches,
             recipe=recipe,
-            keep_first_last_8bit=args.keep_first_last_8bit,
+            target=QuantTarget(keep_first_last_8bit=args.keep_first_last_8bit),
             device=device,
             progress=args.progress,
             bn_loader=dm.train_dataloader(),

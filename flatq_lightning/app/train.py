@@ -36,6 +36,7 @@ from .config import (  # noqa: F401  (re-exported: the app's API)
     _variants,
     group_options,
     ptq_recipe,
+    quant_target,
     validate_config,
 )
 from .results import _results_csv, comparison_table, seed_aggregate, summarize_sweep  # noqa: F401
@@ -198,9 +199,7 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         bits=list(p.bits),
         calib_batches=int(p.calib_batches),
         recipe=ptq_recipe(cfg),
-        keep_first_last_8bit=bool(p.keep_first_last_8bit),
-        include=OmegaConf.to_object(p.include) if isinstance(p.include, ListConfig) else p.include,
-        exclude=OmegaConf.to_object(p.exclude) if isinstance(p.exclude, ListConfig) else p.exclude,
+        target=quant_target(cfg),
         device=trainer.strategy.root_device,
         progress=bool(p.get("progress", False)),
         bn_loader=dm.train_dataloader(),
@@ -219,15 +218,17 @@ def _ptq_settings(cfg: DictConfig) -> dict[str, Any]:
         return ",".join(str(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else str(v or "")
 
     from ..ptq.callback import recipe_settings
+    from ..ptq.runner import ptq_target
 
     p = cfg.ptq
+    target = ptq_target(quant_target(cfg))
     return {
         "ptq/bits": joined(p.bits),
         **recipe_settings(ptq_recipe(cfg)),
-        "ptq/keep_first_last_8bit": bool(p.keep_first_last_8bit),
+        "ptq/keep_first_last_8bit": target.keep_first_last_8bit,
         "ptq/calib_batches_requested": int(p.calib_batches),
-        "ptq/include": joined(p.get("include")),
-        "ptq/exclude": joined(p.get("exclude")),
+        "ptq/include": joined(target.include),
+        "ptq/exclude": joined(target.exclude),
     }
 
 
@@ -306,7 +307,7 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
         "model": str(cfg.model.name),
         "callbacks": [type(c).__name__ for c in callbacks],
         "mse_weight": float(cfg.module.mse_weight),
-        "quant_preset": str(cfg.quant.preset),
+        "quant_preset": _quant_name(cfg),
         "fit_seconds": round(fit_s, 2),
         "resumed_from": ckpt_path,
         "epochs": int(trainer.current_epoch),
@@ -333,18 +334,27 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     return result
 
 
-#: callback targets that make a fit depend on ``quant.preset`` (DNQ); without them (and with mse_weight 0) the
-#: preset does not change the fit, so a sweep over ``quant`` can reuse it
+#: callback targets that make a fit depend on the ``quant`` target (DNQ); without them (and with mse_weight 0) the
+#: target does not change the fit, so a sweep over ``quant`` can reuse it
 _QUANT_CALLBACKS = ("dnq_callbacks", ".DNQ", "QuantErrorRecorder", "NoiseInjection")
 _NOT_RESULTS = ("experiment_name", "print_table", "reuse_variants", "variants")
+#: the fields of the quant target that PTQ reads (its layers and policy; the widths come from ptq.bits)
+_PTQ_SCOPE = ("include", "exclude", "keep_first_last_8bit", "attention_points", "layer_bits")
+
+
+def _quant_name(cfg: DictConfig) -> str | None:
+    """The name of the config's quant target (``"w4a4"``), ``None`` without a quant group."""
+    target = quant_target(cfg)
+    return target.name if target is not None else None
 
 
 def variant_fingerprint(vcfg: DictConfig) -> str:
     """A hash of everything a variant's fit and PTQ depend on (its resolved config).
 
-    Left out: the names and printing (``experiment_name``, ``print_table``), and ``quant`` (preset and QuantSpec
-    fields)/``module.mse_preset`` when nothing uses them (no DNQ callback, ``module.mse_weight`` 0): the plain baseline of a sweep over
-    ``quant`` has the same fingerprint in every job.
+    Left out: the names and printing (``experiment_name``, ``print_table``), and ``quant`` (the target's fields)/
+    ``module.mse_target`` when nothing uses them (no DNQ callback, ``module.mse_weight`` 0): the plain baseline of a
+    sweep over ``quant`` has the same fingerprint in every job. PTQ's scope (``quant.include``, ``quant.exclude``,
+    ``quant.keep_first_last_8bit``, ``quant.attention_points``, ``quant.layer_bits``) is kept whenever PTQ runs.
     """
     import hashlib
 
@@ -357,8 +367,10 @@ def variant_fingerprint(vcfg: DictConfig) -> str:
         isinstance(n, dict) and any(t in str(n.get("_target_", "")) for t in _QUANT_CALLBACKS) for n in cbs.values()
     )
     if not uses_quant:
-        c.pop("quant", None)
-        (c.get("module") or {}).pop("mse_preset", None)
+        quant = c.pop("quant", None)
+        (c.get("module") or {}).pop("mse_target", None)
+        if isinstance(quant, dict) and (c.get("ptq") or {}).get("bits"):  # PTQ quantizes the target's layers
+            c["quant_scope"] = {k: quant.get(k) for k in _PTQ_SCOPE if k in quant}
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -422,7 +434,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
         "overrides": _overrides(),
         "seed": int(cfg.seed),
         "data": type(dm).__name__,
-        "quant_preset": str(cfg.quant.preset),
+        "quant_preset": _quant_name(cfg),
         "bits": [str(b) for b in (cfg.ptq.get("bits") or [])],
         "variants": {},
     }

@@ -89,16 +89,17 @@ def reestimate_bn_on_training_data(trainer: Any, pl_module: Any, num_batches: in
 
 def recorder_settings(recorder: object) -> dict[str, object]:
     """The target quantizer and statistics settings of a QuantErrorRecorder, as ``dnq/...`` hyperparameters."""
-    w, a = getattr(recorder, "weight_spec", None), getattr(recorder, "act_spec", None)
+    target = getattr(recorder, "target", None)
+    w, a = getattr(target, "weight", None), getattr(target, "act", None)
     return {
         "dnq/preset": describe(getattr(recorder, "name", None)),
         "dnq/weight_spec": describe(w),
         "dnq/act_spec": describe(a),
         "dnq/stats_every": describe(getattr(recorder, "stats_every", None)),
         "dnq/momentum": describe(getattr(recorder, "momentum", None)),
-        "dnq/keep_first_last_8bit": describe(getattr(recorder, "keep_first_last_8bit", None)),
-        "dnq/include": describe(getattr(recorder, "include", None)) or "",
-        "dnq/exclude": describe(getattr(recorder, "exclude", None)) or "",
+        "dnq/keep_first_last_8bit": describe(getattr(target, "keep_first_last_8bit", None)),
+        "dnq/include": describe(getattr(target, "include", ())) or "",
+        "dnq/exclude": describe(getattr(target, "exclude", ())) or "",
         "dnq/placement": describe(getattr(recorder, "placement", "layer_inputs")),
     }
 

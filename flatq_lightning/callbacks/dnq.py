@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from ..quant.spec import QuantSpec
+from ..quant.targets import QuantTarget
 from .act_noise import ActivationNoiseInjection
 from .group import CallbackGroup
 from .recorder import QuantErrorRecorder
 from .weight_noise import DifferentialNoiseInjection, NoiseMode
 
 __all__ = ["DNQ", "dnq_callbacks"]
-
-
-def _names(v: str | Sequence[str] | None) -> str | list[str] | None:
-    return list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
 
 
 class DNQ(CallbackGroup):
@@ -33,16 +29,16 @@ class DNQ(CallbackGroup):
         trainer:                                     callbacks:
           callbacks:                                   dnq:
             - class_path: flatq_lightning.DNQ            _target_: flatq_lightning.DNQ
-              init_args: {preset: w4a4, p: 0.5}          preset: w4a4
+              init_args: {target: w4a4, p: 0.5}          target: w4a4
 
-    ``preset``: the target quantizer as a preset (``"w4a4"``) or as the weight :class:`QuantSpec`, with
-    ``act_spec`` for the activations (default: the method's activation quantizer at the weight's bits).
-    ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
-    (clean training first). ``attention_points``: also record (and noise) Q, K, V and the softmax output of timm
-    attention modules. ``clean_bn_batches``: training batches on which the end of fit (and every checkpoint)
+    ``target``: the quantizer the network will meet, a :class:`~flatq_lightning.quant.targets.QuantTarget` (its
+    quantizers, the layers in scope, the first/last policy, attention points, per-layer widths) or a preset
+    string (``"w4a4"``); both sides quantized. ``warmup_steps`` / ``warmup_fraction``: no noise for that many optimizer steps, or that fraction of the fit
+    (clean training first). With the target's ``attention_points`` Q, K, V and the softmax output of timm
+    attention modules are recorded (and noised) too. ``clean_bn_batches``: training batches on which the end of fit (and every checkpoint)
     re-estimates the BatchNorm statistics on the clean weights; 0 keeps those gathered under noise. ``name``:
     this DNQ's name (its recorder's: the ``quant_<name>/`` metrics and the checkpoint's state key), by default
-    the preset's (``"w4a4"``). ``placement``: ``"onnxruntime"`` also records and perturbs the residual-block and
+    the target's (``"w4a4"``). ``placement``: ``"onnxruntime"`` also records and perturbs the residual-block and
     pooling points that PTQ with ``placement="onnxruntime"`` quantizes (:mod:`~flatq_lightning.quant.placement`),
     each tensor once. The other arguments are those of the three parts.
 
@@ -50,7 +46,7 @@ class DNQ(CallbackGroup):
     Trainer is built ("Found more than one stateful callback of type `DNQ`", before any hook of ours runs);
     with distinct names (``DNQ("w4a4", name="w4a4_b")``) a second DNQ with weight noise is refused at setup,
     because each would measure the other's noise as part of the clean weights. Keep one DNQ, and watch other
-    bit-widths with ``QuantErrorRecorder(preset, name=...)`` callbacks beside it.
+    bit-widths with ``QuantErrorRecorder(target, name=...)`` callbacks beside it.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -62,9 +58,8 @@ class DNQ(CallbackGroup):
 
     def __init__(
         self,
-        preset: str | QuantSpec = "w4a4",
+        target: QuantTarget | str = "w4a4",
         *,
-        act_spec: QuantSpec | None = None,
         noise_scale: float | Callable[[int], float] = 1.0,
         mode: str | NoiseMode = "differential",
         weight_noise: bool = True,
@@ -76,11 +71,7 @@ class DNQ(CallbackGroup):
         warmup_steps: int = 0,
         warmup_fraction: float = 0.0,
         seed: int = 0,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        keep_first_last_8bit: bool = True,
         noise_source: str = "auto",
-        attention_points: bool = True,
         clean_bn_batches: int = 32,
         name: str | None = None,
         placement: str = "layer_inputs",
@@ -89,18 +80,13 @@ class DNQ(CallbackGroup):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
         if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"name must be a non-empty string or None (the preset's name), got {name!r}")
+            raise ValueError(f"name must be a non-empty string or None (the target's name), got {name!r}")
         #: the statistics of the target quantizer's errors, which both noise parts read
         self.recorder = QuantErrorRecorder(
-            preset,
-            act_spec,
+            target,
             stats_every=stats_every,
             momentum=momentum,
-            include=_names(include),
-            exclude=_names(exclude),
-            keep_first_last_8bit=keep_first_last_8bit,
             record_activations=act_noise,
-            attention_points=attention_points,
             refresh_weights=not weight_noise,
             name=name,
             placement=placement,
@@ -125,6 +111,11 @@ class DNQ(CallbackGroup):
     def state_key(self) -> str:
         return self._generate_state_key(recorder=self.recorder.name)
 
+    @property
+    def target(self) -> QuantTarget:
+        """The quantizer the network is trained for (the recorder's)."""
+        return self.recorder.target
+
     def part_names(self) -> list[str]:
         return [n for n, c in (("recorder", self.recorder), ("weight_noise", self.weight_noise),
                                ("act_noise", self.act_noise)) if c is not None]
@@ -136,12 +127,12 @@ class DNQ(CallbackGroup):
             yield
 
 
-def dnq_callbacks(preset: str | QuantSpec = "w4a4", **kwargs: Any) -> list[Callback]:
+def dnq_callbacks(target: QuantTarget | str = "w4a4", **kwargs: Any) -> list[Callback]:
     """The parts of :class:`DNQ` as separate callbacks, for those who list them one by one: ``DNQ``'s arguments,
-    the same callbacks and numbers (``DNQ(preset, **kwargs).parts``).
+    the same callbacks and numbers (``DNQ(target, **kwargs).parts``).
 
     Example:
         >>> [type(c).__name__ for c in dnq_callbacks("w4a4", act_noise=False)]
         ['QuantErrorRecorder', 'DifferentialNoiseInjection']
     """
-    return list(DNQ(preset, **kwargs).parts)
+    return list(DNQ(target, **kwargs).parts)

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from ..quant.hooks import hooks_suspended
 from ..quant.ops import compute_qparams, fake_quantize
 from ..quant.spec import QuantSpec
-from ..quant.targets import has_weight, layer_specs, select_modules
+from ..quant.targets import QuantTarget, as_target, has_weight
 
 __all__ = ["QuantMSEMixin"]
 
@@ -27,13 +27,14 @@ class QuantMSEMixin:
     Given the DNQ statistics (:meth:`use_quant_stats` with a :class:`~flatq_lightning.DNQ`, or a
     :class:`~flatq_lightning.QuantErrorRecorder` and its weight-noise callback) the term uses the recorder's
     layers, specs and EMA activation ranges and the clean weights under the noise; without them layers are
-    selected from ``mse_preset`` and activation ranges are taken from the batch. The term costs one extra
+    selected by ``mse_target`` (a :class:`~flatq_lightning.quant.targets.QuantTarget` or a preset string) and
+    activation ranges are taken from the batch. The term costs one extra
     forward and backward on the steps where it is on.
 
     Example:
         >>> import lightning.pytorch as pl
         >>> class Net(QuantMSEMixin, pl.LightningModule):
-        ...     mse_weight, mse_every, mse_preset = 0.5, 1, "w4a4"
+        ...     mse_weight, mse_every, mse_target = 0.5, 1, "w4a4"
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -49,14 +50,13 @@ class QuantMSEMixin:
     mse_weight: float | Callable[[int], float] = 0.0
     #: compute the term every this many optimizer steps (0 elsewhere)
     mse_every: int = 1
-    #: the target quantizer when no recorder is attached
-    mse_preset: str = "w4a4"
-    mse_keep_first_last_8bit: bool = True
+    #: the target quantizer when no recorder is attached (a QuantTarget, or a preset string)
+    mse_target: QuantTarget | str = "w4a4"
 
     def use_quant_stats(self, stats: Any, weight_noise: Any = None) -> None:
         """Take the target quantizer from the DNQ statistics: a :class:`~flatq_lightning.DNQ` (its recorder and
         weight noise), or a :class:`~flatq_lightning.QuantErrorRecorder` with the weight-noise callback that
-        reads it (``None`` when there is none); ``stats=None`` goes back to ``mse_preset``."""
+        reads it (``None`` when there is none); ``stats=None`` goes back to ``mse_target``."""
         from .dnq import DNQ
         from .recorder import QuantErrorRecorder
         from .weight_noise import DifferentialNoiseInjection
@@ -86,11 +86,11 @@ class QuantMSEMixin:
             return [(n, recorder.modules[n]) for n in recorder.layers], recorder.specs, recorder, noise
         cache = getattr(self, "_quant_mse_cache", None)
         if cache is None:
-            w, a = QuantSpec.parse(self.mse_preset)
-            selected = select_modules(self.quant_mse_network())
+            target = as_target(self.mse_target, "mse_target")
+            selected = target.select(self.quant_mse_network())
             if not selected:
                 raise ValueError("quant_mse_loss: the network has no quantizable layers (Conv/Linear)")
-            cache = (selected, layer_specs(selected, w, a, self.mse_keep_first_last_8bit))
+            cache = (selected, target.layer_specs(selected))
             self._quant_mse_cache = cache
         return cache[0], cache[1], None, None
 

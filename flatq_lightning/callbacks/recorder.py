@@ -29,38 +29,32 @@ from ..quant.placement import (
     check_placement,
     detach_placement_points,
 )
-from ..quant.spec import QuantSpec, preset_name, preset_specs
-from ..quant.targets import has_weight, layer_specs, select_modules
+from ..quant.spec import QuantSpec
+from ..quant.targets import QuantTarget, as_target, has_weight
 from ..utils.checks import check_bool
 
-__all__ = ["QuantErrorRecorder", "resolve_specs"]
+__all__ = ["QuantErrorRecorder", "training_target"]
 
 
-def resolve_specs(weight_spec: str | QuantSpec, act_spec: QuantSpec | None) -> tuple[QuantSpec, QuantSpec]:
-    """``("w4a4", None)`` → the preset's pair; a ``QuantSpec`` weight spec needs an explicit or default act spec."""
-    if isinstance(weight_spec, str):
-        w, a = preset_specs(weight_spec)
-        a = act_spec if act_spec is not None else a
-        if w is None or a is None:
-            raise ValueError(
-                f"{weight_spec!r}: DNQ trains against a quantizer on both sides, and a 16-bit side stays float. "
-                "Give the bits the network will be quantized to (e.g. 'w4a8'); for weight noise only, keep a "
-                "quantized activation side and pass act_noise=False"
-            )
-        return w, a
-    if not isinstance(weight_spec, QuantSpec):
-        raise ValueError(f"weight_spec must be a preset string like 'w4a4' or a QuantSpec, got {weight_spec!r}")
-    if act_spec is None:
-        act_spec = QuantSpec.activation(weight_spec.bits)
-    if not isinstance(act_spec, QuantSpec):
-        raise ValueError(f"act_spec must be a QuantSpec or None, got {act_spec!r}")
-    return weight_spec, act_spec
+def training_target(target: QuantTarget | str, owner: str = "target") -> QuantTarget:
+    """``target`` as a :class:`QuantTarget` that quantizes both sides (what training-time noise needs): a preset
+    string becomes one; a float side is refused with the way out."""
+    t = as_target(target, owner)
+    if t.weight is None or t.act is None:
+        raise ValueError(
+            f"{t.name!r}: DNQ trains against a quantizer on both sides, and a 16-bit side stays float. "
+            "Give the bits the network will be quantized to (e.g. 'w4a8'); for weight noise only, keep a "
+            "quantized activation side and pass act_noise=False"
+        )
+    return t
 
 
 class QuantErrorRecorder(Callback):
     """Records the target quantizer's errors on the live model (WQER and AQER of the method).
 
-    Per selected layer (Conv/Linear, first/last at 8 bit by default) it keeps EMAs of
+    ``target``: the quantizer the network will meet (a :class:`~flatq_lightning.quant.targets.QuantTarget`, or a
+    preset string like ``"w4a4"``): which layers, at which widths, with which observers. Both sides must be
+    quantized. Per selected layer (Conv/Linear, first/last at 8 bit by default) it keeps EMAs of
     - the per-output-channel mean and variance of ``Q_w(W) - W`` on the clean weight, plus the channel scale;
     - the per-tensor input range ``[lo, hi]`` and the mean and variance of ``Q_a(x) - x`` for the training
       inputs under that range. The range comes from the activation spec's own observer
@@ -71,7 +65,7 @@ class QuantErrorRecorder(Callback):
     Trainer's loggers on each refresh. ``refresh_weights=False`` leaves the weight measurement to the caller
     (:meth:`refresh_weight_stats`): a weight-noise callback does it, when the weights are clean.
 
-    With ``attention_points`` (default) every timm ``Attention`` of the LightningModule gets quantization
+    With the target's ``attention_points`` (default) every timm ``Attention`` of the LightningModule gets quantization
     points on Q, K, V and the softmax output for the duration of ``fit`` (attached in ``setup``, removed at
     the end of training, in ``teardown`` and on exceptions; see
     :func:`~flatq_lightning.quant.attention.attach_attention_points`): they are recorded like layer inputs
@@ -86,22 +80,18 @@ class QuantErrorRecorder(Callback):
 
     def __init__(
         self,
-        weight_spec: str | QuantSpec = "w4a4",
-        act_spec: QuantSpec | None = None,
+        target: QuantTarget | str = "w4a4",
         stats_every: int = 16,
         momentum: float = 0.9,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-        keep_first_last_8bit: bool = True,
         record_activations: bool = True,
         log_sqnr: bool = True,
         name: str | None = None,
-        attention_points: bool = True,
         check_finite: bool = True,
         refresh_weights: bool = True,
         placement: str = "layer_inputs",
     ) -> None:
-        self.weight_spec, self.act_spec = resolve_specs(weight_spec, act_spec)
+        #: what is quantized, and how (the layers, their widths and quantizers)
+        self.target = training_target(target)
         #: where the activation quantizers are (:mod:`~flatq_lightning.quant.placement`): with ``"onnxruntime"``
         #: the fit records (and the noise perturbs) the residual and pooling points PTQ will quantize too
         self.placement = check_placement(placement, "placement")
@@ -109,23 +99,17 @@ class QuantErrorRecorder(Callback):
             raise ValueError(f"stats_every must be an int >= 1, got {stats_every!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"momentum must be in [0, 1) (a float), got {momentum!r}")
-        for flag, value in (("keep_first_last_8bit", keep_first_last_8bit), ("record_activations", record_activations),
-                            ("log_sqnr", log_sqnr)):
+        for flag, value in (("record_activations", record_activations), ("log_sqnr", log_sqnr)):
             check_bool(flag, value)
         self.stats_every = stats_every
         self.momentum = float(momentum)
-        self.include, self.exclude = include, exclude
-        self.keep_first_last_8bit = keep_first_last_8bit
         self.record_activations = record_activations
         self.log_sqnr = log_sqnr
-        if not isinstance(attention_points, bool):
-            raise ValueError(f"attention_points must be True or False, got {attention_points!r}")
-        self.attention_points = attention_points
         self.check_finite = check_bool("check_finite", check_finite)
         #: False: the weight error is measured only when :meth:`refresh_weight_stats` is called, by the owner of
         #: the weights' timing (a weight-noise callback, which knows when they are clean)
         self.refresh_weights = check_bool("refresh_weights", refresh_weights)
-        self.name = name or preset_name(self.weight_spec.bits, self.act_spec.bits)
+        self.name = name or self.target.name
 
         self.layers: list[str] = []
         #: the selected layers that have a weight (weight statistics and weight noise apply to these only)
@@ -161,6 +145,17 @@ class QuantErrorRecorder(Callback):
         self._probe: SharedInputProbe | None = None
         self._probe_done = False
 
+    # the target's parts ----------------------------------------------------------------------------------------
+    @property
+    def weight_spec(self) -> QuantSpec:
+        """The target's weight quantizer (before the first/last policy and per-layer widths: :attr:`specs`)."""
+        return self.target.weight
+
+    @property
+    def act_spec(self) -> QuantSpec:
+        """The target's activation quantizer (before the first/last policy and per-layer widths)."""
+        return self.target.act
+
     # identity -----------------------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
@@ -175,7 +170,7 @@ class QuantErrorRecorder(Callback):
         if fit:  # a new fit starts with no statistics (a resume restores them right after this hook)
             self.reset_stats()
         # every fit selects afresh: attention points are new modules each time they are attached
-        if fit and self.attention_points:
+        if fit and self.target.attention_points:
             self.detach_attention_points()
             self._attached = (pl_module, attach_attention_points(pl_module))
         placed = self.placement != "layer_inputs"
@@ -186,20 +181,23 @@ class QuantErrorRecorder(Callback):
         if fit:
             self.shared_inputs = {}
             self._probe_done = False
-        selected = select_modules(
-            pl_module, include=self.include, exclude=self.exclude, attention_points=self.attention_points or placed
-        )
+        selected = self.target.select(pl_module, points=self.target.attention_points or placed)
         if not any(has_weight(m) for _, m in selected):  # points alone are no target
             self.detach_attention_points()
             self.detach_placement_points()
             raise ValueError(
                 f"{type(self).__name__}: {type(pl_module).__name__} has no quantizable layers (Conv1d/2d/3d, "
-                f"Linear) matching include={self.include!r} exclude={self.exclude!r}"
+                f"Linear) matching include={list(self.target.include)!r} exclude={list(self.target.exclude)!r}"
             )
         self.layers = [n for n, _ in selected]
         self.weight_layers = [n for n, m in selected if has_weight(m)]
         self.modules = dict(selected)
-        self.specs = layer_specs(selected, self.weight_spec, self.act_spec, self.keep_first_last_8bit)
+        try:
+            self.specs = self.target.layer_specs(selected)
+        except ValueError:  # e.g. a per-layer width for a layer this model does not have
+            self.detach_attention_points()
+            self.detach_placement_points()
+            raise
         if fit:
             rank_zero_info(self.summary())
 

@@ -15,11 +15,12 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from ..quant.targets import QuantTarget
 from ..utils.logging import log_settings
 from .export import normalize_export_formats
 from .recipe import RECIPES, PTQRecipe
 from .report import PTQReport
-from .runner import DEFAULT_BITS, _recipe_from_args, run_ptq, validate_ptq_args
+from .runner import DEFAULT_BITS, _recipe_from_args, ptq_target, run_ptq, validate_ptq_args
 
 __all__ = ["PostTrainingQuantization", "STAGES", "recipe_settings"]
 
@@ -162,17 +163,18 @@ class PostTrainingQuantization(Callback):
             ``PTQRecipe``, or a mapping (``{"name": "reconstruct", "iters": 200}``: the preset with those fields
             replaced; Hydra's ``DictConfig`` too). BN re-estimation runs on training batches passed through the
             datamodule's training augmentation (``augment_batch``) when it has one. Checked at construction.
-        keep_first_last_8bit: keep the first and the last quantized layer at 8 bits.
+        target: what is quantized (:class:`~flatq_lightning.quant.targets.QuantTarget`, default ``QuantTarget()``):
+            the layers (``include``/``exclude`` patterns), the first/last policy (``keep_first_last_8bit``: the first
+            and the last quantized layer at 8 bits), attention points (on timm ViTs also Q, K, V and the softmax
+            output), per-layer widths; each bit-width of ``bits`` is ``target.at(bits)`` with the recipe's observers.
         stage: ``"validate"`` or ``"test"``: which dataloader evaluates.
         save_dir: where the report files go.
         overwrite: replace an earlier ``ptq_report.*`` in ``save_dir`` instead of writing ``ptq_report_<n>.*``.
-        include, exclude: shell patterns on layer names selecting what is quantized.
         export: formats to save each quantized model in: ``"onnx"``, ``"safetensors"``, both (a list or
             ``"onnx,safetensors"``); ``True`` means ``"safetensors"``, ``False`` nothing. ONNX needs the ``[onnx]``
             extra and is checked against ONNX Runtime on the first ``parity_batches`` evaluation batches (default:
             all); the parity numbers are in ``report.rows[i].exports`` and the report's Markdown.
         progress: tqdm bars; ``print_report``: print the Markdown table at the end.
-        attention_points: on timm ViTs also quantize Q, K, V and the softmax output (``False``: Linear inputs only).
         observer, act_observer, bn_reestimate, bn_batches: deprecated (removed in the next release): the
             recipe's fields of the same names. Given, they warn (``FutureWarning``) and replace those fields of
             ``recipe`` (without a recipe: of ``"minmax"``, and the recipe is then named ``"custom"``), as
@@ -193,15 +195,12 @@ class PostTrainingQuantization(Callback):
         bits: str | Sequence[str] = DEFAULT_BITS,
         calib_batches: int = 32,
         observer: str | None = None,
-        keep_first_last_8bit: bool = True,
+        target: QuantTarget | None = None,
         stage: str = "validate",
         save_dir: str | os.PathLike | None = None,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
         export: bool | str | Sequence[str] = False,
         progress: bool = True,
         print_report: bool = True,
-        attention_points: bool = True,
         act_observer: str | None = None,
         bn_reestimate: bool | None = None,
         bn_batches: int | None = None,
@@ -214,29 +213,26 @@ class PostTrainingQuantization(Callback):
         self.recipe: PTQRecipe = self._resolve_recipe(
             recipe, {"observer": observer, "act_observer": act_observer, "bn_reestimate": bn_reestimate,
                      "bn_batches": bn_batches})
-        self.bits, self.include, self.exclude = validate_ptq_args(bits, calib_batches, self.recipe.observer,
-                                                                  include, exclude)
+        self.bits = validate_ptq_args(bits, calib_batches, self.recipe.observer)
+        #: the layers, first/last policy, attention points and per-layer widths (the widths come from ``bits``)
+        self.target = ptq_target(target, "PostTrainingQuantization")
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.export_formats = normalize_export_formats(export)
         if parity_batches is not None and (isinstance(parity_batches, bool) or not isinstance(parity_batches, int) or parity_batches < 1):
             raise ValueError(f"parity_batches must be None (all) or a positive int, got {parity_batches!r}")
         self.parity_batches = parity_batches
-        for name, flag in (("keep_first_last_8bit", keep_first_last_8bit),
-                           ("progress", progress), ("print_report", print_report),
-                           ("attention_points", attention_points), ("overwrite", overwrite)):
+        for name, flag in (("progress", progress), ("print_report", print_report), ("overwrite", overwrite)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise ValueError(f"save_dir must be None or a path, got {save_dir!r}")
         self.calib_batches = calib_batches
-        self.keep_first_last_8bit = keep_first_last_8bit
         self.stage = stage
         self.save_dir = save_dir
         self.export = export
         self.progress = progress
         self.print_report = print_report
-        self.attention_points = attention_points
         self.overwrite = overwrite
         self.report: PTQReport | None = None
         self.files: dict[str, Path] = {}
@@ -299,16 +295,13 @@ class PostTrainingQuantization(Callback):
             bits=self.bits,
             calib_batches=self.calib_batches,
             recipe=self.recipe,
-            keep_first_last_8bit=self.keep_first_last_8bit,
-            include=self.include,
-            exclude=self.exclude,
+            target=self.target,
             device=device,
             progress=self.progress,
             export_dir=out if self.export_formats else None,
             export_formats=self.export_formats,
             overwrite=self.overwrite,
             parity_batches=self.parity_batches,
-            attention_points=self.attention_points,
             bn_transform=bn_transform,
         )
         self.report = report
@@ -323,11 +316,11 @@ class PostTrainingQuantization(Callback):
             "ptq/bits": ",".join(self.bits),
             "ptq/calib_batches": self.calib_batches,
             **recipe_settings(self.recipe),
-            "ptq/keep_first_last_8bit": self.keep_first_last_8bit,
+            "ptq/keep_first_last_8bit": self.target.keep_first_last_8bit,
             "ptq/stage": self.stage,
-            "ptq/include": ",".join(self.include or []),
-            "ptq/exclude": ",".join(self.exclude or []),
-            "ptq/attention_points": self.attention_points,
+            "ptq/include": ",".join(self.target.include),
+            "ptq/exclude": ",".join(self.target.exclude),
+            "ptq/attention_points": self.target.attention_points,
             "ptq/export": ",".join(self.export_formats),
         }
 

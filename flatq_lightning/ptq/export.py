@@ -195,12 +195,12 @@ def save_quantized(
 
     Example:
         >>> import tempfile
-        >>> from flatq_lightning import QuantSpec, fold_batchnorm, quantize_model
+        >>> from flatq_lightning import QuantTarget, fold_batchnorm, quantize_model
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
         >>> _ = net(torch.randn(2, 3, 8, 8))
         >>> folded, pairs = fold_batchnorm(net, return_pairs=True)
-        >>> q = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[torch.randn(8, 3, 8, 8)],
-        ...                    keep_first_last_8bit=False)
+        >>> q = quantize_model(folded, QuantTarget.preset("w4a4", keep_first_last_8bit=False),
+        ...                    calib_batches=[torch.randn(8, 3, 8, 8)])
         >>> path = save_quantized(q, Path(tempfile.mkdtemp()) / "q.safetensors", folded_bn_pairs=pairs)
         >>> r = load_quantized(net, path)
         >>> x = torch.randn(2, 3, 8, 8)

@@ -379,10 +379,10 @@ def export_onnx(
     replaced unless ``overwrite=True`` (``FileExistsError``). The model itself is not changed.
 
     Example:
-        >>> from flatq_lightning import QuantSpec, fold_batchnorm, quantize_model
+        >>> from flatq_lightning import fold_batchnorm, quantize_model
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4))
         >>> x = torch.randn(16, 3, 8, 8)
-        >>> q = quantize_model(fold_batchnorm(net), *QuantSpec.parse("w4a8"), calib_batches=[x])
+        >>> q = quantize_model(fold_batchnorm(net), "w4a8", calib_batches=[x])
         >>> path = export_onnx(q, "/tmp/q.onnx", x[:1], overwrite=True)           # doctest: +SKIP
         >>> check_onnx_parity(q, path, [(x, torch.zeros(16, dtype=torch.long))]).agreement  # doctest: +SKIP
         100.0

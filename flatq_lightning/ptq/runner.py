@@ -25,16 +25,14 @@ from ..quant import (
     fake_quantize,
     first_last_names,
     fold_batchnorm,
-    parse_bits,
-    preset_name,
     quantize_model,
     quantized_layers,
     reestimate_bn_quantized,
-    select_modules,
     sqnr_db,
 )
 from ..quant.reconstruct import reconstruct
-from ..quant.spec import FLOAT_BITS, OBSERVERS, preset_specs
+from ..quant.spec import FLOAT_BITS, OBSERVERS
+from ..quant.targets import QuantTarget
 from .evaluate import _logits, _model_device, _progress, evaluate_topk
 from .export import normalize_export_formats
 from .recipe import RECIPES, PTQRecipe, resolve_recipe
@@ -44,7 +42,6 @@ __all__ = [
     "DEFAULT_BITS",
     "FLOAT_BITS",
     "evaluate_topk",
-    "normalize_bits",
     "ptq_network",
     "check_ptq_network",
     "run_ptq",
@@ -55,13 +52,9 @@ __all__ = [
 DEFAULT_BITS: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 
 
-def normalize_bits(bits: str | Iterable[str]) -> tuple[str, ...]:
-    """Validated, canonical (``"w4a4"``), de-duplicated bit-widths in the given order.
-
-    Example:
-        >>> normalize_bits(["W8A8", "w4a4", "w8a8"])
-        ('w8a8', 'w4a4')
-    """
+def _presets(bits: str | Iterable[str]) -> tuple[str, ...]:
+    """Validated, canonical (``"w4a4"``), de-duplicated bit-width presets in the given order
+    (:meth:`QuantTarget.preset` reads each: a ``ValueError`` naming the form and the range)."""
     if isinstance(bits, str):
         bits = (bits,)
     try:
@@ -77,38 +70,32 @@ def normalize_bits(bits: str | Iterable[str]) -> tuple[str, ...]:
         )
     out: list[str] = []
     for b in items:
-        name = preset_name(*parse_bits(b))  # ValueError naming the form and the range [2, 16]
+        name = QuantTarget.preset(b).name
         if name not in out:
             out.append(name)
     return tuple(out)
 
 
-def _patterns(value: Any, what: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{what} must be None, a pattern string or a sequence of patterns like ['layer1.*'], got {value!r}")
+def ptq_target(target: QuantTarget | None, what: str = "run_ptq") -> QuantTarget:
+    """The scope template of a PTQ run: ``target`` (``None``: :class:`QuantTarget`'s defaults). Its widths come
+    from ``bits`` (:meth:`QuantTarget.at`), so a preset string is refused with the way to say what is meant."""
+    if target is None:
+        return QuantTarget()
+    if not isinstance(target, QuantTarget):
+        hint = (f": PTQ's bit-widths are its bits ({what}(bits=[{target!r}])), the target only gives the layers and "
+                "the first/last policy") if isinstance(target, str) else ""
+        raise ValueError(f"{what}: target must be a QuantTarget or None, got {target!r}{hint}")
+    return target
 
 
-def validate_ptq_args(
-    bits: str | Iterable[str],
-    calib_batches: int,
-    observer: str,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-) -> tuple[tuple[str, ...], list[str] | None, list[str] | None]:
-    """Check the PTQ options (``ValueError`` naming the allowed values); returns ``(bits, include, exclude)``."""
-    norm = normalize_bits(bits)
+def validate_ptq_args(bits: str | Iterable[str], calib_batches: int, observer: str) -> tuple[str, ...]:
+    """Check the PTQ options (``ValueError`` naming the allowed values); returns the canonical bit-widths."""
+    norm = _presets(bits)
     if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
         raise ValueError(f"calib_batches must be a positive int (number of calibration batches), got {calib_batches!r}")
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
-    return norm, _patterns(include, "include"), _patterns(exclude, "exclude")
-
-
+    return norm
 
 
 def ptq_network(module: nn.Module) -> nn.Module:
@@ -352,22 +339,21 @@ def _gather_data(calib_loader: Iterable[Any], calib_batches: int, bn_loader: Ite
     return calib, recon_inputs, bn_data
 
 
-def _quantized_copy(net: nn.Module, folded: nn.Module, b: str, ws: Any, as_: Any, rcp: PTQRecipe,
-                    calib: list[Tensor], bn_data: list[Tensor], recon_inputs: Tensor | None, dev: torch.device,
-                    progress: bool, **select: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
+def _quantized_copy(net: nn.Module, folded: nn.Module, target: QuantTarget, rcp: PTQRecipe, calib: list[Tensor],
+                    bn_data: list[Tensor], recon_inputs: Tensor | None, dev: torch.device, progress: bool,
+                    bn_transform: Callable[[Tensor], Tensor] | None) -> tuple[nn.Module, list[dict[str, Any]]]:
     """One bit-width's quantized copy as the recipe makes it: BN re-estimated on the quantized network (then
     folded), weights quantized, activations calibrated at the recipe's placement, blocks reconstructed; returns
-    the model and the reconstruction's per-block records. ``select``: keep_first_last_8bit, include, exclude,
-    bn_transform, attention_points."""
-    bn_transform = select.pop("bn_transform")
-    cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if as_ is not None else None
+    the model and the reconstruction's per-block records."""
+    b = target.name
+    cal = _progress(calib, progress, desc=f"calibrate {b}", leave=False) if target.act is not None else None
     source = folded
     if rcp.bn_reestimate:
-        reest = reestimate_bn_quantized(net, ws, as_, bn_data, calib_batches=calib or None, transform=bn_transform,
-                                        placement=rcp.placement, **select)
+        reest = reestimate_bn_quantized(net, target, bn_data, calib_batches=calib or None, transform=bn_transform,
+                                        placement=rcp.placement)
         source = fold_batchnorm(reest).to(dev)
         del reest
-    qmodel = quantize_model(source, ws, as_, calib_batches=cal, placement=rcp.placement, **select).to(dev)
+    qmodel = quantize_model(source, target, calib_batches=cal, placement=rcp.placement).to(dev)
     blocks: list[dict[str, Any]] = []
     if rcp.reconstruction is not None:
         res = reconstruct(qmodel, source, folded, recon_inputs, rcp.reconstruction, log=_recon_logger(progress),
@@ -383,13 +369,10 @@ def run_ptq(
     bits: str | Iterable[str] = DEFAULT_BITS,
     calib_batches: int = 32,
     observer: str | None = None,
-    keep_first_last_8bit: bool = True,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    target: QuantTarget | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     export_dir: str | os.PathLike | None = None,
-    attention_points: bool = True,
     act_observer: str | None = None,
     bn_reestimate: bool | None = None,
     bn_batches: int | None = None,
@@ -418,6 +401,12 @@ def run_ptq(
         eval_loader: ``(inputs, targets)`` batches on which the FP network and every quantized copy are
             evaluated.
         bits: presets ``"w<b>a<b>"``; a side at 16 bits stays float (``"w4a16"`` weight-only).
+        target: what is quantized (:class:`~flatq_lightning.quant.targets.QuantTarget`; default ``QuantTarget()``):
+            the layers (``include``/``exclude``), the first/last policy (``keep_first_last_8bit``: the first and
+            last selected layer at, at least, 8 bits), attention points (on timm ViTs also quantize attention's Q,
+            K, V and softmax output, the ViT-PTQ convention), per-layer widths (``layer_bits``) and the quantizer
+            settings. Each bit-width is ``target.at(bits, recipe observers)``; its row is named after it
+            (``"w4a4"``, ``"w4a4-mixed"`` with per-layer widths).
         recipe: the PTQ recipe. Its observers pick the weight range (``"minmax"``, ``"percentile"`` or ``"mse"``:
             MSE-optimal clipping searched per channel) and the activation ranges; with ``bn_reestimate`` the
             BatchNorm running statistics are re-estimated per bit-width on the quantized network (weights
@@ -430,8 +419,6 @@ def run_ptq(
             training augmentation as ``bn_transform``, so the statistics see what training saw.
         evaluate_fp: ``False`` skips the FP evaluation (when the caller has it already): the report's FP
             accuracies and the drops are then NaN.
-        keep_first_last_8bit: keep the first and last selected layer at (at least) 8 bits.
-        include, exclude: shell patterns on layer names (see ``select_modules``).
         device: where the copies run (default: the model's device).
         progress: tqdm bars over calibration data, bit-widths and evaluation.
         export_dir: if given, each quantized model is saved there in each of ``export_formats``:
@@ -443,8 +430,6 @@ def run_ptq(
             parity numbers are in each row's ``exports``. An existing file is kept and the new one numbered
             (``quantized_<bits>_2.onnx``) unless ``overwrite``. ``export_metadata`` (JSON-serialisable, e.g. the
             input normalisation) goes into every file with the bit-width and the PTQ settings.
-        attention_points: on timm ViTs also quantize attention's Q, K, V and softmax output (ViT-PTQ
-            convention); ``False`` quantizes the Linear/Conv inputs only.
 
     Returns:
         a :class:`~flatq_lightning.ptq.report.PTQReport`.
@@ -462,7 +447,12 @@ def run_ptq(
                                      "bn_reestimate": bn_reestimate, "bn_batches": bn_batches})
     observer, act_observer, bn_reestimate, bn_batches = rcp.observer, rcp.act_observer, rcp.bn_reestimate, rcp.bn_batches
     recon = rcp.reconstruction
-    bits_t, inc, exc = validate_ptq_args(bits, calib_batches, observer, include, exclude)
+    bits_t = validate_ptq_args(bits, calib_batches, observer)
+    template = ptq_target(target)
+    act_obs = rcp.act_obs
+    targets = [template.at(b, observer, act_obs) for b in bits_t]
+    keep_first_last_8bit = template.keep_first_last_8bit
+    inc, exc = list(template.include) or None, list(template.exclude) or None
     formats = normalize_export_formats(export_formats) if export_dir is not None else ()
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
@@ -472,11 +462,8 @@ def run_ptq(
         from .onnx_export import require_onnx
 
         require_onnx("run_ptq(export_formats=('onnx',))")  # before any PTQ work
-    act_obs = rcp.act_obs
-    if not isinstance(keep_first_last_8bit, bool):
-        raise TypeError(f"run_ptq: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
     _check_loader(eval_loader, "eval_loader")
-    need_calib = any(preset_specs(b)[1] is not None for b in bits_t) or recon is not None
+    need_calib = any(t.act is not None for t in targets) or recon is not None
     if need_calib:
         _check_loader(calib_loader, "calib_loader")
     net = ptq_network(model)
@@ -488,7 +475,7 @@ def run_ptq(
     t = time.perf_counter()
     folded, pairs = fold_batchnorm(net, return_pairs=True)  # an eval-mode copy
     folded.to(dev)
-    selected = select_modules(folded, include=inc, exclude=exc)
+    selected = template.select(folded, points=True)
     if not selected:
         raise ValueError(
             f"run_ptq: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching include={inc!r} exclude={exc!r}"
@@ -510,15 +497,13 @@ def run_ptq(
     timing["fp_eval_s"] = time.perf_counter() - t
 
     rows: list[PTQRow] = []
-    bar = _progress(bits_t, progress, desc="PTQ", total=len(bits_t))
-    for b in bar:
+    bar = _progress(targets, progress, desc="PTQ", total=len(targets))
+    for bt in bar:
         t = time.perf_counter()
-        ws, as_ = preset_specs(b, observer, act_obs)
-        wb, ab = parse_bits(b)
-        qmodel, blocks = _quantized_copy(net, folded, b, ws, as_, rcp, calib, bn_data, recon_inputs, dev, progress,
-                                         keep_first_last_8bit=keep_first_last_8bit, include=inc, exclude=exc,
-                                         bn_transform=bn_transform, attention_points=attention_points)
-        layers = _layer_sqnr(qmodel, calib[0] if (as_ is not None and calib) else None, dev)
+        b = bt.name
+        qmodel, blocks = _quantized_copy(net, folded, bt, rcp, calib, bn_data, recon_inputs, dev, progress,
+                                         bn_transform)
+        layers = _layer_sqnr(qmodel, calib[0] if (bt.act is not None and calib) else None, dev)
         t_q = time.perf_counter() - t
         t = time.perf_counter()
         acc, n_q, c_q = evaluate_topk(qmodel, eval_loader, dev, progress=progress, desc=f"eval {b}")
@@ -534,8 +519,8 @@ def run_ptq(
         rows.append(
             PTQRow(
                 bits=b,
-                weight_bits=wb,
-                act_bits=ab,
+                weight_bits=bt.weight.bits if bt.weight is not None else FLOAT_BITS,
+                act_bits=bt.act.bits if bt.act is not None else FLOAT_BITS,
                 top1=acc[1],
                 top5=acc[5],
                 drop_top1=fp_acc[1] - acc[1],

@@ -35,8 +35,8 @@ from .quantize import (
     reestimate_bn_quantized,
 )
 from .reconstruct import BlockResult, Reconstruction, cache_bytes, find_blocks, reconstruct
-from .spec import FLOAT_BITS, QuantSpec, parse_bits, preset_name, preset_specs
-from .targets import QUANTIZABLE_TYPES, first_last_names, has_weight, layer_specs, select_modules
+from .spec import FLOAT_BITS, QuantSpec
+from .targets import QUANTIZABLE_TYPES, QuantTarget, as_target, first_last_names, has_weight, select_modules
 
 __all__ = [
     "BlockResult",
@@ -50,9 +50,11 @@ __all__ = [
     "PercentileObserver",
     "QuantPoint",
     "QuantSpec",
+    "QuantTarget",
     "QuantizedAttention",
     "QuantizedLayer",
     "RangeObserver",
+    "as_target",
     "attach_attention_points",
     "attention_points",
     "batch_inputs",
@@ -71,12 +73,8 @@ __all__ = [
     "fold_batchnorm",
     "has_weight",
     "is_patched_attention",
-    "layer_specs",
     "make_observer",
     "observe_range",
-    "parse_bits",
-    "preset_name",
-    "preset_specs",
     "FLOAT_BITS",
     "qparams_from_range",
     "quant_error",

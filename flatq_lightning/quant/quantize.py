@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from .observers import RangeObserver, make_observer
 from .ops import compute_qparams, fake_quantize, sqnr_db
 from .placement import attach_placement_points, check_placement, detach_placement_points, share_quantizers
 from .spec import QuantSpec
-from .targets import has_weight, layer_specs, select_modules
+from .targets import QuantTarget, as_target, has_weight
 
 __all__ = [
     "fold_batchnorm",
@@ -272,29 +272,20 @@ def calibrate(
     return n
 
 
-def _check_quantize_args(model: Any, weight_spec: Any, act_spec: Any, keep_first_last_8bit: Any) -> None:
-    """``TypeError`` naming the argument, before any copy is made."""
+def _check_quantize_args(model: Any, target: Any, what: str) -> QuantTarget:
+    """The target as a :class:`QuantTarget` (``ValueError`` naming it), and ``TypeError`` for a model that is
+    not a module: before any copy is made."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
-    for name, spec in (("weight_spec", weight_spec), ("act_spec", act_spec)):
-        if spec is not None and not isinstance(spec, QuantSpec):
-            hint = " (for a preset string use QuantSpec.parse(...), which gives the (weight, act) pair)" if isinstance(spec, str) else ""
-            raise TypeError(f"quantize_model: {name} must be a QuantSpec or None, got {spec!r}{hint}")
-    if not isinstance(keep_first_last_8bit, bool):
-        raise TypeError(f"quantize_model: keep_first_last_8bit must be True or False, got {keep_first_last_8bit!r}")
+        raise TypeError(f"{what}: model must be an nn.Module, got {type(model).__name__}")
+    return as_target(target, f"{what}: target")
 
 
 def quantize_model(
     model: nn.Module,
-    weight_spec: QuantSpec | None,
-    act_spec: QuantSpec | None,
+    target: QuantTarget | str,
     calib_batches: Iterable[Any] | None = None,
-    keep_first_last_8bit: bool = True,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
     fold_bn: bool = False,
     max_calib_batches: int | None = None,
-    attention_points: bool = True,
     act_momentum: float | None = None,
     bn_reestimate: bool = False,
     bn_batches: Iterable[Any] | None = None,
@@ -304,14 +295,16 @@ def quantize_model(
 ) -> nn.Module:
     """A new eval-mode model whose selected layers run fake-quantized weights and inputs.
 
-    ``weight_spec``/``act_spec`` of ``None`` leave that side in float (weight-only or activation-only rows).
-    Activation qparams come from ``calib_batches`` (required when ``act_spec`` is set). The input model is
-    never mutated. With ``fold_bn`` BatchNorm is folded into the convs first.
+    ``target`` (a :class:`~flatq_lightning.quant.targets.QuantTarget` or a preset string like ``"w4a4"``) says
+    which layers (``include``/``exclude``), at which widths (the first/last policy, per-layer ``layer_bits``)
+    and with which quantizers; a ``None`` side of it stays float (weight-only or activation-only rows).
+    Activation qparams come from ``calib_batches`` (required when the target quantizes activations). The input
+    model is never mutated. With ``fold_bn`` BatchNorm is folded into the convs first.
 
-    With ``attention_points`` (and an ``act_spec``) every timm ``Attention`` of the copy gets quantization
-    points (:func:`~flatq_lightning.quant.attention.attach_attention_points`), so Q, K, V and the softmax
-    output are fake-quantized and calibrated like layer inputs (ViT W4A4 in the PTQ literature's sense);
-    ``False`` quantizes only the Conv/Linear inputs (and removes points the copy may carry). Points never
+    With the target's ``attention_points`` (and activation quantization) every timm ``Attention`` of the copy
+    gets quantization points (:func:`~flatq_lightning.quant.attention.attach_attention_points`), so Q, K, V and
+    the softmax output are fake-quantized and calibrated like layer inputs (ViT W4A4 in the PTQ literature's
+    sense); ``False`` quantizes only the Conv/Linear inputs (and removes points the copy may carry). Points never
     count as the first/last layer.
 
     With ``bn_reestimate`` the BatchNorm running statistics are first re-estimated for this quantizer
@@ -325,16 +318,16 @@ def quantize_model(
     ``"layer_inputs"`` (the inputs of the quantized layers) or ``"onnxruntime"`` (also the residual blocks'
     inputs, branch outputs and outputs and the pooling inputs, each tensor quantized once, so that ONNX Runtime
     runs the exported convolutions and adds on integer kernels). Placement points get the activation spec;
-    with ``act_spec=None`` there are none.
+    with a float activation side there are none.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> w, a = QuantSpec.parse("w4a4")
-        >>> q = quantize_model(net, w, a, calib_batches=[torch.randn(16, 4)])
+        >>> q = quantize_model(net, "w4a4", calib_batches=[torch.randn(16, 4)])
         >>> q(torch.randn(2, 4)).shape
         torch.Size([2, 2])
     """
-    _check_quantize_args(model, weight_spec, act_spec, keep_first_last_8bit)
+    target = _check_quantize_args(model, target, "quantize_model")
+    act_spec = target.act
     if not isinstance(bn_reestimate, bool):
         raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
     check_placement(placement, "quantize_model: placement")
@@ -347,14 +340,12 @@ def quantize_model(
     if bn_reestimate:
         calib_batches = list(calib_batches) if calib_batches is not None else None
         model = reestimate_bn_quantized(
-            model, weight_spec, act_spec, bn_batches if bn_batches is not None else (calib_batches or []),
-            calib_batches=calib_batches, keep_first_last_8bit=keep_first_last_8bit, include=include,
-            exclude=exclude, max_batches=max_bn_batches, transform=bn_transform,
-            attention_points=attention_points, act_momentum=act_momentum, max_calib_batches=max_calib_batches,
-            placement=placement,
+            model, target, bn_batches if bn_batches is not None else (calib_batches or []),
+            calib_batches=calib_batches, max_batches=max_bn_batches, transform=bn_transform,
+            act_momentum=act_momentum, max_calib_batches=max_calib_batches, placement=placement,
         )
     qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
-    points = attention_points and act_spec is not None  # weight-only rows: points would quantize nothing
+    points = target.attention_points and act_spec is not None  # weight-only rows: points would quantize nothing
     if points:
         attach_attention_points(qmodel)
     else:
@@ -362,22 +353,16 @@ def quantize_model(
     detach_placement_points(qmodel)  # a model trained with points: this call's placement decides
     if act_spec is not None:
         attach_placement_points(qmodel, placement)
-    selected = select_modules(qmodel, include=include, exclude=exclude, attention_points=act_spec is not None)
+    selected = target.select(qmodel, points=act_spec is not None)
     if not selected:
         raise ValueError(
             "quantize_model: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching "
-            f"include={include!r} exclude={exclude!r}"
+            f"include={list(target.include)!r} exclude={list(target.exclude)!r}"
         )
-    w_default = weight_spec or QuantSpec.weight(8)
-    a_default = act_spec or QuantSpec.activation(8)
-    specs = layer_specs(selected, w_default, a_default, keep_first_last_8bit)
+    specs = target.layer_specs(selected)
     for name, mod in selected:
         ws, as_ = specs[name]
-        _set_submodule(
-            qmodel,
-            name,
-            QuantizedLayer(mod, ws if weight_spec and has_weight(mod) else None, as_ if act_spec else None),
-        )
+        _set_submodule(qmodel, name, QuantizedLayer(mod, ws if has_weight(mod) else None, as_))
     if act_spec is not None and placement != "layer_inputs":
         device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
         share_quantizers(qmodel, batch_inputs(calib_batches[0])[:2].to(device), quantized_layers(qmodel))
@@ -388,36 +373,31 @@ def quantize_model(
 
 def reestimate_bn_quantized(
     model: nn.Module,
-    weight_spec: QuantSpec | None,
-    act_spec: QuantSpec | None,
+    target: QuantTarget | str,
     batches: Iterable[Any],
     calib_batches: Iterable[Any] | None = None,
-    keep_first_last_8bit: bool = True,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
     max_batches: int | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
-    attention_points: bool = True,
     act_momentum: float | None = None,
     max_calib_batches: int | None = None,
     placement: str = "layer_inputs",
 ) -> nn.Module:
     """A copy of ``model`` (float weights, BN unfolded) whose BatchNorm running statistics were re-estimated
     on the *quantized* network: a clean re-estimation first, then weights quantized and activation quantizers
-    on (calibrated on ``calib_batches``, default ``batches``, under those clean statistics), then
-    :func:`~flatq_lightning.quant.bn.reestimate_bn` on ``batches`` again.
+    on (the ``target``'s, calibrated on ``calib_batches``, default ``batches``, under those clean statistics),
+    then :func:`~flatq_lightning.quant.bn.reestimate_bn` on ``batches`` again.
 
     This is AIMET's BN re-estimation: the statistics the quantized network produces, so that folding them
-    afterwards gives the quantized network the normalisation it needs. With both specs ``None`` (16 bits) it
+    afterwards gives the quantized network the normalisation it needs. With both sides float (``"w16a16"``) it
     is a clean re-estimation. The input model is not changed.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-        >>> w, a = QuantSpec.parse("w4a4")
-        >>> re = reestimate_bn_quantized(net, w, a, [torch.randn(8, 3, 6, 6)])
+        >>> re = reestimate_bn_quantized(net, "w4a4", [torch.randn(8, 3, 6, 6)])
         >>> bool(re[1].running_var.ne(net[1].running_var).any()), bool(re[0].weight.equal(net[0].weight))
         (True, True)
     """
+    target = _check_quantize_args(model, target, "reestimate_bn_quantized")
     batches = list(batches)
     if not batches:
         raise ValueError("reestimate_bn_quantized: the BN re-estimation batches are empty")
@@ -426,12 +406,10 @@ def reestimate_bn_quantized(
     # re-estimation's own, batch-normalised activations
     q = copy.deepcopy(model)
     reestimate_bn(q, batches, max_batches=max_batches, transform=transform)
-    if weight_spec is not None or act_spec is not None:
+    if target.weight is not None or target.act is not None:
         q = quantize_model(
-            q, weight_spec, act_spec, calib_batches=calib_batches if calib_batches is not None else batches,
-            keep_first_last_8bit=keep_first_last_8bit, include=include, exclude=exclude, fold_bn=False,
-            max_calib_batches=max_calib_batches, attention_points=attention_points, act_momentum=act_momentum,
-            placement=placement,
+            q, target, calib_batches=calib_batches if calib_batches is not None else batches, fold_bn=False,
+            max_calib_batches=max_calib_batches, act_momentum=act_momentum, placement=placement,
         )
     reestimate_bn(q, batches, max_batches=max_batches, transform=transform)
     out = copy.deepcopy(model)

@@ -35,11 +35,11 @@ No Lightning here; :func:`~flatq_lightning.ptq.runner.run_ptq` runs it through t
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from flatq_lightning.quant import QuantSpec, quantize_model
+    >>> from flatq_lightning.quant import QuantTarget, quantize_model
     >>> torch.manual_seed(0) and None
     >>> fp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     >>> x = torch.randn(64, 8)
-    >>> q = quantize_model(fp, *QuantSpec.parse("w2a8"), calib_batches=[x], keep_first_last_8bit=False)
+    >>> q = quantize_model(fp, QuantTarget.preset("w2a8", keep_first_last_8bit=False), calib_batches=[x])
     >>> res = reconstruct(q, fp, fp, x, Reconstruction(iters=200, batch_size=16, calib_images=64))
     >>> [r.name for r in res], all(r.loss <= r.loss_rtn for r in res)
     (['0', '2', '4'], True)
@@ -226,9 +226,9 @@ def find_blocks(model: nn.Module, rule: BlockRule | None = None) -> list[tuple[s
     explicitly that matches no module raises ``ValueError`` naming the classes the model has.
 
     Example:
-        >>> from flatq_lightning.quant import QuantSpec, quantize_model
+        >>> from flatq_lightning.quant import quantize_model
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
-        >>> q = quantize_model(net, *QuantSpec.parse("w4a4"), calib_batches=[torch.randn(8, 4)])
+        >>> q = quantize_model(net, "w4a4", calib_batches=[torch.randn(8, 4)])
         >>> find_blocks(q, ["1"])
         [('0', ['0']), ('1', ['1.0', '1.2'])]
     """
@@ -287,9 +287,9 @@ def cache_bytes(qmodel: nn.Module, example: Tensor, calib_images: int = 1024,
     value; the cache lives on ``Reconstruction.cache_device``.
 
     Example:
-        >>> from flatq_lightning.quant import QuantSpec, quantize_model
+        >>> from flatq_lightning.quant import quantize_model
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-        >>> q = quantize_model(net, *QuantSpec.parse("w4a4"), calib_batches=[torch.randn(2, 3, 8, 8)])
+        >>> q = quantize_model(net, "w4a4", calib_batches=[torch.randn(2, 3, 8, 8)])
         >>> cache_bytes(q, torch.randn(1, 3, 8, 8), calib_images=100)   # (3 + 8)·64 and (8 + 8)·64 floats each
         {'0': 281600, '2': 409600}
     """

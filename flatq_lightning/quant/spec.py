@@ -2,12 +2,13 @@
 
 A :class:`QuantSpec` says how one tensor is quantized: bit-width, granularity (per output channel or per
 tensor), symmetric or asymmetric grid, and which observer chooses the range. Everything in the package
-(recorders, noise, the MSE term and PTQ) takes its quantizer from a ``QuantSpec``.
+(recorders, noise, the MSE term and PTQ) takes its quantizer from a ``QuantSpec``; a
+:class:`~flatq_lightning.quant.targets.QuantTarget` pairs the weight and activation specs with the layers they
+apply to (and reads ``"w4a4"``-style presets).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -29,8 +30,6 @@ class QuantSpec:
         >>> a = QuantSpec.activation(4)        # asymmetric, per tensor, min-max
         >>> (w.qmin, w.qmax, a.qmin, a.qmax)
         (-8, 7, 0, 15)
-        >>> QuantSpec.parse("w3a3")[0].bits
-        3
     """
 
     bits: int = 8
@@ -97,64 +96,3 @@ class QuantSpec:
     def activation(cls, bits: int, observer: str = "minmax", **kw: Any) -> QuantSpec:
         """The method's activation quantizer: asymmetric, per tensor."""
         return cls(bits=bits, granularity="per_tensor", symmetric=False, observer=observer, **kw)
-
-    @staticmethod
-    def parse(
-        preset: str, weight_observer: str = "minmax", act_observer: str | None = None
-    ) -> tuple[QuantSpec | None, QuantSpec | None]:
-        """``(weight_spec, act_spec)`` of a ``"w4a4"``-style preset: :func:`preset_specs`, the one reader.
-
-        A side at 16 bits stays float and is ``None``: ``"w4a16"`` quantizes weights only, ``"w16a4"``
-        activations only. ``act_observer`` defaults to ``weight_observer``.
-        """
-        return preset_specs(preset, weight_observer, act_observer)
-
-
-_PRESET = re.compile(r"^\s*w(\d+)a(\d+)\s*$", re.IGNORECASE)
-
-
-def parse_bits(preset: str) -> tuple[int, int]:
-    """``"w4a8"`` → ``(4, 8)``; raises ``ValueError`` naming the expected form."""
-    if not isinstance(preset, str):
-        raise ValueError(f"a bit-width preset must be a string like 'w4a4', got {preset!r}")
-    m = _PRESET.match(preset)
-    if m is None:
-        raise ValueError(
-            f"cannot parse bit-width preset {preset!r}: expected 'w<bits>a<bits>' with bits in "
-            f"[{MIN_BITS}, {MAX_BITS}], e.g. 'w8a8', 'w4a8', 'w4a4', 'w3a3', 'w2a4', 'w4a16'"
-        )
-    wb, ab = int(m.group(1)), int(m.group(2))
-    for name, b in (("weight", wb), ("activation", ab)):
-        if not MIN_BITS <= b <= MAX_BITS:
-            raise ValueError(
-                f"preset {preset!r}: {name} bits must be in [{MIN_BITS}, {MAX_BITS}], got {b}"
-            )
-    return wb, ab
-
-
-def preset_specs(
-    preset: str, observer: str = "minmax", act_observer: str | None = None
-) -> tuple[QuantSpec | None, QuantSpec | None]:
-    """The one reader of bit-width presets: ``(weight_spec, act_spec)`` with the method's quantizers.
-
-    Weights symmetric per output channel, activations asymmetric per tensor; ``observer`` picks the weight
-    observer and, unless ``act_observer`` is given, the activation observer. A side at :data:`FLOAT_BITS`
-    (16) bits stays float and is ``None`` everywhere in the package (PTQ leaves it alone, the DNQ callbacks
-    refuse it).
-
-    Example:
-        >>> w, a = preset_specs("w4a16")
-        >>> (w.bits, w.granularity, a)
-        (4, 'per_channel', None)
-        >>> w, a = preset_specs("w4a4", "mse", act_observer="percentile")
-        >>> (w.observer, a.observer, a.symmetric)
-        ('mse', 'percentile', False)
-    """
-    wb, ab = parse_bits(preset)
-    w = QuantSpec.weight(wb, observer=observer) if wb < FLOAT_BITS else None
-    a = QuantSpec.activation(ab, observer=act_observer or observer) if ab < FLOAT_BITS else None
-    return w, a
-
-
-def preset_name(weight_bits: int, act_bits: int) -> str:
-    return f"w{weight_bits}a{act_bits}"

@@ -39,3 +39,27 @@ def test_yaml_defaults_equal_the_python_defaults(file, key):
         assert value == default, f"{file}: {name}: {value!r} in the YAML, {default!r} in {cls.__name__}"
         checked += 1
     assert checked > 0
+
+
+def test_quant_base_restates_the_target_defaults_and_the_methods_quantizers():
+    """conf/quant/base/method.yaml names every field so that users can set it (``quant.keep_first_last_8bit=false``,
+    ``quant.act.observer=percentile``): its values are QuantTarget's defaults and the QuantSpecs of
+    ``QuantTarget.preset`` (the method's quantizers), only the bits left to the preset files."""
+    import dataclasses
+
+    from flatq_lightning import QuantSpec, QuantTarget
+
+    node = OmegaConf.to_container(OmegaConf.load(CONF.parent / "quant" / "base" / "method.yaml"), resolve=False)
+    assert node.pop("_target_") == "flatq_lightning.QuantTarget"
+    for side, method in (("weight", QuantSpec.weight(4)), ("act", QuantSpec.activation(4))):
+        spec = node.pop(side)
+        assert spec.pop("_target_") == "flatq_lightning.QuantSpec" and spec.pop("bits") == "???"
+        assert spec == {k: v for k, v in method.to_dict().items() if k != "bits"}, side
+    defaults = {f.name: f.default for f in dataclasses.fields(QuantTarget)}
+    assert set(node) <= set(defaults), set(node) - set(defaults)
+    for name, value in node.items():
+        assert (tuple(value) if isinstance(value, list) else value) == defaults[name], name
+    for preset in ("w2a4", "w3a3", "w4a4", "w4a8", "w8a8"):  # each preset file sets the bits and nothing else
+        own = OmegaConf.to_container(OmegaConf.load(CONF.parent / "quant" / f"{preset}.yaml"))
+        assert own == {"defaults": ["base/method@_here_", "_self_"], "weight": {"bits": int(preset[1])},
+                       "act": {"bits": int(preset[3])}}, preset

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatq_lightning import QuantTarget
 from flatq_lightning.app.data import SyntheticDataModule
 from flatq_lightning.app.module import ImageClassifier
 from flatq_lightning.callbacks.mse import QuantMSEMixin
@@ -42,9 +43,10 @@ def _clf(**kw):
 
 
 def test_is_a_quant_mse_lightning_module_with_hparams():
-    clf = _clf(mse_weight=0.5, mse_every=2, mse_preset="w3a3")
+    clf = _clf(mse_weight=0.5, mse_every=2, mse_target="w3a3")
     assert isinstance(clf, QuantMSEMixin) and isinstance(clf, L.LightningModule)
-    assert (clf.mse_weight, clf.mse_every, clf.mse_preset) == (0.5, 2, "w3a3")
+    assert (clf.mse_weight, clf.mse_every, clf.mse_target) == (0.5, 2, QuantTarget.preset("w3a3"))
+    assert clf.hparams.mse_target == "w3a3"  # a preset string is a plain hyperparameter
     assert clf.quant_mse_network() is clf.model
     assert clf.hparams.model == "small_cnn" and clf.hparams.model_kwargs == {"in_chans": 1, "width": 4}
     assert clf(torch.randn(3, 1, 8, 8)).shape == (3, 6)
@@ -102,7 +104,7 @@ def test_training_step_adds_the_mse_term_only_when_on():
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 6, (8,))
     for w in (0.0, 10.0):
         torch.manual_seed(0)
-        clf = _clf(mse_weight=w, mse_preset="w2a2")
+        clf = _clf(mse_weight=w, mse_target="w2a2")
         clf.train()
         with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached
             loss = clf.training_step((x, y), 0)
@@ -198,7 +200,8 @@ def test_sam_rho_wraps_the_optimizer_and_runs_two_passes_per_step(tmp_path):
     [
         ({"optimizer": "rmsprop"}, "optimizer must be one of"),
         ({"scheduler": "step"}, "scheduler must be one of"),
-        ({"mse_preset": "int4"}, "cannot parse bit-width preset"),
+        ({"mse_target": "int4"}, "cannot parse bit-width preset"),
+        ({"mse_target": 4}, "mse_target must be a QuantTarget or a preset string like 'w4a4', got 4"),
         ({"mse_every": 0}, "mse_every"),
         ({"mse_weight": -1.0}, "mse_weight"),
         ({"lr": 0.0}, "lr must be"),

@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from flatq_lightning import QuantSpec
+from flatq_lightning import QuantSpec, QuantTarget
 from flatq_lightning.app import ptq_cli
+from flatq_lightning.app.config import quant_target
 from flatq_lightning.app.train import (
     CONF_DIR,
     ConfigError,
@@ -127,7 +128,7 @@ def test_default_is_the_quickstart():
     cfg = _compose()
     assert cfg.experiment_name == "quickstart"
     assert cfg.model.name == "small_cnn" and cfg.data._target_.endswith("DigitsDataModule")
-    assert cfg.quant.preset == "w4a4" and cfg.callbacks.dnq.preset.bits == cfg.callbacks.dnq.act_spec.bits == 4
+    assert cfg.quant.weight.bits == cfg.quant.act.bits == 4 and cfg.callbacks.dnq.target == cfg.quant
     assert list(cfg.ptq.bits) == ["w8a8", "w4a4", "w3a3", "w2a4"]
     plain, dnq = _variants(cfg)
     assert plain[0] == "plain" and plain[1].callbacks.dnq is None
@@ -135,18 +136,21 @@ def test_default_is_the_quickstart():
     assert plain[1].seed == dnq[1].seed and plain[1].trainer.max_epochs == dnq[1].trainer.max_epochs
 
 
-def test_quant_group_sets_the_preset_everywhere():
-    cfg = _compose(["quant=w3a3"])
-    assert cfg.module.mse_preset == "w3a3"
-    rec = instantiate_callbacks(cfg.callbacks)[0].recorder
-    assert (rec.weight_spec, rec.act_spec) == QuantSpec.parse("w3a3") and rec.name == "w3a3"
+def test_quant_group_sets_the_target_everywhere(tmp_path):
+    cfg = _compose(["quant=w3a3", "callbacks=[dnq,ptq]", "quant.keep_first_last_8bit=false", "quant.exclude=[fc]"])
+    want = QuantTarget.preset("w3a3", keep_first_last_8bit=False, exclude="fc")
+    assert quant_target(cfg) == want
+    dnq, ptq = instantiate_callbacks(cfg.callbacks, report_dir=tmp_path)
+    assert dnq.target == want and dnq.recorder.name == "w3a3"
+    assert ptq.target == want  # PTQ: the same layers and policy (its widths come from ptq.bits)
+    module = _instantiate(cfg.module, "module", num_classes=10, model_kwargs={"in_chans": 1})
+    assert module.mse_target == want and "mse_target" not in module.hparams  # a target is no hyperparameter
 
 
 @pytest.mark.parametrize("preset", ["w2a4", "w3a3", "w4a4", "w4a8", "w8a8"])
-def test_quant_group_files_hold_the_preset_quantspecs(preset):
-    quant = _compose([f"quant={preset}"]).quant
-    assert quant.preset == preset
-    assert (_instantiate(quant.weight, "w"), _instantiate(quant.act, "a")) == QuantSpec.parse(preset)
+def test_quant_group_files_hold_the_preset_target(preset):
+    cfg = _compose([f"quant={preset}"])
+    assert quant_target(cfg) == QuantTarget.preset(preset) and quant_target(cfg).name == preset
 
 
 def test_quant_spec_fields_from_the_command_line():
@@ -156,13 +160,22 @@ def test_quant_spec_fields_from_the_command_line():
     rec = instantiate_callbacks(cfg.callbacks)[0].recorder
     assert rec.weight_spec == QuantSpec(bits=3, granularity="per_tensor", symmetric=True, observer="mse")
     assert rec.act_spec == QuantSpec.activation(3, observer="percentile", percentile=99.9)
-    assert rec.name == "w3a3" and cfg.quant.preset == "w3a3"
+    assert rec.name == "w3a3"
     with pytest.raises(ConfigError, match=r"quant.weight: QuantSpec.observer must be one of"):
         validate_config(_compose(["quant.weight.observer=bogus"]))
-    # the preset names the run: it may not say other bits than the specs hold
-    with pytest.raises(ConfigError, match=r"quant.preset='w3a3' names 3-bit weights but quant.weight.bits=4"):
-        validate_config(_compose(["quant.preset=w3a3"]))
-    validate_config(_compose(["quant.preset=w3a4", "quant.weight.bits=3"]))
+    with pytest.raises(ConfigError, match=r"^quant: QuantTarget.keep_first_last_8bit must be True or False"):
+        validate_config(_compose(["quant.keep_first_last_8bit=maybe"]))
+    # the name comes from the bits: a preset key of its own could say other bits than the specs hold
+    assert quant_target(_compose(["quant.weight.bits=3"])).name == "w3a4"
+    with pytest.raises(ConfigError, match=r"quant.preset is no longer a setting: the name comes from the bits"):
+        validate_config(_compose(["+quant.preset=w3a3"]))
+    # the PTQ scope moved into the target, shared with DNQ
+    with pytest.raises(ConfigError, match=r"ptq.keep_first_last_8bit is no longer a PTQ setting.*"
+                                          r"quant.keep_first_last_8bit="):
+        validate_config(_compose(["+ptq.keep_first_last_8bit=false"]))
+    # a mixed-precision plan from the command line
+    t = quant_target(_compose(["+quant.layer_bits={conv2: [8, 8]}"]))
+    assert t.layer_bits == (("conv2", 8, 8),) and t.name == "w4a4-mixed"
 
 
 def test_trainer_files_inherit_the_default():
@@ -193,7 +206,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
             kwargs.update(img_size=32, depth=1)  # keep the test light: the same class, one block
         module = _instantiate(vcfg.module, "module", num_classes=dm.num_classes, model_kwargs=kwargs)
         assert module.num_classes == dm.num_classes
-        assert module.mse_preset == cfg.quant.preset
+        assert module.mse_target == quant_target(cfg)
         cbs = instantiate_callbacks(vcfg.callbacks, checkpoint_dir=tmp_path)
         names = [type(c).__name__ for c in cbs]
         if vcfg.callbacks.get("dnq") is not None:
@@ -322,8 +335,8 @@ def test_bad_values_fail_with_the_key_and_the_choices():
         validate_config(_compose(["model.name=resnet_does_not_exist"]))
     msg = str(ei.value)
     assert "model.name='resnet_does_not_exist'" in msg and "cifar_resnet20" in msg and "timm" in msg
-    with pytest.raises(ConfigError, match="quant.preset"):
-        validate_config(_compose(["quant.preset=int4"]))
+    with pytest.raises(ConfigError, match=r"quant.weight: QuantSpec.bits must be in \[2, 16\], got 1"):
+        validate_config(_compose(["quant.weight.bits=1"]))
     with pytest.raises(ConfigError, match="ptq.bits"):
         validate_config(_compose(["ptq.bits=[w8a8,w1a1]"]))
     with pytest.raises(
@@ -384,7 +397,7 @@ def test_good_trainer_lengths_and_accelerators_pass_validation():
 def test_flatq_train_names_the_two_dnq_config_entries():
     from omegaconf import OmegaConf
 
-    dnq = {"_target_": "flatq_lightning.DNQ", "preset": "w4a4"}
+    dnq = {"_target_": "flatq_lightning.DNQ", "target": "w4a4"}
     cfg = OmegaConf.create({"dnq": dnq, "dnq2": dnq})
     with pytest.raises(ConfigError, match=r"^callbacks\.dnq and callbacks\.dnq2 are two DNQ callbacks with the same "
                                           r"state key .*\+\+callbacks\.dnq2\.name=\.\.\..*QuantErrorRecorder"):
@@ -643,7 +656,7 @@ def test_sweep_jobs_reuse_a_fit_that_depends_on_nothing_swept(tmp_path, monkeypa
     fitted: list[tuple[str, str]] = []
 
     def fake_fit(name, cfg, dm, vdir):  # the fit itself is tested elsewhere; here: which fits happen
-        fitted.append((name, str(cfg.quant.preset)))
+        fitted.append((name, quant_target(cfg).name))
         return {"fp_top1": 50.0 + len(fitted), "ptq": {}, "fit_seconds": 1.0, "model": str(cfg.model.name)}
 
     monkeypatch.setattr(train_mod, "_fit_variant", fake_fit)
@@ -780,13 +793,13 @@ def test_summarize_sweep_and_comparison_table(tmp_path):
 
 def test_w3a3_experiment_is_the_dnq_recipe_aimed_at_w3a3_with_a_clean_first_half(tmp_path):
     w3, dnq = _compose(["experiment=cifar10_resnet20_dnq_w3a3"]), _compose(["experiment=cifar10_resnet20_dnq"])
-    assert w3.quant.preset == "w3a3" and dnq.quant.preset == "w4a4"
-    assert w3.callbacks.dnq.preset.bits == w3.callbacks.dnq.act_spec.bits == 3
+    assert quant_target(w3).name == "w3a3" and quant_target(dnq).name == "w4a4"
+    assert w3.callbacks.dnq.target == w3.quant
     assert w3.callbacks.dnq.warmup_fraction == 0.5
     for key in ("model", "data", "trainer", "ptq"):
         assert w3[key] == dnq[key], key
-    assert w3.module.mse_preset == "w3a3"  # the MSE term (off by default) follows the target too
-    assert {k: v for k, v in w3.module.items() if k != "mse_preset"} == {k: v for k, v in dnq.module.items() if k != "mse_preset"}
+    assert w3.module.mse_target == w3.quant  # the MSE term (off by default) follows the target too
+    assert {k: v for k, v in w3.module.items() if k != "mse_target"} == {k: v for k, v in dnq.module.items() if k != "mse_target"}
     rec, noise, act = instantiate_callbacks(w3.callbacks, checkpoint_dir=tmp_path)[0].parts
     assert (rec.weight_spec.bits, rec.act_spec.bits) == (3, 3)
     assert noise.warmup_fraction == act.warmup_fraction == 0.5

@@ -9,7 +9,13 @@ from lightning.pytorch import seed_everything
 from timm.layers import Attention
 from torch.utils.data import DataLoader, TensorDataset
 
-from flatq_lightning import DifferentialNoiseInjection, QuantErrorRecorder, QuantMSEMixin, dnq_callbacks
+from flatq_lightning import (
+    DifferentialNoiseInjection,
+    QuantErrorRecorder,
+    QuantMSEMixin,
+    QuantTarget,
+    dnq_callbacks,
+)
 from flatq_lightning.quant import QuantPoint, is_patched_attention
 from tests.callbacks.lm import trainer
 
@@ -115,7 +121,7 @@ def test_activation_noise_reaches_softmax_output():
 
 def test_attention_points_off():
     lm = TinyViTLM()
-    rec = QuantErrorRecorder("w4a4", stats_every=1, attention_points=False)
+    rec = QuantErrorRecorder(QuantTarget.preset("w4a4", attention_points=False), stats_every=1)
     train, _ = vit_loaders(32)
     trainer(max_epochs=1, callbacks=[rec]).fit(lm, train)
     assert not _point_names(rec) and rec.layers == rec.weight_layers
@@ -143,12 +149,12 @@ def test_points_removed_on_exception_and_reattached_by_a_second_fit():
 
 def test_invalid_attention_points_flag():
     with pytest.raises(ValueError, match="attention_points must be True or False"):
-        QuantErrorRecorder("w4a4", attention_points="yes")
+        QuantTarget.preset("w4a4", attention_points="yes")
 
 
 def test_points_alone_are_no_target():
     lm = TinyViTLM()
-    rec = QuantErrorRecorder("w4a4", include="*.quant_*")
+    rec = QuantErrorRecorder(QuantTarget.preset("w4a4", include="*.quant_*"))
     train, _ = vit_loaders(16)
     with pytest.raises(ValueError, match="has no quantizable layers"):
         trainer(max_epochs=1, callbacks=[rec]).fit(lm, train)

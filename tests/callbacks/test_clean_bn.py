@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from flatq_lightning import dnq_callbacks
+from flatq_lightning import QuantTarget, dnq_callbacks
 from flatq_lightning.callbacks.weight_noise import NOISY_BN_KEY, DifferentialNoiseInjection
 from flatq_lightning.quant import bn_state
 from tests.callbacks.lm import TinyLM, trainer
@@ -17,7 +17,7 @@ def _fit(clean_bn_batches: int, tmp_path=None, **kw):
     x, y = blob_data(64)
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     module = TinyLM(lr=0.0)  # constant clean weights: whatever differs after fit is the noise's doing
-    cbs = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False)
+    cbs = dnq_callbacks(QuantTarget.preset("w2a2", keep_first_last_8bit=False), stats_every=1, seed=0)
     noise = next(c for c in cbs if isinstance(c, DifferentialNoiseInjection))
     noise.clean_bn_batches = clean_bn_batches
     t = trainer(tmp_path, max_epochs=2, callbacks=[*cbs, *kw.pop("extra", [])], **kw)
@@ -105,7 +105,7 @@ def test_ptq_callback_fp_row_sees_the_clean_statistics(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     val = DataLoader(TensorDataset(x, y), batch_size=64)
     module = TinyLM(lr=0.0)
-    cbs = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False, clean_bn_batches=4)
+    cbs = dnq_callbacks(QuantTarget.preset("w2a2", keep_first_last_8bit=False), stats_every=1, seed=0, clean_bn_batches=4)
     ptq = PostTrainingQuantization(bits=("w8a8",), calib_batches=1, progress=False, print_report=False,
                                    save_dir=tmp_path / "ptq")
     trainer(tmp_path, max_epochs=2, callbacks=[*cbs, ptq], limit_val_batches=0).fit(module, loader, val)
@@ -126,7 +126,7 @@ def test_resume_trains_on_with_the_noisy_statistics(tmp_path):
     x, y = blob_data(64)
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
-    cbs = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False, clean_bn_batches=4)
+    cbs = dnq_callbacks(QuantTarget.preset("w2a2", keep_first_last_8bit=False), stats_every=1, seed=0, clean_bn_batches=4)
     trainer(tmp_path, max_epochs=1, callbacks=[*cbs, ckpt], enable_checkpointing=True).fit(TinyLM(lr=0.01), loader)
     raw = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     noisy = raw[NOISY_BN_KEY]
@@ -138,7 +138,7 @@ def test_resume_trains_on_with_the_noisy_statistics(tmp_path):
         def on_train_start(self, trainer, pl_module):
             seen.update(bn_state(pl_module))
 
-    cbs2 = dnq_callbacks("w2a2", stats_every=1, seed=0, keep_first_last_8bit=False, clean_bn_batches=4)
+    cbs2 = dnq_callbacks(QuantTarget.preset("w2a2", keep_first_last_8bit=False), stats_every=1, seed=0, clean_bn_batches=4)
     trainer(tmp_path, max_epochs=2, callbacks=[*cbs2, Probe()]).fit(
         TinyLM(lr=0.01), loader, ckpt_path=str(tmp_path / "last.ckpt"))
     for name, buffers in noisy.items():

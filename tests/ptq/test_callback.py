@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from flatq_lightning import PostTrainingQuantization, PTQRecipe, PTQReport, run_ptq
+from flatq_lightning import PostTrainingQuantization, PTQRecipe, PTQReport, QuantTarget, run_ptq
 from flatq_lightning.ptq.recipe import RECIPES
 from tests.helpers import blob_data
 from tests.ptq.helpers import (
@@ -148,7 +148,7 @@ class _LitFlatTest(L.LightningModule):
 
 def test_callback_on_module_without_model_attribute_test_stage(tmp_path):
     cb = PostTrainingQuantization(bits=("w8a8", "w4a4"), stage="test", calib_batches=2, progress=False,
-                                  print_report=False, keep_first_last_8bit=False)
+                                  print_report=False, target=QuantTarget(keep_first_last_8bit=False))
     lit = _LitFlatTest()
     trainer = _trainer(tmp_path, cb)
     trainer.fit(lit)

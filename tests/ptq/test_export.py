@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import fold_batchnorm, load_quantized, quantize_model, run_ptq, save_quantized
 from flatq_lightning.ptq.export import read_metadata, unpack_codes
-from flatq_lightning.quant import QuantSpec, quantized_layers
+from flatq_lightning.quant import QuantSpec, QuantTarget, quantized_layers
 from tests.helpers import SmallConvNet, blob_data
 
 
@@ -29,19 +29,14 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _specs(bits: str):
-    w, a = QuantSpec.parse(bits)  # a 16-bit side is None (float)
-    return (None if w is None or w.bits >= 16 else w), (None if a is None or a.bits >= 16 else a)
-
-
 @pytest.mark.parametrize("bits, keep", [("w4a4", True), ("w3a3", False), ("w8a8", True), ("w4a16", True),
                                         ("w16a4", True), ("w12a6", False)])
 def test_round_trip_is_bit_exact(tmp_path, bits, keep):
     net = _randomize_bn(SmallConvNet())
     x = torch.randn(48, 1, 8, 8)
     folded, pairs = fold_batchnorm(net, return_pairs=True)
-    w, a = _specs(bits)
-    q = quantize_model(folded, w, a, calib_batches=[x[:16], x[16:32]] if a else None, keep_first_last_8bit=keep)
+    t = QuantTarget.preset(bits, keep_first_last_8bit=keep)  # a 16-bit side is None (float)
+    q = quantize_model(folded, t, calib_batches=[x[:16], x[16:32]] if t.act else None)
     path = save_quantized(q, tmp_path / f"quantized_{bits}.safetensors", folded_bn_pairs=pairs)
     fresh = SmallConvNet()  # untrained architecture: every number comes from the file
     before = copy.deepcopy(fresh.state_dict())
@@ -59,7 +54,7 @@ def test_round_trip_is_bit_exact(tmp_path, bits, keep):
 def test_file_holds_packed_weights_integer_zero_points_and_original_names(tmp_path):
     net = _randomize_bn(SmallConvNet())
     folded, pairs = fold_batchnorm(net, return_pairs=True)
-    q = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[torch.randn(16, 1, 8, 8)])
+    q = quantize_model(folded, "w4a4", calib_batches=[torch.randn(16, 1, 8, 8)])
     path = save_quantized(q, tmp_path / "q.safetensors", folded_bn_pairs=pairs, metadata={"run": "test"})
     t = load_file(str(path))
     assert not [k for k in t if ".module." in k or k.endswith(("weight_int", "act_scale", "act_calibrated"))]
@@ -90,7 +85,7 @@ def test_file_holds_packed_weights_integer_zero_points_and_original_names(tmp_pa
 @pytest.mark.parametrize("wbits, width, per_byte", [(2, 2, 4), (3, 4, 2), (4, 4, 2), (6, 8, 1), (8, 8, 1)])
 def test_low_bit_weights_are_packed(tmp_path, wbits, width, per_byte):
     folded, pairs = fold_batchnorm(_randomize_bn(SmallConvNet()), return_pairs=True)
-    q = quantize_model(folded, QuantSpec.weight(wbits), None, keep_first_last_8bit=False)
+    q = quantize_model(folded, QuantTarget(weight=QuantSpec.weight(wbits), keep_first_last_8bit=False))
     path = save_quantized(q, tmp_path / "q.safetensors", folded_bn_pairs=pairs)
     t = load_file(str(path))
     n = q.conv2.module.weight.numel()
@@ -104,7 +99,7 @@ def test_a_4bit_file_is_smaller_than_an_8bit_one(tmp_path):
     x = torch.randn(32, 256)
     size = {}
     for bits in ("w8a8", "w4a8", "w2a8"):
-        q = quantize_model(net, *QuantSpec.parse(bits), calib_batches=[x], keep_first_last_8bit=False)
+        q = quantize_model(net, QuantTarget.preset(bits, keep_first_last_8bit=False), calib_batches=[x])
         size[bits] = save_quantized(q, tmp_path / f"{bits}.safetensors").stat().st_size
     weights = 256 * 256 * 2 + 256 * 4
     assert size["w8a8"] > weights and size["w4a8"] < 0.55 * size["w8a8"] and size["w2a8"] < 0.6 * size["w4a8"]
@@ -120,8 +115,11 @@ def test_the_reader_in_docs_rebuilds_the_float_weights_bit_exact(tmp_path):
     net = _randomize_bn(SmallConvNet())
     folded, pairs = fold_batchnorm(net, return_pairs=True)
     for bits, keep in (("w4a4", True), ("w2a4", False), ("w3a8", False), ("w8a8", True), ("w12a8", False)):
-        q = quantize_model(folded, *QuantSpec.parse(bits), calib_batches=[torch.randn(16, 1, 8, 8)],
-                           keep_first_last_8bit=keep)
+        q = quantize_model(
+            folded,
+            QuantTarget.preset(bits, keep_first_last_8bit=keep),
+            calib_batches=[torch.randn(16, 1, 8, 8)],
+        )
         path = save_quantized(q, tmp_path / f"{bits}.safetensors", folded_bn_pairs=pairs)
         weights, inputs, meta = ns["read_flatq"](str(path))
         for name, layer in quantized_layers(q):
@@ -147,10 +145,10 @@ def test_version_1_files_are_refused_with_a_message(tmp_path):
 
 def test_files_are_never_silently_replaced(tmp_path):
     folded = fold_batchnorm(SmallConvNet())
-    q = quantize_model(folded, QuantSpec.weight(4), None)
+    q = quantize_model(folded, QuantTarget(weight=QuantSpec.weight(4)))
     path = save_quantized(q, tmp_path / "q.safetensors")
     before = path.read_bytes()
-    q8 = quantize_model(folded, QuantSpec.weight(8), None)
+    q8 = quantize_model(folded, QuantTarget(weight=QuantSpec.weight(8)))
     with pytest.raises(FileExistsError, match="q.safetensors exists already"):
         save_quantized(q8, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]  # no temp left
@@ -164,7 +162,7 @@ def test_files_are_never_silently_replaced(tmp_path):
 def test_unfolded_model_round_trip(tmp_path):
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
     x = torch.randn(32, 4, 4)
-    q = quantize_model(net, *QuantSpec.parse("w3a4"), calib_batches=[x])
+    q = quantize_model(net, "w3a4", calib_batches=[x])
     path = save_quantized(q, tmp_path / "q.safetensors")
     assert read_metadata(path)["folded_bn_pairs"] is None
     r = load_quantized(nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
@@ -178,7 +176,7 @@ def test_run_ptq_export_matches_quantize_model(tmp_path):
     net = _randomize_bn(SmallConvNet())
     loader = DataLoader(TensorDataset(x, y), batch_size=64)
     run_ptq(net, loader, loader, bits=("w4a4", "w4a16"), calib_batches=2, progress=False, export_dir=tmp_path)
-    ref = quantize_model(fold_batchnorm(net), *QuantSpec.parse("w4a4"), calib_batches=[x[:64], x[64:]])
+    ref = quantize_model(fold_batchnorm(net), "w4a4", calib_batches=[x[:64], x[64:]])
     r = load_quantized(SmallConvNet(), tmp_path / "quantized_w4a4.safetensors")
     with torch.no_grad():
         assert torch.equal(ref(x), r(x))
@@ -194,12 +192,12 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="no QuantizedLayer"):
         save_quantized(SmallConvNet(), tmp_path / "x.safetensors")
     folded, pairs = fold_batchnorm(SmallConvNet(), return_pairs=True)
-    q = quantize_model(folded, QuantSpec.weight(4), None)
+    q = quantize_model(folded, QuantTarget(weight=QuantSpec.weight(4)))
     with torch.no_grad():
         q.conv2.module.weight.add_(1e-3)
     with pytest.raises(ValueError, match="not on its 4-bit grid"):
         save_quantized(q, tmp_path / "x.safetensors")
-    q = quantize_model(folded, QuantSpec.weight(4), None)
+    q = quantize_model(folded, QuantTarget(weight=QuantSpec.weight(4)))
     path = save_quantized(q, tmp_path / "q.safetensors", folded_bn_pairs=pairs)
     with pytest.raises(ValueError, match="does not match this architecture"):
         load_quantized(SmallConvNet(width=4), path)
@@ -218,6 +216,53 @@ def test_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_quantized(SmallConvNet(), tmp_path / "junk.safetensors")
-    q = quantize_model(folded, QuantSpec(bits=4, granularity="per_channel", symmetric=False), None)
+    q = quantize_model(folded, QuantTarget(weight=QuantSpec(bits=4, granularity="per_channel", symmetric=False)))
     with pytest.raises(ValueError, match="asymmetric weight quantization is not exported"):
         save_quantized(q, tmp_path / "asym.safetensors")
+
+
+# mixed precision (QuantTarget.layer_bits) ----------------------------------------------------------------------
+def test_a_mixed_precision_plan_round_trips_bit_exact(tmp_path):
+    """Per-layer widths (int2, int4 and int8 weights in one model, 4- and 8-bit inputs) are written and read back
+    bit for bit, each weight packed at its own storage width."""
+    net = _randomize_bn(SmallConvNet())
+    x = torch.randn(48, 1, 8, 8)
+    folded, pairs = fold_batchnorm(net, return_pairs=True)
+    plan = QuantTarget.preset("w4a4").with_layer_bits({"conv2": (8, 8), "conv3": (2, None), "fc": (4, None)})
+    q = quantize_model(folded, plan, calib_batches=[x[:16], x[16:32]])
+    bits = {n: (m.weight_spec.bits, m.act_spec.bits) for n, m in quantized_layers(q)}
+    assert bits == {"conv1": (8, 8), "conv2": (8, 8), "conv3": (2, 4), "fc": (4, 8)}
+    path = save_quantized(q, tmp_path / f"quantized_{plan.name}.safetensors", folded_bn_pairs=pairs)
+    layers = read_metadata(path)["layers"]
+    assert {n: (layers[n]["weight_bits"], layers[n]["storage_bits"]) for n in bits} == {
+        "conv1": (8, 8), "conv2": (8, 8), "conv3": (2, 2), "fc": (4, 4)
+    }
+    r = load_quantized(SmallConvNet(), path)
+    with torch.no_grad():
+        assert torch.equal(q(x), r(x))
+    for name, layer in quantized_layers(q):
+        back = getattr(r, name)
+        assert (back.weight_spec, back.act_spec) == (layer.weight_spec, layer.act_spec), name
+        assert torch.equal(back.module.weight, layer.module.weight), name
+        assert torch.equal(back.act_scale, layer.act_scale) and torch.equal(back.act_zero_point, layer.act_zero_point)
+
+
+def test_a_plan_at_the_uniform_widths_equals_the_uniform_target_bit_for_bit(tmp_path):
+    net = _randomize_bn(SmallConvNet())
+    x = torch.randn(48, 1, 8, 8)
+    folded, pairs = fold_batchnorm(net, return_pairs=True)
+    uniform_target = QuantTarget.preset("w3a3")
+    uniform = quantize_model(folded, uniform_target, calib_batches=[x[:16], x[16:32]])
+    plan = uniform_target.with_layer_bits(
+        {n: (m.weight_spec.bits, m.act_spec.bits) for n, m in quantized_layers(uniform)}  # conv1 and fc at 8
+    )
+    mixed = quantize_model(folded, plan, calib_batches=[x[:16], x[16:32]])
+    a, b = uniform.state_dict(), mixed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(uniform(x), mixed(x))
+    pa = save_quantized(uniform, tmp_path / "uniform.safetensors", folded_bn_pairs=pairs)
+    pb = save_quantized(mixed, tmp_path / "plan.safetensors", folded_bn_pairs=pairs)
+    ta, tb = load_file(str(pa)), load_file(str(pb))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert read_metadata(pa)["layers"] == read_metadata(pb)["layers"]

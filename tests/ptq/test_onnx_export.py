@@ -19,7 +19,7 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 
 from flatq_lightning import fold_batchnorm, quantize_model, run_ptq  # noqa: E402
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx, ort_session  # noqa: E402
-from flatq_lightning.quant import QuantSpec, quantized_layers  # noqa: E402
+from flatq_lightning.quant import QuantTarget, quantized_layers  # noqa: E402
 from flatq_lightning.quant.ops import quantize_int  # noqa: E402
 from tests.helpers import SUBPROCESS_TIMEOUT_S, SmallConvNet, blob_data, train_small  # noqa: E402
 
@@ -33,7 +33,7 @@ def trained():
 
 
 def _quantize(net, x, bits, **kw):
-    return quantize_model(fold_batchnorm(net), *QuantSpec.parse(bits), calib_batches=[x[:128], x[128:]], **kw)
+    return quantize_model(fold_batchnorm(net), QuantTarget.preset(bits, **kw), calib_batches=[x[:128], x[128:]])
 
 
 def _batches(x, y, bs=64):
@@ -165,7 +165,7 @@ def test_vit_with_attention_points(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", pretrained=False, img_size=16, patch_size=8, depth=2, num_classes=4).eval()
     x = torch.randn(32, 3, 16, 16)
-    q = quantize_model(vit, *QuantSpec.parse("w8a8"), calib_batches=[x])
+    q = quantize_model(vit, "w8a8", calib_batches=[x])
     points = [n for n, _ in quantized_layers(q) if n.rsplit(".", 1)[-1].startswith("quant_")]
     assert len(points) == 8
     path = export_onnx(q, tmp_path / "vit.onnx", x[:1])
@@ -332,3 +332,27 @@ def test_export_benchmark_on_a_jpeg_zip_and_a_saved_state_dict(tmp_path):
         row = res["rows"][key]
         assert row["samples"] == 20 and abs(row["top1_flatq"] - row["top1_ort"]) <= 100 / 20 + 1e-6
         assert (tmp_path / "files").exists()
+
+
+def test_a_mixed_precision_plan_exports_each_layer_at_its_width(trained, tmp_path):
+    """QuantTarget.layer_bits: int4 and int8 weights in one graph; the file holds each layer's own codes, scales and
+    input quantizer bit for bit, and ONNX Runtime runs it as the flatq model does."""
+    net, x, y = trained
+    plan = QuantTarget.preset("w4a8").with_layer_bits({"conv2": (8, None), "conv3": (4, 4)})
+    q = quantize_model(fold_batchnorm(net), plan, calib_batches=[x[:128], x[128:]])
+    path = export_onnx(q, tmp_path / f"{plan.name}.onnx", x[:1])
+    m = onnx.load(path)
+    want = {"conv1": TensorProto.INT8, "conv2": TensorProto.INT8, "conv3": TensorProto.INT4, "fc": TensorProto.INT8}
+    for name, layer in quantized_layers(q):
+        codes, w, init = _dequantized_weight(m, name)
+        ref = quantize_int(layer.module.weight, layer.weight_spec, layer.weight_scale)
+        assert torch.equal(torch.from_numpy(codes), ref.t() if name == "fc" else ref), name
+        assert torch.equal(torch.from_numpy(w), layer.module.weight.t() if name == "fc" else layer.module.weight)
+        assert init[f"{name}.weight_quantized"].data_type == want[name], name
+        assert float(numpy_helper.to_array(init[f"{name}.input_scale"])) == float(layer.act_scale)
+        assert int(numpy_helper.to_array(init[f"{name}.input_zero_point"])) == int(layer.act_zero_point)
+    assert q.conv3.act_spec.bits == 4 and "Clip" in _ops(m)  # the 4-bit input saturates at 15
+    with torch.no_grad():
+        scale = float(torch.cat([q(xb) for xb, _ in _batches(x, y)]).abs().max())
+    p = check_onnx_parity(q, path, _batches(x, y), optimization="disable")
+    assert p.agreement >= 99.0 and p.max_abs_logit_diff <= 1e-3 * scale, p.line()

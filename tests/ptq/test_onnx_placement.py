@@ -18,7 +18,7 @@ from flatq_lightning.app.models.cifar_resnet import CifarResNet  # noqa: E402
 from flatq_lightning.ptq.export import load_quantized, save_quantized  # noqa: E402
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx, ort_kernels  # noqa: E402
 from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
-from flatq_lightning.quant import QuantSpec, quantized_layers  # noqa: E402
+from flatq_lightning.quant import quantized_layers  # noqa: E402
 from flatq_lightning.quant.placement import placement_points, residual_blocks  # noqa: E402
 
 
@@ -42,8 +42,7 @@ def data():
 
 
 def _quantize(placement: str, x: torch.Tensor, bits: str = "w8a8") -> nn.Module:
-    return quantize_model(fold_batchnorm(_net()), *QuantSpec.parse(bits), calib_batches=[x[:128]],
-                          placement=placement)
+    return quantize_model(fold_batchnorm(_net()), bits, calib_batches=[x[:128]], placement=placement)
 
 
 def _n_convs(model: nn.Module) -> int:
@@ -99,7 +98,7 @@ def test_safetensors_round_trip_keeps_the_points(data, tmp_path):
     x, _ = data
     net = _net()
     folded, pairs = fold_batchnorm(net, return_pairs=True)
-    q = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[x[:128]], placement="onnxruntime")
+    q = quantize_model(folded, "w4a4", calib_batches=[x[:128]], placement="onnxruntime")
     path = save_quantized(q, tmp_path / "q.safetensors", folded_bn_pairs=pairs)
     back = load_quantized(net, path)
     assert placement_points(back) == placement_points(q)
@@ -135,7 +134,7 @@ def test_equal_weights_leave_no_float_copy_in_the_file(tmp_path):
         net[2].weight.zero_()
         net[4].weight.zero_()
     x = torch.randn(4, 3, 8, 8)
-    q = quantize_model(net, *QuantSpec.parse("w8a8"), calib_batches=[x])
+    q = quantize_model(net, "w8a8", calib_batches=[x])
     graph = onnx.load(str(export_onnx(q, tmp_path / "q.onnx", x[:1]))).graph
     floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.name.endswith("weight")]
     assert floats == []

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import PostTrainingQuantization, PTQRecipe, run_ptq
-from flatq_lightning.quant import QuantSpec, quantize_model, reestimate_bn
+from flatq_lightning.quant import QuantTarget, quantize_model, reestimate_bn
 from tests.helpers import SmallConvNet, blob_data, train_small
 
 
@@ -37,11 +37,10 @@ def test_run_ptq_recipe_is_in_the_report_and_matches_quantize_model(net_and_data
     assert rep.rows[0].bn_reestimated
     assert "re-estimated per bit-width" in rep.policy_line() and "activation observer=percentile" in rep.policy_line()
     # the same recipe by hand, through the core, gives the same accuracy
-    w, _ = QuantSpec.parse("w4a4", weight_observer="mse")
-    a = QuantSpec.activation(4, observer="percentile")
+    t = QuantTarget.preset("w4a4", "mse", act_observer="percentile")
     calib_x = [b for b, _ in list(calib)[:2]]
     bn_x = [b for b, _ in list(calib)[:4]]
-    q = quantize_model(net, w, a, calib_batches=calib_x, fold_bn=True, bn_reestimate=True, bn_batches=bn_x)
+    q = quantize_model(net, t, calib_batches=calib_x, fold_bn=True, bn_reestimate=True, bn_batches=bn_x)
     xe, ye = ev.dataset.tensors
     with torch.no_grad():
         top1 = float((q(xe).argmax(1) == ye).float().mean()) * 100

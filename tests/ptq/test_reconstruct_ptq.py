@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import PTQRecipe, fold_batchnorm, load_quantized, quantize_model, run_ptq, save_quantized
 from flatq_lightning.ptq.recipe import RECIPES, resolve_recipe
-from flatq_lightning.quant import QuantSpec, Reconstruction, quantized_layers, reconstruct
+from flatq_lightning.quant import QuantTarget, Reconstruction, quantized_layers, reconstruct
 from flatq_lightning.quant.ops import quantize_int
 from tests.helpers import SmallConvNet, blob_data, train_small
 
@@ -75,9 +75,9 @@ def test_exports_carry_the_learned_integers_not_round_to_nearest(trained, tmp_pa
 
     net, x, y = trained
     folded, pairs = fold_batchnorm(net, return_pairs=True)
-    w, a = QuantSpec.parse("w3a8", "mse", "percentile")
-    rtn = quantize_model(folded, w, a, calib_batches=[x[:128]])
-    q = quantize_model(folded, w, a, calib_batches=[x[:128]])
+    t = QuantTarget.preset("w3a8", "mse", "percentile")
+    rtn = quantize_model(folded, t, calib_batches=[x[:128]])
+    q = quantize_model(folded, t, calib_batches=[x[:128]])
     reconstruct(q, folded, folded, x, Reconstruction(iters=150, calib_images=256))
     codes = {n: quantize_int(m.module.weight.detach(), m.weight_spec, m.weight_scale) for n, m in quantized_layers(q)}
     rtn_codes = {n: quantize_int(m.module.weight.detach(), m.weight_spec, m.weight_scale) for n, m in quantized_layers(rtn)}

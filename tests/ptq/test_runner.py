@@ -11,7 +11,7 @@ from torch import nn
 
 from flatq_lightning import PostTrainingQuantization, fold_batchnorm, quantize_model, run_ptq
 from flatq_lightning.ptq.export import load_quantized
-from flatq_lightning.quant import QuantSpec
+from flatq_lightning.quant import QuantTarget
 from tests.helpers import SmallConvNet, blob_data
 from tests.ptq.helpers import (
     LAYERS,
@@ -37,7 +37,7 @@ def test_w8a8_top1_matches_independent_forward(trained):
         assert rep.row(bits).top1 == pytest.approx(_top1(logits, ye), abs=1e-6), bits
         assert rep.row(bits).drop_top1 == pytest.approx(rep.fp_top1 - rep.row(bits).top1)
         # the quantized forward is bit-for-bit quantize_model's
-        q = quantize_model(folded, *QuantSpec.parse(bits), calib_batches=calib)
+        q = quantize_model(folded, bits, calib_batches=calib)
         with torch.no_grad():
             assert torch.equal(q(xe), logits), bits
     # 4 classes: "top-5" is top-4, always 100 %
@@ -65,7 +65,7 @@ def test_weight_only_and_activation_only_rows(trained):
     assert all(layer.weight_bits is None and layer.weight_sqnr_db is None for layer in a_only.layers)
     assert {layer.name: layer.weight_bits for layer in w_only.layers} == {"conv1": 8, "conv2": 4, "conv3": 4, "fc": 8}
     folded = fold_batchnorm(net)
-    qw = quantize_model(folded, QuantSpec.weight(4), None)
+    qw = quantize_model(folded, "w4a16")
     with torch.no_grad():
         assert w_only.top1 == pytest.approx(_top1(qw(xe), ye), abs=1e-6)
 
@@ -91,11 +91,30 @@ def test_short_calibration_loader_warns_once_and_uses_what_exists(trained, tmp_p
     assert rep.calib_batches == 3 and rep.calib_batches_requested == 8
     # the ranges are those of exactly the 3 batches
     folded = fold_batchnorm(net)
-    ref = quantize_model(folded, *QuantSpec.parse("w4a4"), calib_batches=[x[i * 64 : (i + 1) * 64] for i in range(3)])
+    ref = quantize_model(folded, "w4a4", calib_batches=[x[i * 64 : (i + 1) * 64] for i in range(3)])
     got = load_quantized(SmallConvNet(), tmp_path / "quantized_w4a4.safetensors")
     for n in LAYERS:
         assert torch.equal(getattr(got, n).act_scale, getattr(ref, n).act_scale), n
         assert torch.equal(getattr(got, n).act_zero_point, getattr(ref, n).act_zero_point), n
+
+
+def test_the_target_template_gives_every_bit_width_its_scope_and_plan(trained, tmp_path):
+    """Each bit-width is target.at(bits) with the recipe's observers: the scope, the first/last policy and a
+    mixed-precision plan carry over; the rows (and files) are named after the target."""
+    net, (x, y), (xe, ye) = trained
+    plan = QuantTarget(keep_first_last_8bit=False, layer_bits={"conv2": (8, 8)})
+    rep = run_ptq(net, _loader(x, y), _loader(xe, ye), bits=("w4a4", "w3a3"), calib_batches=2, target=plan,
+                  progress=False, export_dir=tmp_path)
+    assert rep.bits == ["w4a4-mixed", "w3a3-mixed"] and not rep.keep_first_last_8bit and rep.kept_8bit == []
+    got = {layer.name: (layer.weight_bits, layer.act_bits) for layer in rep.row("w3a3-mixed").layers}
+    assert got == {"conv1": (3, 3), "conv2": (8, 8), "conv3": (3, 3), "fc": (3, 3)}
+    assert (rep.row("w3a3-mixed").weight_bits, rep.row("w3a3-mixed").act_bits) == (3, 3)
+    folded = fold_batchnorm(net)
+    ref = quantize_model(folded, plan.at("w3a3"), calib_batches=[x[:64], x[64:128]])
+    back = load_quantized(SmallConvNet(), tmp_path / "quantized_w3a3-mixed.safetensors")
+    with torch.no_grad():
+        assert torch.equal(ref(xe), back(xe))
+        assert rep.row("w3a3-mixed").top1 == pytest.approx(_top1(ref(xe), ye), abs=1e-6)
 
 
 def test_progress_bar_writes_to_stderr(capsys):
@@ -119,7 +138,8 @@ def test_progress_bar_writes_to_stderr(capsys):
         ({"observer": "kl"}, r"observer must be one of \('minmax', 'percentile', 'mse'\), got 'kl'"),
         ({"calib_batches": 0}, "calib_batches must be a positive int"),
         ({"calib_batches": 2.5}, "calib_batches must be a positive int"),
-        ({"include": 3}, "include must be None, a pattern string"),
+        ({"target": {"include": "conv*"}}, "PostTrainingQuantization: target must be a QuantTarget or None"),
+        ({"target": "w4a4"}, r"target must be a QuantTarget or None, got 'w4a4': PTQ's bit-widths are its bits"),
         ({"export": "yes"}, "unknown export format 'yes'"),
         ({"export": 3}, "export formats must be a name or a list"),
         ({"parity_batches": 0}, "parity_batches must be None"),
@@ -153,7 +173,8 @@ def test_empty_eval_loader_raises_before_any_work():
 def test_no_quantizable_layer_matches():
     x, y = blob_data(32)
     with pytest.raises(ValueError, match="no quantizable layers"):
-        run_ptq(SmallConvNet(), _loader(x, y), _loader(x, y), bits="w4a4", include="nothing*", progress=False)
+        run_ptq(SmallConvNet(), _loader(x, y), _loader(x, y), bits="w4a4", target=QuantTarget(include="nothing*"),
+                progress=False)
 
 
 # Lightning -------------------------------------------------------------------------------------------------
@@ -178,12 +199,12 @@ def test_attention_points_switch_reaches_quantize_model():
     y = torch.randint(0, 4, (8,))
     data = [(x, y)]
     with_pts = run_ptq(vit, data, data, bits=("w8a8",), calib_batches=1, progress=False)
-    without = run_ptq(vit, data, data, bits=("w8a8",), calib_batches=1, progress=False, attention_points=False)
+    without = run_ptq(vit, data, data, bits=("w8a8",), calib_batches=1, progress=False,
+                      target=QuantTarget(attention_points=False))
     names_with = {layer.name for layer in with_pts.rows[0].layers}
     names_without = {layer.name for layer in without.rows[0].layers}
     assert any(n.endswith("quant_attn") for n in names_with)
     assert not any("quant_" in n for n in names_without)
-    cb = PostTrainingQuantization(bits=("w8a8",), attention_points=False, progress=False, print_report=False)
-    assert cb.attention_points is False
-    with pytest.raises(ValueError, match="attention_points must be True or False"):
-        PostTrainingQuantization(attention_points="yes")
+    cb = PostTrainingQuantization(bits=("w8a8",), target=QuantTarget(attention_points=False), progress=False,
+                                  print_report=False)
+    assert cb.target.attention_points is False and cb.settings()["ptq/attention_points"] is False

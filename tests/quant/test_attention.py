@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
-from flatq_lightning import QuantSpec, quantize_model, select_modules
+from flatq_lightning import QuantSpec, QuantTarget, quantize_model, select_modules
 from flatq_lightning.ptq.export import load_quantized, save_quantized
 from flatq_lightning.quant import (
     QuantizedAttention,
@@ -21,7 +21,6 @@ from flatq_lightning.quant import (
     detach_attention_points,
     first_last_names,
     is_patched_attention,
-    layer_specs,
     quantized_layers,
 )
 
@@ -179,7 +178,7 @@ def test_selection_and_first_last_policy_ignore_points():
     assert [n for n, _ in select_modules(vit, attention_points=False)] == plain
     assert [n for n, _ in select_modules(vit, exclude="*.quant_attn")] == [n for n in names if n != "blocks.0.attn.quant_attn"]
     assert first_last_names(sel) == {"patch_embed.proj", "head"}
-    specs = layer_specs(sel, *QuantSpec.parse("w4a4"))
+    specs = QuantTarget.preset("w4a4").layer_specs(sel)
     assert {specs[f"blocks.0.attn.{p}"][1].bits for p in POINTS} == {4}
     assert specs["patch_embed.proj"][1].bits == 8 and specs["head"][0].bits == 8
 
@@ -205,7 +204,7 @@ def test_quantize_model_16_bit_matches_fp():
     with torch.no_grad():
         ref = vit(x)
         # calibrated on data that covers x: no clipping, so only 16-bit rounding is left
-        q = quantize_model(vit, QuantSpec.weight(16), QuantSpec.activation(16), calib_batches=[x, *_calib()])
+        q = quantize_model(vit, QuantTarget(weight=QuantSpec.weight(16), act=QuantSpec.activation(16)), calib_batches=[x, *_calib()])
         out = q(x)
     assert sum(isinstance(m.module, QuantPoint) for _, m in quantized_layers(q)) == 8
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
@@ -214,11 +213,10 @@ def test_quantize_model_16_bit_matches_fp():
 
 def test_quantize_model_attention_points_switch():
     vit = tiny_vit()
-    w, a = QuantSpec.parse("w4a4")
-    off = quantize_model(vit, w, a, _calib(), attention_points=False)
+    off = quantize_model(vit, QuantTarget.preset("w4a4", attention_points=False), _calib())
     assert not any(isinstance(m, QuantPoint) for m in off.modules())
     assert all(type(m) is Attention for m in attn_modules(off))
-    on = quantize_model(vit, w, a, _calib(), attention_points=True)
+    on = quantize_model(vit, QuantTarget.preset("w4a4", attention_points=True), _calib())
     for block in on.blocks:
         pts = {n: m for n, m in block.attn.named_children() if n in POINTS}
         assert set(pts) == set(POINTS)
@@ -232,21 +230,21 @@ def test_quantize_model_attention_points_switch():
     x = torch.randn(2, 3, 16, 16)
     assert not torch.equal(on(x), off(x))  # the attention operands really are quantized
     # weight-only: points would quantize nothing, so none are attached
-    wonly = quantize_model(vit, w, None)
+    wonly = quantize_model(vit, "w4a16")
     assert all(type(m) is Attention for m in attn_modules(wonly))
 
 
 def test_quantize_model_drops_points_of_a_patched_input_when_off():
     vit = tiny_vit()
     attach_attention_points(vit)
-    q = quantize_model(vit, *QuantSpec.parse("w8a8"), calib_batches=_calib(1), attention_points=False)
+    q = quantize_model(vit, QuantTarget.preset("w8a8", attention_points=False), calib_batches=_calib(1))
     assert_pristine(q)
     assert all(type(m) is QuantizedAttention for m in attn_modules(vit))  # the input keeps its own
 
 
 def test_export_roundtrip_with_points(tmp_path):
     vit = tiny_vit()
-    q = quantize_model(vit, *QuantSpec.parse("w4a4"), calib_batches=_calib())
+    q = quantize_model(vit, "w4a4", calib_batches=_calib())
     path = save_quantized(q, tmp_path / "q.safetensors")
     back = load_quantized(tiny_vit(), path)
     x = torch.randn(2, 3, 16, 16)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flatq_lightning.quant import (
-    QuantSpec,
+    QuantTarget,
     bn_state,
     fold_batchnorm,
     load_bn_state,
@@ -72,7 +72,7 @@ def test_reestimation_at_16_bits_is_a_clean_reestimation():
     batches = _batches()
     clean = copy.deepcopy(net)
     reestimate_bn(clean, batches)
-    re16 = reestimate_bn_quantized(net, None, None, batches)
+    re16 = reestimate_bn_quantized(net, QuantTarget(), batches)
     for n, s in bn_state(clean).items():
         assert torch.equal(s["running_mean"], bn_state(re16)[n]["running_mean"])
         assert torch.equal(s["running_var"], bn_state(re16)[n]["running_var"])
@@ -82,8 +82,7 @@ def test_reestimation_at_16_bits_is_a_clean_reestimation():
 def test_quantized_reestimation_differs_from_clean_and_keeps_weights():
     net = _net()
     batches = _batches()
-    w, a = QuantSpec.parse("w2a2")
-    re = reestimate_bn_quantized(net, w, a, batches, keep_first_last_8bit=False)
+    re = reestimate_bn_quantized(net, QuantTarget.preset("w2a2", keep_first_last_8bit=False), batches)
     clean = copy.deepcopy(net)
     reestimate_bn(clean, batches)
     assert not torch.allclose(re.bn2.running_var, clean.bn2.running_var)
@@ -96,16 +95,15 @@ def test_folded_quantized_model_computes_the_unfolded_reestimated_one():
     re-estimated statistics computes (per-channel weight quantization commutes with the BN scale)."""
     net = _net()
     batches = _batches()
-    w, a = QuantSpec.parse("w4a8")
-    re = reestimate_bn_quantized(net, w, a, batches)
-    unfolded = quantize_model(re, w, a, calib_batches=batches, fold_bn=False)
-    folded = quantize_model(re, w, a, calib_batches=batches, fold_bn=True)
+    re = reestimate_bn_quantized(net, "w4a8", batches)
+    unfolded = quantize_model(re, "w4a8", calib_batches=batches, fold_bn=False)
+    folded = quantize_model(re, "w4a8", calib_batches=batches, fold_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.cat(batches)
     out_u, out_f = unfolded(x), folded(x)
     torch.testing.assert_close(out_f, out_u, rtol=1e-4, atol=1e-4)
     # the one-call form does the same
-    one = quantize_model(net, w, a, calib_batches=batches, fold_bn=True, bn_reestimate=True)
+    one = quantize_model(net, "w4a8", calib_batches=batches, fold_bn=True, bn_reestimate=True)
     torch.testing.assert_close(one(x), out_f, rtol=0, atol=0)
 
 
@@ -117,9 +115,8 @@ def test_reestimation_helps_a_network_whose_statistics_are_off():
     ref = copy.deepcopy(net)
     reestimate_bn(ref, batches)
     x = torch.cat(batches)
-    w, a = QuantSpec.parse("w8a8")
-    stale = quantize_model(net, w, a, calib_batches=batches, fold_bn=True)
-    fixed = quantize_model(net, w, a, calib_batches=batches, fold_bn=True, bn_reestimate=True)
+    stale = quantize_model(net, "w8a8", calib_batches=batches, fold_bn=True)
+    fixed = quantize_model(net, "w8a8", calib_batches=batches, fold_bn=True, bn_reestimate=True)
     err_stale = (stale(x) - ref(x)).abs().mean()
     err_fixed = (fixed(x) - ref(x)).abs().mean()
     assert err_fixed < 0.2 * err_stale
@@ -138,6 +135,6 @@ def test_bn_state_roundtrip_and_bad_name():
 def test_fold_after_reestimation_matches_fold_batchnorm_of_the_copy():
     net = _net()
     batches = _batches()
-    re = reestimate_bn_quantized(net, None, None, batches)
+    re = reestimate_bn_quantized(net, QuantTarget(), batches)
     x = torch.cat(batches)
     torch.testing.assert_close(fold_batchnorm(re)(x), re.eval()(x), rtol=1e-5, atol=1e-5)

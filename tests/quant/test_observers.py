@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatq_lightning import QuantErrorRecorder
-from flatq_lightning.quant import QuantSpec, make_observer, quantize_model, quantized_layers
+from flatq_lightning.quant import QuantSpec, QuantTarget, make_observer, quantize_model, quantized_layers
 from flatq_lightning.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver
 
 
@@ -73,14 +73,19 @@ def test_recorder_ranges_equal_ptq_calibration(observer):
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
     w_spec = QuantSpec.weight(4)
     a_spec = QuantSpec.activation(4, observer=observer)
-    rec = QuantErrorRecorder(w_spec, a_spec, stats_every=1, momentum=0.8, keep_first_last_8bit=False)
+    rec = QuantErrorRecorder(QuantTarget(weight=w_spec, act=a_spec, keep_first_last_8bit=False), stats_every=1,
+                             momentum=0.8)
     module = _Net()
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[rec])
     trainer.fit(module, loader)
     assert rec.act_observer(rec.layers[0]).count == 5
-    q = quantize_model(module.model, None, a_spec, calib_batches=[b for b, _ in loader], keep_first_last_8bit=False,
-                       act_momentum=0.8)
+    q = quantize_model(
+        module.model,
+        QuantTarget(act=a_spec, keep_first_last_8bit=False),
+        calib_batches=[b for b, _ in loader],
+        act_momentum=0.8,
+    )
     layers = quantized_layers(q)
     assert len(layers) == len(rec.layers) == 3
     for (_qname, layer), name in zip(layers, rec.layers):

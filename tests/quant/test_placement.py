@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flatq_lightning.app.models.cifar_resnet import CifarResNet
-from flatq_lightning.quant import QuantSpec, fold_batchnorm, quantize_model, quantized_layers
+from flatq_lightning.quant import fold_batchnorm, quantize_model, quantized_layers
 from flatq_lightning.quant.placement import (
     PLACEMENTS,
     attach_placement_points,
@@ -65,14 +65,14 @@ def test_unknown_placement_is_refused_everywhere():
     with pytest.raises(ValueError, match="placement must be one of"):
         attach_placement_points(net, "tensorrt")
     with pytest.raises(ValueError, match="placement must be one of"):
-        quantize_model(net, *QuantSpec.parse("w8a8"), calib_batches=[torch.randn(2, 3, 16, 16)], placement="ort")
+        quantize_model(net, "w8a8", calib_batches=[torch.randn(2, 3, 16, 16)], placement="ort")
     assert PLACEMENTS == ("layer_inputs", "onnxruntime")
 
 
 def test_every_residual_add_has_quantized_operands_and_output():
     net = _tiny_resnet()
     x = torch.randn(16, 3, 16, 16)
-    q = quantize_model(fold_batchnorm(net), *QuantSpec.parse("w4a4"), calib_batches=[x], placement="onnxruntime")
+    q = quantize_model(fold_batchnorm(net), "w4a4", calib_batches=[x], placement="onnxruntime")
     active = _active(q)
     blocks = residual_blocks(q)
     assert blocks == ["layer1.0", "layer2.0", "layer3.0"]
@@ -90,7 +90,7 @@ def test_every_residual_add_has_quantized_operands_and_output():
     assert all(q.get_submodule(n).act_spec is None for n in shared)
     assert "input quantized by layer1.0.quant_in" in repr(q.layer1[0].conv1)
     # the layer-input placement has none of these points, and gives a different model
-    q0 = quantize_model(fold_batchnorm(net), *QuantSpec.parse("w4a4"), calib_batches=[x])
+    q0 = quantize_model(fold_batchnorm(net), "w4a4", calib_batches=[x])
     assert not placement_points(q0) and not any(m.input_from for _, m in quantized_layers(q0))
     assert not torch.equal(q(x), q0(x))
 
@@ -101,7 +101,7 @@ def test_in_place_add_is_a_new_tensor_for_sharing():
     torch.manual_seed(0)
     net = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
     x = torch.randn(8, 3, 32, 32)
-    q = quantize_model(net, *QuantSpec.parse("w8a8"), calib_batches=[x], fold_bn=True, placement="onnxruntime")
+    q = quantize_model(net, "w8a8", calib_batches=[x], fold_bn=True, placement="onnxruntime")
     for b in residual_blocks(q):
         assert q.get_submodule(f"{b}.quant_out").act_spec is not None, b
         norm = "bn3" if hasattr(q.get_submodule(b), "conv3") else "bn2"  # test_resnet mixes Basic and Bottleneck
@@ -112,27 +112,25 @@ def test_in_place_add_is_a_new_tensor_for_sharing():
 def test_placement_points_follow_the_first_last_policy_and_weight_only_rows():
     net = _tiny_resnet()
     x = torch.randn(8, 3, 16, 16)
-    w4, a4 = QuantSpec.parse("w4a4")
-    q = quantize_model(fold_batchnorm(net), w4, a4, calib_batches=[x], placement="onnxruntime")
+    q = quantize_model(fold_batchnorm(net), "w4a4", calib_batches=[x], placement="onnxruntime")
     assert all(s.bits == 4 for n, s in _active(q).items() if "quant_" in n)  # points are never first/last
     assert q.conv1.act_spec.bits == 8 and q.fc.act_spec.bits == 8
-    wq = quantize_model(fold_batchnorm(net), w4, None, placement="onnxruntime")  # weight only: no points
+    wq = quantize_model(fold_batchnorm(net), "w4a16", placement="onnxruntime")  # weight only: no points
     assert not placement_points(wq)
 
 
 def test_bn_reestimation_and_a_model_trained_with_points():
     net = _tiny_resnet()
     x = torch.randn(16, 3, 16, 16)
-    w, a = QuantSpec.parse("w4a4")
-    q = quantize_model(net, w, a, calib_batches=[x], fold_bn=True, bn_reestimate=True, placement="onnxruntime")
+    q = quantize_model(net, "w4a4", calib_batches=[x], fold_bn=True, bn_reestimate=True, placement="onnxruntime")
     assert "layer1.0.quant_out" in _active(q)
     # a model that already carries points (trained with them) is re-placed by the call's own placement
     carrying = copy.deepcopy(net)
     attach_placement_points(carrying)
-    q0 = quantize_model(carrying, w, a, calib_batches=[x], fold_bn=True)
+    q0 = quantize_model(carrying, "w4a4", calib_batches=[x], fold_bn=True)
     assert not placement_points(q0)
-    q1 = quantize_model(carrying, w, a, calib_batches=[x], fold_bn=True, placement="onnxruntime")
-    q2 = quantize_model(net, w, a, calib_batches=[x], fold_bn=True, placement="onnxruntime")
+    q1 = quantize_model(carrying, "w4a4", calib_batches=[x], fold_bn=True, placement="onnxruntime")
+    q2 = quantize_model(net, "w4a4", calib_batches=[x], fold_bn=True, placement="onnxruntime")
     assert torch.equal(q1(x), q2(x))
 
 
@@ -156,7 +154,7 @@ def test_fold_batchnorm_folds_timm_batchnorm_act():
 def test_reconstruction_learns_the_placement_points():
     net = fold_batchnorm(_tiny_resnet())
     x = torch.randn(64, 3, 16, 16)
-    q = quantize_model(net, *QuantSpec.parse("w3a3"), calib_batches=[x], placement="onnxruntime")
+    q = quantize_model(net, "w3a3", calib_batches=[x], placement="onnxruntime")
     with torch.no_grad():
         before = float((q(x) - net(x)).pow(2).mean())
     out_scale = q.layer1[0].quant_out.act_scale.clone()

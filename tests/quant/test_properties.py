@@ -10,6 +10,7 @@ from torch import nn
 
 from flatq_lightning import (
     QuantSpec,
+    QuantTarget,
     compute_qparams,
     fake_quantize,
     load_quantized,
@@ -121,7 +122,7 @@ def test_int_export_round_trip_is_bit_exact(tmp_path, wbits, abits, keep, seed):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2))
     x = torch.randn(8, 1, 6, 6, generator=g)
-    q = quantize_model(net, QuantSpec.weight(wbits), QuantSpec.activation(abits), calib_batches=[x], keep_first_last_8bit=keep)
+    q = quantize_model(net, QuantTarget(weight=QuantSpec.weight(wbits), act=QuantSpec.activation(abits), keep_first_last_8bit=keep), calib_batches=[x])
     path = save_quantized(q, tmp_path / f"q_{seed}_{wbits}_{abits}.safetensors", overwrite=True)  # hypothesis may repeat
     fresh = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2))
     r = load_quantized(fresh, path)

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from flatq_lightning import QuantSpec, fake_quantize, fold_batchnorm, quantize_model
+from flatq_lightning import QuantSpec, QuantTarget, fake_quantize, fold_batchnorm, quantize_model
 from flatq_lightning.quant import QuantizedLayer, compute_qparams, quantized_layers
 from tests.helpers import SmallConvNet, blob_data, train_small
 
@@ -54,8 +54,7 @@ def test_quantize_model_does_not_mutate_and_matches_fake_quant():
     net = SmallConvNet().eval()
     before = copy.deepcopy(net.state_dict())
     x = torch.randn(8, 1, 8, 8)
-    w, a = QuantSpec.parse("w4a4")
-    q = quantize_model(net, w, a, calib_batches=[x], keep_first_last_8bit=True)
+    q = quantize_model(net, QuantTarget.preset("w4a4", keep_first_last_8bit=True), calib_batches=[x])
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     layers = dict(quantized_layers(q))
@@ -73,21 +72,25 @@ def test_quantize_model_does_not_mutate_and_matches_fake_quant():
 def test_quantize_model_weight_only_and_act_only():
     net = SmallConvNet().eval()
     x = torch.randn(8, 1, 8, 8)
-    w, a = QuantSpec.parse("w3a3")
-    wq = quantize_model(net, w, None)
+    wq = quantize_model(net, "w3a16")
     assert all(m.act_spec is None for _, m in quantized_layers(wq))
-    aq = quantize_model(net, None, a, calib_batches=[x])
+    aq = quantize_model(net, "w16a3", calib_batches=[x])
     assert all(m.weight_spec is None for _, m in quantized_layers(aq))
     assert torch.equal(aq.conv2.module.weight, net.conv2.weight)
 
 
 def test_quantize_model_errors():
     with pytest.raises(ValueError, match="no quantizable layers"):
-        quantize_model(nn.Sequential(nn.ReLU()), QuantSpec.weight(4), None)
+        quantize_model(nn.Sequential(nn.ReLU()), QuantTarget(weight=QuantSpec.weight(4)))
     with pytest.raises(ValueError, match="needs calib_batches"):
-        quantize_model(SmallConvNet(), QuantSpec.weight(4), QuantSpec.activation(4))
+        quantize_model(SmallConvNet(), "w4a4")
     with pytest.raises(ValueError, match="saw no batches"):
-        quantize_model(SmallConvNet(), QuantSpec.weight(4), QuantSpec.activation(4), calib_batches=[])
+        quantize_model(SmallConvNet(), "w4a4", calib_batches=[])
+    with pytest.raises(ValueError, match=r"quantize_model: target must be a QuantTarget or a preset string like "
+                                         r"'w4a4', got QuantSpec.*QuantSpecs go into a target"):
+        quantize_model(SmallConvNet(), QuantSpec.weight(4))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        quantize_model("net", "w4a4")
 
 
 def _top1(model, x, y):
@@ -102,14 +105,14 @@ def test_quantize_model_accuracy_direction():
     fp = _top1(net, x, y)
     assert fp > 90
     folded = fold_batchnorm(net)
-    q8 = quantize_model(folded, *QuantSpec.parse("w8a8"), calib_batches=[x[:128]])
-    q2 = quantize_model(folded, *QuantSpec.parse("w2a2"), calib_batches=[x[:128]], keep_first_last_8bit=False)
+    q8 = quantize_model(folded, "w8a8", calib_batches=[x[:128]])
+    q2 = quantize_model(folded, QuantTarget.preset("w2a2", keep_first_last_8bit=False), calib_batches=[x[:128]])
     assert abs(_top1(q8, x, y) - fp) < 1.0
     assert _top1(q2, x, y) < fp - 5
 
 
 def test_quantized_layer_is_module_wrapper():
-    q = quantize_model(SmallConvNet(), QuantSpec.weight(4), None)
+    q = quantize_model(SmallConvNet(), QuantTarget(weight=QuantSpec.weight(4)))
     assert isinstance(q.conv2, QuantizedLayer)
     assert "w4afp" in repr(q.conv2)
     assert q.conv2.weight_sqnr_db > 10

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from flatq_lightning.quant import (
-    QuantSpec,
+    QuantTarget,
     Reconstruction,
     find_blocks,
     fold_batchnorm,
@@ -62,8 +62,7 @@ def net_and_data():
 
 
 def _quantized(folded, x, bits):
-    w, a = QuantSpec.parse(bits, "mse", "percentile")
-    return quantize_model(folded, w, a, calib_batches=[x[:128], x[128:]])
+    return quantize_model(folded, QuantTarget.preset(bits, "mse", "percentile"), calib_batches=[x[:128], x[128:]])
 
 
 @pytest.mark.parametrize("bits", ["w2a4", "w3a3"])
@@ -170,16 +169,15 @@ def test_blocks_of_timm_and_app_resnets_and_of_a_vit_with_its_attention_points()
     from flatq_lightning.app.models import create_model
 
     x = torch.randn(4, 3, 32, 32)
-    w, a = QuantSpec.parse("w4a4")
-    res = quantize_model(fold_batchnorm(timm.create_model("test_resnet", num_classes=4).eval()), w, a, calib_batches=[x])
+    res = quantize_model(fold_batchnorm(timm.create_model("test_resnet", num_classes=4).eval()), "w4a4", calib_batches=[x])
     blocks = find_blocks(res)
     kinds = {type(res.get_submodule(n)).__name__ for n, layers in blocks if len(layers) > 1}
     assert kinds == {"BasicBlock", "Bottleneck"}, kinds  # timm's test_resnet has both
-    ours = quantize_model(fold_batchnorm(create_model("cifar_resnet20", num_classes=10).eval()), w, a, calib_batches=[x])
+    ours = quantize_model(fold_batchnorm(create_model("cifar_resnet20", num_classes=10).eval()), "w4a4", calib_batches=[x])
     names = [n for n, _ in find_blocks(ours)]
     assert names[0] == "conv1" and names[-1] == "fc" and len(names) == 11 and "layer2.0" in names
     assert find_blocks(ours)[4] == ("layer2.0", ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.shortcut.0"])
-    vit = quantize_model(timm.create_model("test_vit", img_size=32, num_classes=4).eval(), w, a, calib_batches=[x])
+    vit = quantize_model(timm.create_model("test_vit", img_size=32, num_classes=4).eval(), "w4a4", calib_batches=[x])
     vb = dict(find_blocks(vit))
     assert "blocks.0" in vb and "blocks.0.attn.quant_q" in vb["blocks.0"] and "blocks.0.mlp.fc2" in vb["blocks.0"]
 
@@ -188,8 +186,7 @@ def test_a_vit_block_is_reconstructed_with_its_attention_points():
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", img_size=32, num_classes=4).eval()
     x = torch.randn(32, 3, 32, 32)
-    w, a = QuantSpec.parse("w3a4")
-    q = quantize_model(vit, w, a, calib_batches=[x])
+    q = quantize_model(vit, "w3a4", calib_batches=[x])
     before = {n: m.act_scale.clone() for n, m in quantized_layers(q)}
     res = reconstruct(q, vit, vit, x, Reconstruction(iters=40, batch_size=8, calib_images=32))
     blk = next(r for r in res if r.kind == "Block")

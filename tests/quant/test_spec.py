@@ -1,7 +1,6 @@
 import pytest
 
-from flatq_lightning import QuantSpec
-from flatq_lightning.quant import parse_bits
+from flatq_lightning import QuantSpec, QuantTarget
 
 
 def test_grid_limits():
@@ -17,22 +16,21 @@ def test_grid_limits():
     "preset,expected", [("w4a4", (4, 4)), ("w3a3", (3, 3)), ("W8A8", (8, 8)), ("w2a4", (2, 4)), ("w12a6", (12, 6))]
 )
 def test_parse_presets(preset, expected):
-    w, a = QuantSpec.parse(preset)
+    t = QuantTarget.preset(preset)
+    w, a = t.weight, t.act
     assert (w.bits, a.bits) == expected
     assert w.granularity == "per_channel" and w.symmetric
     assert a.granularity == "per_tensor" and not a.symmetric
 
 
 def test_one_preset_reader_and_one_spelling_of_float():
-    """QuantSpec.parse, PTQ and the recorder all read presets through preset_specs: a 16-bit side
-    is None (stays float) everywhere, and the training side refuses it with the way out."""
+    """PTQ and the recorder read presets through QuantTarget.preset: a 16-bit side is None (stays float)
+    everywhere, and the training side refuses it with the way out."""
     from flatq_lightning import QuantErrorRecorder
-    from flatq_lightning.quant import preset_specs
 
-    for preset in ("w4a16", "w16a4", "w3a3"):
-        assert QuantSpec.parse(preset) == preset_specs(preset)
-    assert QuantSpec.parse("w4a16")[1] is None and QuantSpec.parse("w16a4")[0] is None
-    assert QuantSpec.parse("w4a4", "mse", "percentile") == preset_specs("w4a4", "mse", act_observer="percentile")
+    assert QuantTarget.preset("w4a16").act is None and QuantTarget.preset("w16a4").weight is None
+    t = QuantTarget.preset("w4a4", "mse", "percentile")
+    assert (t.weight, t.act) == (QuantSpec.weight(4, "mse"), QuantSpec.activation(4, "percentile"))
     with pytest.raises(ValueError, match="a 16-bit side stays float"):
         QuantErrorRecorder("w4a16")
 
@@ -58,12 +56,19 @@ def test_invalid_spec_messages(kwargs, msg):
 @pytest.mark.parametrize("bad", ["w4", "a4w4", "w1a4", "w4a32", "four", ""])
 def test_bad_presets(bad):
     with pytest.raises(ValueError, match="preset"):
-        parse_bits(bad)
+        QuantTarget.preset(bad)
+
+
+def test_bad_preset_messages_name_the_form_and_the_range():
+    with pytest.raises(ValueError, match=r"expected 'w<bits>a<bits>' with bits in \[2, 16\], e.g. 'w8a8'"):
+        QuantTarget.preset("int4")
+    with pytest.raises(ValueError, match=r"preset 'w4a32': activation bits must be in \[2, 16\], got 32"):
+        QuantTarget.preset("w4a32")
 
 
 def test_bad_preset_type():
     with pytest.raises(ValueError, match="must be a string"):
-        parse_bits(44)
+        QuantTarget.preset(44)
 
 
 def test_roundtrip_dict():

@@ -97,3 +97,26 @@ def test_build_api_script_is_valid_bash():
     script = DOCS / "build_api.sh"
     assert script.stat().st_mode & 0o111, "docs/build_api.sh is not executable"
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.name for p in DOCS.glob("*.md"))])
+def test_relative_links_and_anchors_resolve(page):
+    path = ROOT / page if page == "README.md" else DOCS / page
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            bad.append(target)
+        elif anchor and dest.suffix == ".md":
+            slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+            if anchor not in slugs:
+                bad.append(target)
+    assert not bad, f"{page}: links that do not resolve: {bad}"

@@ -192,7 +192,8 @@ class QuantTarget:
             (:func:`~flatq_lightning.quant.attention.attach_attention_points`).
         layer_bits: per-layer overrides ``(name, weight_bits, act_bits)`` (a mixed-precision plan; ``None`` keeps
             the target's width for that side), applied after the first/last policy; a mapping
-            ``{name: (weight_bits, act_bits)}`` is accepted and kept in sorted tuple form.
+            ``{name: (weight_bits, act_bits)}`` is accepted and kept in sorted tuple form. A name may be the end of
+            the qualified name after a dot (:meth:`layer_specs`).
 
     Frozen and hashable; a preset string (``"w4a4"``, :meth:`preset`) is accepted wherever a target is.
 
@@ -314,9 +315,11 @@ class QuantTarget:
 
         The first and the last layer with a weight run at ``max(bits, 8)`` when ``keep_first_last_8bit``, then
         the ``layer_bits`` overrides apply (they win over the first/last policy). Weightless points get the pair
-        too (only the act spec applies to them); a ``None`` (float) side stays ``None``. An override naming a
-        layer that is not selected, giving a weight width to a weightless point or a width to a float side
-        raises ``ValueError``.
+        too (only the act spec applies to them); a ``None`` (float) side stays ``None``. An override names a
+        selected layer by its qualified name, or by the end of it after a dot when that is unique (``"conv2"`` is
+        ``"model.conv2"`` of a LightningModule around the network: one plan serves DNQ, which selects on the
+        module, and PTQ, which selects on its network). An override naming no selected layer (or several), giving
+        a weight width to a weightless point or a width to a float side raises ``ValueError``.
         """
         keep = first_last_names(selected) if self.keep_first_last_8bit else set()
         specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]] = {}
@@ -329,12 +332,12 @@ class QuantTarget:
         if not self.layer_bits:
             return specs
         modules = dict(selected)
-        for name, wb, ab in self.layer_bits:
-            if name not in specs:
-                raise ValueError(
-                    f"QuantTarget.layer_bits names {name!r}, which is not a selected layer; the selected layers are "
-                    f"{list(specs)}"
-                )
+        done: dict[str, str] = {}
+        for given, wb, ab in self.layer_bits:
+            name = _resolve_layer(given, list(specs))
+            if name in done:
+                raise ValueError(f"QuantTarget.layer_bits names layer {name!r} twice ({done[name]!r} and {given!r})")
+            done[name] = given
             w, a = specs[name]
             if wb is not None:
                 if self.weight is None:
@@ -351,6 +354,21 @@ class QuantTarget:
                 a = replace(self.act, bits=ab)
             specs[name] = (w, a)
         return specs
+
+
+def _resolve_layer(name: str, selected: list[str]) -> str:
+    """The selected layer ``name`` names: itself, else the one selected name that ends with ``"." + name``."""
+    if name in selected:
+        return name
+    hits = [n for n in selected if n.endswith("." + name)]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ValueError(f"QuantTarget.layer_bits names {name!r}, the end of several selected layers {hits}: give "
+                         "the full name")
+    raise ValueError(
+        f"QuantTarget.layer_bits names {name!r}, which is not a selected layer; the selected layers are {selected}"
+    )
 
 
 def as_target(target: object, what: str = "target") -> QuantTarget:

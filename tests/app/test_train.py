@@ -291,6 +291,21 @@ def test_ptq_recipe_group_composes_and_defaults_to_minmax_everywhere(tmp_path):
     assert ptq_recipe(_compose(["+ptq.recipe.observer=mse"])) == PTQRecipe.preset("minmax", observer="mse")
 
 
+def test_a_mixed_precision_plan_reaches_dnq_and_ptq(tmp_path):
+    """``+quant.layer_bits``: one plan for the DNQ recorder (layers of the LightningModule, model.features.3) and
+    PTQ (layers of its network, features.3), named by the network's layer."""
+    cfg = _compose([*TINY, "variants=null", "ptq.progress=false", "ptq.bits=[w4a4]", "callbacks=[dnq,ptq]",
+                    "+quant.layer_bits={features.3: [8, 2]}"])
+    res = run(cfg, tmp_path)
+    assert res["quant_preset"] == "w4a4-mixed"
+    rep = json.loads(Path(res["variants"]["main"]["ptq_report"]).read_text())
+    (row,) = rep["rows"]
+    assert row["bits"] == "w4a4-mixed"
+    assert {r["name"]: (r["weight_bits"], r["act_bits"]) for r in row["layers"]}["features.3"] == (8, 2)
+    hp = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
+    assert hp["dnq/preset"] == "w4a4-mixed"
+
+
 def test_ptq_recipe_reaches_run_ptq_and_the_logged_settings(tmp_path, monkeypatch):
     import flatq_lightning
     from flatq_lightning import PTQRecipe

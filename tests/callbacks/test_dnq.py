@@ -140,7 +140,7 @@ def test_lightning_cli_sets_up_dnq_and_ptq_from_a_yaml_file(tmp_path, image_fold
           callbacks:
             - class_path: flatq_lightning.DNQ
               init_args:
-                preset: w4a4
+                target: w4a4
                 stats_every: 2
                 p: 0.5
             - class_path: flatq_lightning.PostTrainingQuantization

@@ -160,6 +160,25 @@ def test_layer_bits_errors_name_the_layer_and_the_selected_ones():
         t.layer_specs(t.select(point_net))
 
 
+def test_layer_bits_name_the_network_inside_a_module_too():
+    """One plan for DNQ (which selects on the LightningModule: model.conv2) and PTQ (on its network: conv2)."""
+    inner = SmallConvNet()
+    outer = nn.Module()
+    outer.model = inner
+    t = QuantTarget.preset("w4a4").with_layer_bits({"conv2": (2, None)})
+    assert t.layer_specs(t.select(inner))["conv2"][0].bits == 2
+    assert t.layer_specs(t.select(outer))["model.conv2"][0].bits == 2
+    assert t.with_layer_bits({"model.conv2": (2, None)}).layer_specs(t.select(outer))["model.conv2"][0].bits == 2
+    with pytest.raises(ValueError, match=r"names layer 'model.conv2' twice \('conv2' and 'model.conv2'\)"):
+        t.with_layer_bits({"conv2": (2, None), "model.conv2": (3, None)}).layer_specs(t.select(outer))
+    twice = nn.Module()
+    twice.a, twice.b = SmallConvNet(), SmallConvNet()
+    with pytest.raises(ValueError, match=r"names 'conv2', the end of several selected layers \['a.conv2', 'b.conv2'\]"):
+        t.layer_specs(t.select(twice))
+    with pytest.raises(ValueError, match=r"names 'nv2', which is not a selected layer"):  # dotted ends only
+        t.with_layer_bits({"nv2": (2, None)}).layer_specs(t.select(inner))
+
+
 def test_a_plan_at_the_uniform_widths_equals_the_uniform_target():
     net = SmallConvNet()
     t = QuantTarget.preset("w3a3")

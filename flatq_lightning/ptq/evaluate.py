@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..utils.batches import batch_inputs
 
-__all__ = ["evaluate_topk"]
+__all__ = ["evaluate_topk", "top1_and_loss"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -99,3 +99,31 @@ def evaluate_topk(
     if metrics is None:
         raise ValueError("evaluation data yielded no batches")
     return {k: float(m.compute()) * 100.0 for k, m in metrics.items()}, n, num_classes
+
+
+@torch.no_grad()
+def top1_and_loss(model: nn.Module, batches: Iterable[Any]) -> tuple[float, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on labelled ``batches``, one host sync.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> top1, loss = top1_and_loss(net, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+        >>> 0.0 <= top1 <= 100.0 and loss > 0
+        True
+    """
+    device = _model_device(model)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for batch in batches:
+        x = batch_inputs(batch).to(device, non_blocking=True)
+        y = _batch_targets(batch).to(device, non_blocking=True)
+        logits = _logits(model(x))
+        if y.dim() == 2:  # one-hot / soft targets
+            y = y.argmax(1)
+        correct += (logits.argmax(1) == y).sum()
+        loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+        n += int(y.shape[0])
+    if n == 0:
+        raise ValueError("evaluation data yielded no batches")
+    return float(correct) * 100.0 / n, float(loss) / n

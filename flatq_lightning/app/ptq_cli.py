@@ -139,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "safetensors (packed integer weights), or onnx,safetensors")
     p.add_argument("--parity-batches", type=int, default=None,
                    help="test batches for the ONNX Runtime parity check (default: the whole test split)")
+    p.add_argument("--budget", type=float, default=None, metavar="BITS",
+                   help="also a mixed-precision plan: average weight bits per weight (e.g. 3.5); each layer's weight "
+                   "width is chosen among --bits-choices by an exact knapsack over its predicted sensitivity, and "
+                   "every --bits entry gets a '<bits>-mixed' row with the plan's weights")
+    p.add_argument("--bits-choices", default="2,3,4,8", help="the weight widths a plan may give a layer")
+    p.add_argument("--plan-images", type=int, default=1024,
+                   help="labelled held-out images the plan's prediction uses (the validation split; the test split "
+                   "when the data has none)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also analyse per-layer sensitivity (predicted and measured on the test split, weights and "
+                   "activations at --sensitivity-bits): sensitivity.json/.md/.png in the save directory")
+    p.add_argument("--sensitivity-bits", type=int, default=3, help="the width of the sensitivity analysis")
+    p.add_argument("--sensitivity-images", type=int, default=2000, help="test images the measurement uses")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress (default: a bar on a terminal, a few plain lines in a log)")
     return p
 
@@ -355,6 +368,8 @@ def _run(args: argparse.Namespace) -> int:
             f"checkpoint's network takes {chans} input channels: wrong --data?"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = QuantTarget(keep_first_last_8bit=args.keep_first_last_8bit)
+    plan = _sensitivity_and_plan(args, module, dm, recipe, target, device, save_dir)
     try:
         report = runner.run_ptq(
             module,
@@ -363,8 +378,9 @@ def _run(args: argparse.Namespace) -> int:
             bits=bits,
             calib_batches=args.calib_batches,
             recipe=recipe,
-            target=QuantTarget(keep_first_last_8bit=args.keep_first_last_8bit),
+            target=target,
             device=device,
+            plan=plan,
             progress=args.progress,
             bn_loader=dm.train_dataloader(),
             bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
@@ -389,6 +405,45 @@ def _run(args: argparse.Namespace) -> int:
         print(f"flatq-ptq: error: {len(failed)} export(s) failed (see the table above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _sensitivity_and_plan(args: argparse.Namespace, module: Any, dm: Any, recipe: Any, target: Any, device: str,
+                          save_dir: Path) -> Any:
+    """``--sensitivity``: the per-layer analysis, written beside the report; ``--budget``: the plan (or None)."""
+    if args.budget is None and not args.sensitivity:
+        return None
+    from flatq_lightning.ptq.mixed_precision import parse_bits_choices, plan_mixed_precision
+    from flatq_lightning.ptq.runner import ptq_network
+    from flatq_lightning.ptq.sensitivity import analyze_sensitivity, take_images
+
+    for flag, v in (("--plan-images", args.plan_images), ("--sensitivity-images", args.sensitivity_images)):
+        if v < 1:
+            raise _CliError(f"{flag} must be a positive number, got {v}")
+    try:
+        choices = parse_bits_choices(args.bits_choices)
+    except ValueError as err:
+        raise _CliError(f"--bits-choices: {err}") from None
+    net = ptq_network(module).to(device).eval()
+    held_out = take_images(dm.val_dataloader(), args.plan_images)
+    plan = None
+    try:
+        if args.sensitivity:
+            b = args.sensitivity_bits
+            rep = analyze_sensitivity(net, take_images(dm.calib_dataloader(args.batch_size), 32 * 128), held_out,
+                                      take_images(dm.test_dataloader(), args.sensitivity_images), (b,), (b,),
+                                      recipe=recipe, target=target, predict_bits=choices, progress=args.progress)
+            files = rep.save(save_dir, overwrite=args.overwrite)
+            print(f"\nper-layer sensitivity at {b} bits (predicted in {rep.seconds['predict']:.1f} s, measured in "
+                  f"{rep.seconds['measure']:.1f} s on {rep.images} test images):\n")
+            print(rep.table())
+            print(f"\nsensitivity in {save_dir}: {', '.join(f.name for f in files)}")
+        if args.budget is not None:
+            plan = plan_mixed_precision(net, held_out, args.budget, choices, recipe, target)
+            print(f"\nmixed-precision plan at {args.budget:g} bits per weight:\n")
+            print(plan.table())
+    except (ValueError, FileExistsError) as err:
+        raise _CliError(str(err)) from None
+    return plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

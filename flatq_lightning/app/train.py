@@ -30,6 +30,9 @@ import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..ptq.mixed_precision import plan_mixed_precision
+from ..ptq.runner import ptq_target
+from ..ptq.sensitivity import take_images
 from .config import (  # noqa: F401  (re-exported: the app's API)
     CONF_DIR,
     ConfigError,
@@ -192,6 +195,11 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
     p = cfg.ptq
     calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
     augment = getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None
+    plan = None
+    if p.get("budget") is not None:  # predicted on held-out images: the validation split (the test split without one)
+        plan = plan_mixed_precision(module, take_images(dm.val_dataloader(), int(p.get("plan_images", 1024))),
+                                    float(p.budget), list(p.get("bits_choices") or (2, 3, 4, 8)), ptq_recipe(cfg),
+                                    ptq_target(quant_target(cfg)))
     report = runner.run_ptq(
         module,
         calib,
@@ -204,6 +212,7 @@ def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) ->
         progress=bool(p.get("progress", False)),
         bn_loader=dm.train_dataloader(),
         bn_transform=augment,
+        plan=plan,
     )
     files = report.write(vdir)
     report.log_to(trainer.loggers, step=trainer.global_step, image_path=files.get("png"))
@@ -218,7 +227,6 @@ def _ptq_settings(cfg: DictConfig) -> dict[str, Any]:
         return ",".join(str(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else str(v or "")
 
     from ..ptq.callback import recipe_settings
-    from ..ptq.runner import ptq_target
 
     p = cfg.ptq
     target = ptq_target(quant_target(cfg))

@@ -18,9 +18,11 @@ from torch import nn
 from ..quant.targets import QuantTarget
 from ..utils.logging import log_settings
 from .export import normalize_export_formats
+from .mixed_precision import parse_bits_choices, plan_mixed_precision
 from .recipe import RECIPES, PTQRecipe
 from .report import PTQReport
 from .runner import DEFAULT_BITS, _recipe_from_args, ptq_target, run_ptq, validate_ptq_args
+from .sensitivity import take_images
 
 __all__ = ["PostTrainingQuantization", "STAGES", "recipe_settings"]
 
@@ -207,6 +209,9 @@ class PostTrainingQuantization(Callback):
         overwrite: bool = False,
         parity_batches: int | None = None,
         recipe: PTQRecipe | str | Mapping[str, Any] | None = None,
+        budget: float | None = None,
+        bits_choices: str | Sequence[int] = (2, 3, 4, 8),
+        plan_images: int = 1024,
     ) -> None:
         super().__init__()
         #: the recipe every quantized copy is made with (the deprecated arguments laid over ``recipe``)
@@ -227,6 +232,14 @@ class PostTrainingQuantization(Callback):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise ValueError(f"save_dir must be None or a path, got {save_dir!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+            raise ValueError(f"budget must be None or a number of bits per weight, got {budget!r}")
+        if isinstance(plan_images, bool) or not isinstance(plan_images, int) or plan_images < 1:
+            raise ValueError(f"plan_images must be a positive int, got {plan_images!r}")
+        #: a mixed-precision plan's budget (bits per weight; None: no plan), its widths and its images
+        self.budget = None if budget is None else float(budget)
+        self.bits_choices = parse_bits_choices(bits_choices)
+        self.plan_images = plan_images
         self.calib_batches = calib_batches
         self.stage = stage
         self.save_dir = save_dir
@@ -288,10 +301,15 @@ class PostTrainingQuantization(Callback):
         out = save_dir if save_dir is not None else self.save_dir
         if self.export_formats and out is None:
             rank_zero_warn(f"PostTrainingQuantization(export={self.export!r}) has no save_dir: nothing is exported")
+        plan = None
+        if self.budget is not None:  # predicted on the first images of the (held-out) evaluation split
+            plan = plan_mixed_precision(module, take_images(eval_loader, self.plan_images), self.budget,
+                                        self.bits_choices, self.recipe, self.target)
         report = run_ptq(
             module,
             calib_loader,
             eval_loader,
+            plan=plan,
             bits=self.bits,
             calib_batches=self.calib_batches,
             recipe=self.recipe,
@@ -322,6 +340,7 @@ class PostTrainingQuantization(Callback):
             "ptq/exclude": ",".join(self.target.exclude),
             "ptq/attention_points": self.target.attention_points,
             "ptq/export": ",".join(self.export_formats),
+            "ptq/budget": "" if self.budget is None else self.budget,
         }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

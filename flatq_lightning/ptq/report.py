@@ -172,6 +172,8 @@ class PTQReport:
     timing: dict[str, float] = field(default_factory=dict)
     #: the PTQ recipe's settings (:meth:`~flatq_lightning.ptq.recipe.PTQRecipe.to_dict`)
     recipe: dict[str, Any] | None = None
+    #: the mixed-precision plan of the ``-mixed`` rows (:meth:`~flatq_lightning.ptq.mixed_precision.MixedPrecisionPlan.to_dict`)
+    plan: dict[str, Any] | None = None
 
     # access -----------------------------------------------------------------------------------------------
     @property
@@ -429,8 +431,17 @@ class PTQReport:
             "",
             self.policy_line(),
             "",
-            "## Per-layer SQNR (dB), worst layers first",
         ]
+        if self.plan:
+            p = self.plan
+            hist: dict[int, int] = {}
+            for n, b in p["bits"].items():
+                hist[b] = hist.get(b, 0) + p["sizes"][n]
+            out += [f"Mixed-precision plan of the `-mixed` rows: {p['bits_per_weight']:.3f} bits per weight on "
+                    f"average (budget {p['budget']:g}; " + ", ".join(f"{w} weights at {b} bits"
+                                                                  for b, w in sorted(hist.items()))
+                    + f"), chosen on the {p['source']} per-layer cost.", ""]
+        out += ["## Per-layer SQNR (dB), worst layers first"]
         for r in self.rows:
             out += ["", f"### {r.bits}", "", "| layer | W bits | A bits | weight SQNR | act SQNR |",
                     "|---|---:|---:|---:|---:|"]

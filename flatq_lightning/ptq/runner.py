@@ -384,6 +384,7 @@ def run_ptq(
     parity_batches: int | None = None,
     export_metadata: dict[str, Any] | None = None,
     recipe: PTQRecipe | str | dict[str, Any] | None = None,
+    plan: Any = None,
 ) -> PTQReport:
     """Fold BN, calibrate, quantize at each bit-width and evaluate top-1/top-5 against the FP network.
 
@@ -401,6 +402,9 @@ def run_ptq(
         eval_loader: ``(inputs, targets)`` batches on which the FP network and every quantized copy are
             evaluated.
         bits: presets ``"w<b>a<b>"``; a side at 16 bits stays float (``"w4a16"`` weight-only).
+        plan: a mixed-precision plan (:func:`~flatq_lightning.ptq.mixed_precision.plan_mixed_precision`): each
+            bit-width gets a second row, ``"<bits>-mixed"``, with every planned layer's weights at the plan's
+            width (activations as the bit-width says); the report keeps the plan.
         target: what is quantized (:class:`~flatq_lightning.quant.targets.QuantTarget`; default ``QuantTarget()``):
             the layers (``include``/``exclude``), the first/last policy (``keep_first_last_8bit``: the first and
             last selected layer at, at least, 8 bits), attention points (on timm ViTs also quantize attention's Q,
@@ -451,6 +455,10 @@ def run_ptq(
     template = ptq_target(target)
     act_obs = rcp.act_obs
     targets = [template.at(b, observer, act_obs) for b in bits_t]
+    if plan is not None:  # a mixed-precision plan: one more row per bit-width, its weights at the plan's widths
+        if not hasattr(plan, "layer_bits") or not hasattr(plan, "to_dict"):
+            raise ValueError(f"plan must be a MixedPrecisionPlan (plan_bits / plan_mixed_precision), got {plan!r}")
+        targets += [t.with_layer_bits(plan.layer_bits()) for t in targets]
     keep_first_last_8bit = template.keep_first_last_8bit
     inc, exc = list(template.include) or None, list(template.exclude) or None
     formats = normalize_export_formats(export_formats) if export_dir is not None else ()
@@ -560,4 +568,5 @@ def run_ptq(
         device=str(dev),
         timing=timing,
         recipe=rcp.to_dict(),
+        plan=plan.to_dict() if plan is not None else None,
     )

@@ -125,3 +125,40 @@ def test_flatq_ptq_help_lists_the_recipes(capsys, monkeypatch):
     assert ("--drop-prob DROP_PROB block reconstruction: QDrop probability of keeping an activation in float "
             "(default: the recipe's) --recon-seed") in out
     assert "--bn-reestimate, --no-bn-reestimate re-estimate BatchNorm statistics" in out
+
+
+# --- per-layer sensitivity and the mixed-precision plan: --sensitivity, --budget, --bits-choices --------------
+
+
+def test_flatq_ptq_budget_adds_mixed_rows_and_sensitivity_files(checkpoint, tmp_path, capsys):
+    out = tmp_path / "mp"
+    rc = ptq_cli.main(_argv(checkpoint, out, "--budget", "3.5", "--bits-choices", "2,4,8", "--plan-images", "64",
+                            "--sensitivity", "--sensitivity-bits", "4", "--sensitivity-images", "64",
+                            "--export", "safetensors"))
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "mixed-precision plan at 3.5 bits per weight" in printed.out and "per-layer sensitivity at 4" in printed.out
+    rep = json.loads((out / "ptq_report.json").read_text())
+    assert [r["bits"] for r in rep["rows"]] == ["w4a4", "w3a3", "w4a4-mixed", "w3a3-mixed"]
+    plan = rep["plan"]
+    assert plan["budget"] == 3.5 and plan["bits_per_weight"] <= 3.5 and set(plan["bits"].values()) <= {2, 4, 8}
+    names = list(plan["bits"])
+    assert plan["bits"][names[0]] == plan["bits"][names[-1]] == 8  # first and last kept at 8, as the uniform rows
+    mixed = next(r for r in rep["rows"] if r["bits"] == "w3a3-mixed")
+    assert {layer["name"]: layer["weight_bits"] for layer in mixed["layers"] if layer["weight_bits"]} == plan["bits"]
+    assert "Mixed-precision plan" in (out / "ptq_report.md").read_text()
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert {(r["side"], r["bits"]) for r in sens["rows"] if r["top1_drop"] is not None} == {("weight", 4), ("act", 4)}
+    assert (out / "sensitivity.png").exists() and (out / "quantized_w3a3-mixed.safetensors").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--budget", "1.5"), "below the smallest allowed width"),
+    (("--budget", "9"), "above the largest allowed width"),
+    (("--budget", "3", "--bits-choices", "2,x"), "--bits-choices"),
+    (("--budget", "3", "--plan-images", "0"), "--plan-images must be a positive number"),
+])
+def test_flatq_ptq_bad_budgets_are_one_line(checkpoint, tmp_path, capsys, extra, message):
+    assert ptq_cli.main(_argv(checkpoint, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

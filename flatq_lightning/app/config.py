@@ -10,6 +10,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..ptq.callback import plain_recipe
+from ..ptq.recipe import resolve_recipe
+from ..quant.targets import QuantTarget
+from .models import LOCAL_MODELS, is_model
+
 __all__ = ["CONF_DIR", "ConfigError", "group_options", "ptq_recipe", "quant_target", "validate_config"]
 
 
@@ -157,8 +162,6 @@ def validate_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, the value and the choices.
     """
-    from ..quant.targets import QuantTarget
-    from .models import LOCAL_MODELS, is_model
 
     name = cfg.model.get("name")
     if not isinstance(name, str) or not is_model(name):
@@ -221,8 +224,6 @@ def ptq_recipe(cfg: DictConfig) -> Any:
     Raises:
         ConfigError: a bad field or value, an unknown name, or a pre-recipe key (``ptq.observer``, …).
     """
-    from ..ptq.callback import plain_recipe
-    from ..ptq.recipe import resolve_recipe
 
     p = cfg.get("ptq") or {}
     old = [k for k in _OLD_PTQ_KEYS if k in p]

@@ -294,22 +294,52 @@ def _input_description(dm: Any) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from flatq_lightning.app.data.base import DataNotFoundError
-    from flatq_lightning.app.module import ImageClassifier
-    from flatq_lightning.callbacks.weight_noise import NOISY_BN_KEY
     from flatq_lightning.ptq import runner  # runner.run_ptq: looked up at call time (tests replace it)
-    from flatq_lightning.quant.bn import load_bn_state
     from flatq_lightning.quant.targets import QuantTarget
 
     ckpt_path = Path(args.checkpoint).expanduser()
     if not ckpt_path.is_file():
         raise _CliError(f"checkpoint not found: {ckpt_path}")
+    bits, recipe, formats = _check_args(args)
+    save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
+    _check_save_dir(save_dir)
+    module, dm = _load(ckpt_path, args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = QuantTarget(keep_first_last_8bit=args.keep_first_last_8bit)
+    plan = _sensitivity_and_plan(args, module, dm, recipe, target, device, save_dir)
+    try:
+        report = runner.run_ptq(
+            module,
+            dm.calib_dataloader(args.batch_size),
+            dm.test_dataloader(),
+            bits=bits,
+            calib_batches=args.calib_batches,
+            recipe=recipe,
+            target=target,
+            device=device,
+            plan=plan,
+            progress=args.progress,
+            bn_loader=dm.train_dataloader(),
+            bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
+            export_dir=save_dir if formats else None,
+            export_formats=formats,
+            overwrite=args.overwrite,
+            parity_batches=args.parity_batches,
+            export_metadata={"checkpoint": ckpt_path.name, "input": _input_description(dm)},
+        )
+    except ValueError as err:
+        raise _CliError(str(err)) from None
+    return _print_report(report, save_dir, ckpt_path, formats, args.overwrite)
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[str], Any, tuple[str, ...]]:
+    """``(bits, recipe, export formats)`` from the flags, or a one-line error before any work."""
+    from flatq_lightning.ptq.export import normalize_export_formats
+
     bits = [b.strip() for b in str(args.bits).split(",") if b.strip()]
     if not bits:
         raise _CliError(f"--bits is empty: give presets like {_DEFAULT_BITS}")
     recipe = recipe_from_args(args)
-    from flatq_lightning.ptq.export import normalize_export_formats
-
     try:
         formats = normalize_export_formats(args.export)
     except ValueError as err:
@@ -323,8 +353,17 @@ def _run(args: argparse.Namespace) -> int:
             require_onnx("--export onnx")
         except ImportError as err:
             raise _CliError(str(err)) from None
-    save_dir = Path(args.save_dir) if args.save_dir else ckpt_path.parent / f"ptq_{ckpt_path.stem}"
-    _check_save_dir(save_dir)
+    return bits, recipe, formats
+
+
+def _load(ckpt_path: Path, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The checkpoint's ImageClassifier (its BN statistics as --bn-stats says) and its data module, set up and
+    checked against the network (classes, input channels)."""
+    from flatq_lightning.app.data.base import DataNotFoundError
+    from flatq_lightning.app.module import ImageClassifier
+    from flatq_lightning.callbacks.weight_noise import NOISY_BN_KEY
+    from flatq_lightning.quant.bn import load_bn_state
+
     raw = _load_raw(ckpt_path)
     hp = raw.get("hyper_parameters") or {}
     if "model" not in hp:
@@ -367,32 +406,12 @@ def _run(args: argparse.Namespace) -> int:
             f"--data {args.data or 'from the checkpoint'}: the data has {dm.in_chans}-channel images but the "
             f"checkpoint's network takes {chans} input channels: wrong --data?"
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target = QuantTarget(keep_first_last_8bit=args.keep_first_last_8bit)
-    plan = _sensitivity_and_plan(args, module, dm, recipe, target, device, save_dir)
-    try:
-        report = runner.run_ptq(
-            module,
-            dm.calib_dataloader(args.batch_size),
-            dm.test_dataloader(),
-            bits=bits,
-            calib_batches=args.calib_batches,
-            recipe=recipe,
-            target=target,
-            device=device,
-            plan=plan,
-            progress=args.progress,
-            bn_loader=dm.train_dataloader(),
-            bn_transform=getattr(dm, "augment_batch", None) if getattr(dm, "augment", False) else None,
-            export_dir=save_dir if formats else None,
-            export_formats=formats,
-            overwrite=args.overwrite,
-            parity_batches=args.parity_batches,
-            export_metadata={"checkpoint": ckpt_path.name, "input": _input_description(dm)},
-        )
-    except ValueError as err:
-        raise _CliError(str(err)) from None
-    files = report.write(save_dir, overwrite=args.overwrite)
+    return module, dm
+
+
+def _print_report(report: Any, save_dir: Path, ckpt_path: Path, formats: tuple[str, ...], overwrite: bool) -> int:
+    """Write the report, print its tables; 1 when an export failed."""
+    files = report.write(save_dir, overwrite=overwrite)
     print(f"\n{ckpt_path.name}: FP top-1 {report.fp_top1:.2f} % on {report.num_eval_samples} test images\n")
     print(report.markdown_table())
     failed = [e for r in report.rows for e in r.exports if e.get("error")]

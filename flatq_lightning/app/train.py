@@ -30,9 +30,16 @@ import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..callbacks import DNQ
+from ..callbacks.mse import QuantMSEMixin
+from ..ptq import runner
+from ..ptq.callback import PostTrainingQuantization, recipe_settings
 from ..ptq.mixed_precision import plan_mixed_precision
 from ..ptq.runner import ptq_target
 from ..ptq.sensitivity import take_images
+from ..utils.io import numbered_paths, write_file_atomic
+from ..utils.logging import log_settings
+from ..utils.progress import progress_bar_callback
 from .config import (  # noqa: F401  (re-exported: the app's API)
     CONF_DIR,
     ConfigError,
@@ -42,6 +49,8 @@ from .config import (  # noqa: F401  (re-exported: the app's API)
     quant_target,
     validate_config,
 )
+from .data.base import DataNotFoundError
+from .models import PretrainedWeightsError
 from .results import _results_csv, comparison_table, seed_aggregate, summarize_sweep  # noqa: F401
 
 log = logging.getLogger("flatq_lightning.app.train")
@@ -72,9 +81,6 @@ __all__ = [
 def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with errors turned into a :class:`ConfigError` naming ``key``."""
     from hydra.errors import InstantiationException
-
-    from .data.base import DataNotFoundError
-    from .models import PretrainedWeightsError
 
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
@@ -124,8 +130,6 @@ def _refuse_same_state_key(callbacks: list[Any], keys: list[str]) -> None:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    from ..callbacks import DNQ
-
     seen: dict[str, str] = {}
     for cb, key in zip(callbacks, keys):
         if not isinstance(cb, Callback) or not is_overridden("state_dict", instance=cb, parent=Callback):
@@ -146,8 +150,6 @@ def _refuse_same_state_key(callbacks: list[Any], keys: list[str]) -> None:
 
 def wire_quant_stats(module: Any, callbacks: list[Any]) -> None:
     """Give the module's FP-vs-quantized MSE term the DNQ statistics of this fit (the config's one DNQ)."""
-    from ..callbacks import DNQ
-    from ..callbacks.mse import QuantMSEMixin
 
     dnqs = [c for c in callbacks if isinstance(c, DNQ)]
     if isinstance(module, QuantMSEMixin) and len(dnqs) == 1:
@@ -185,12 +187,10 @@ def _overrides() -> list[str]:
 def _run_ptq(cfg: DictConfig, module: Any, dm: Any, trainer: Any, vdir: Path) -> tuple[Any, dict[str, Path]]:
     """``(report, files)`` of this fit: the PostTrainingQuantization callback's (already written), else
     ``run_ptq`` on the test split, written into ``vdir`` by the one report writer."""
-    from ..ptq.callback import PostTrainingQuantization
 
     for cb in trainer.callbacks:
         if isinstance(cb, PostTrainingQuantization) and cb.report is not None:
             return cb.report, dict(cb.files or {}) or cb.report.write(vdir)
-    from ..ptq import runner  # runner.run_ptq: looked up at call time (tests replace it)
 
     p = cfg.ptq
     calib = dm.calib_dataloader(p.get("calib_batch_size") or None)
@@ -226,8 +226,6 @@ def _ptq_settings(cfg: DictConfig) -> dict[str, Any]:
     def joined(v: Any) -> str:
         return ",".join(str(x) for x in v) if isinstance(v, (list, tuple, ListConfig)) else str(v or "")
 
-    from ..ptq.callback import recipe_settings
-
     p = cfg.ptq
     target = ptq_target(quant_target(cfg))
     return {
@@ -243,8 +241,6 @@ def _ptq_settings(cfg: DictConfig) -> dict[str, Any]:
 def _settings_callback(settings: dict[str, Any]) -> Any:
     """A callback that adds ``settings`` to the loggers' hyperparameters at fit start (with the module's)."""
     from lightning.pytorch.callbacks import Callback
-
-    from ..utils.logging import log_settings
 
     class LogSettings(Callback):
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -272,8 +268,6 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ..utils.progress import progress_bar_callback
-
     L.seed_everything(int(cfg.seed), workers=True)
     module = _instantiate(
         cfg.module, "module", num_classes=dm.num_classes, model_kwargs=model_kwargs(cfg, dm)
@@ -287,7 +281,6 @@ def _fit_variant(name: str, cfg: DictConfig, dm: Any, vdir: Path) -> dict[str, A
         extra["logger"] = CSVLogger(save_dir=str(vdir), name="lightning_logs")
     if "enable_checkpointing" not in cfg.trainer:  # the callbacks group decides: checkpoint or none
         extra["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    from ..ptq.callback import PostTrainingQuantization
 
     extra_callbacks = []
     if cfg.ptq.get("bits") and not any(isinstance(c, PostTrainingQuantization) for c in callbacks):
@@ -465,7 +458,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike[str] | None = None) -> di
             results["variants"][name] = res
     results["job_seconds"] = round(time.perf_counter() - t_job, 2)
     if results["variants"]:
-        from ..utils.io import numbered_paths, write_file_atomic
 
         # atomic, and an earlier job's results in the same directory (a rerun, a resume) are kept: results_2.*
         paths = numbered_paths(out, "results", ("json", "md", "csv"))
@@ -506,8 +498,6 @@ class MultirunSummary(HydraCallback):
 # entry point
 # ---------------------------------------------------------------------------------------------------------
 def _task(cfg: DictConfig) -> None:
-    from .data.base import DataNotFoundError
-
     try:
         run(cfg)
     except (ConfigError, DataNotFoundError) as err:

@@ -42,6 +42,7 @@ from ..quant import QuantizedLayer, QuantSpec, batch_inputs, quantized_layers
 from ..quant.quantize import _set_submodule
 from ..quant.targets import has_weight
 from ..utils.io import write_file_atomic
+from .evaluate import _batch_targets, _logits, _model_device, _progress
 from .export import pack_codes, weight_codes
 
 __all__ = [
@@ -532,8 +533,6 @@ def check_onnx_parity(
 
     The flatq model runs on its own device in eval mode; ONNX Runtime on the CPU (see :func:`ort_session`).
     """
-    from .evaluate import _batch_targets, _logits, _model_device, _progress
-
     sess = onnx_path if hasattr(onnx_path, "run") else ort_session(onnx_path, threads, optimization)
     import onnxruntime as ort
 

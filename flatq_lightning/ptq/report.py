@@ -21,6 +21,7 @@ from typing import Any
 from ..utils.io import _temp_beside, free_path, numbered_paths, write_file_atomic
 from ..utils.logging import log_hyperparams
 from . import report_plot
+from .recipe import PTQRecipe
 
 __all__ = [
     "LayerSQNR",
@@ -214,8 +215,6 @@ class PTQReport:
         """The PTQ settings as flat logger hyperparameters (``ptq/bits``, ``ptq/observer``, …)."""
         recipe: dict[str, Any] = {"ptq/recipe": ""}
         if self.recipe:
-            from .recipe import PTQRecipe
-
             recipe = PTQRecipe.from_dict(self.recipe).settings()  # the report's own values follow
         return {
             "ptq/bits": ",".join(self.bits),
@@ -400,8 +399,6 @@ class PTQReport:
             sel = f"; include={self.include!r} exclude={self.exclude!r}"
         recipe = ""
         if self.recipe:
-            from .recipe import PTQRecipe
-
             recipe = f"Recipe {PTQRecipe.from_dict(self.recipe).describe()}. "
         return recipe + (
             f"Layer policy: keep_first_last_8bit={self.keep_first_last_8bit} (first/last layers kept at 8 bit: "

@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,14 @@ from ..quant import (
     reestimate_bn_quantized,
     sqnr_db,
 )
+from ..quant.hooks import hooks_suspended
 from ..quant.reconstruct import reconstruct
 from ..quant.spec import FLOAT_BITS, OBSERVERS
 from ..quant.targets import QuantTarget
+from ..utils.progress import status
+from . import onnx_export  # onnx_export.export_onnx: looked up at call time (tests replace it)
 from .evaluate import _logits, _model_device, _progress, evaluate_topk
-from .export import normalize_export_formats
+from .export import normalize_export_formats, save_quantized
 from .recipe import RECIPES, PTQRecipe, resolve_recipe
 from .report import LayerSQNR, PTQReport, PTQRow, free_path
 
@@ -117,8 +121,6 @@ def check_ptq_network(module: nn.Module, net: nn.Module, eval_loader: Iterable[A
     train/eval flag is restored afterwards.
     """
     from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    from ..quant.hooks import hooks_suspended
 
     try:
         from lightning.pytorch import LightningModule
@@ -236,16 +238,12 @@ def _export(
         target = free_path(export_dir / f"quantized_{bits}.{fmt}", overwrite=overwrite)
         try:
             if fmt == "safetensors":
-                from .export import save_quantized
-
                 path = save_quantized(qmodel, target, folded_bn_pairs=pairs, metadata=meta, overwrite=overwrite)
                 out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
             else:
-                from .onnx_export import check_onnx_parity, export_onnx
-
                 example = batch_inputs(next(iter(eval_loader)))[:1]
-                path = export_onnx(qmodel, target, example, metadata=meta, overwrite=overwrite)
-                parity = check_onnx_parity(qmodel, path, eval_loader, max_batches=parity_batches, progress=progress)
+                path = onnx_export.export_onnx(qmodel, target, example, metadata=meta, overwrite=overwrite)
+                parity = onnx_export.check_onnx_parity(qmodel, path, eval_loader, max_batches=parity_batches, progress=progress)
                 out.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size, **parity.to_dict()})
         except Exception as err:  # noqa: BLE001 - one failed file must not cost the report
             msg = f"{type(err).__name__}: {err}".splitlines()[0][:300]
@@ -299,8 +297,6 @@ def _recipe_from_args(recipe: Any, legacy: dict[str, Any]) -> PTQRecipe:
 def _recon_logger(progress: bool) -> Callable[[str], None] | None:
     if not progress:
         return None
-    from ..utils.progress import status
-
     return status
 
 
@@ -454,26 +450,11 @@ def run_ptq(
     bits_t = validate_ptq_args(bits, calib_batches, observer)
     template = ptq_target(target)
     act_obs = rcp.act_obs
-    targets = [template.at(b, observer, act_obs) for b in bits_t]
-    if plan is not None:  # a mixed-precision plan: one more row per bit-width, its weights at the plan's widths
-        if not hasattr(plan, "layer_bits") or not hasattr(plan, "to_dict"):
-            raise ValueError(f"plan must be a MixedPrecisionPlan (plan_bits / plan_mixed_precision), got {plan!r}")
-        targets += [t.with_layer_bits(plan.layer_bits()) for t in targets]
-    keep_first_last_8bit = template.keep_first_last_8bit
+    targets = _ptq_targets(template, bits_t, observer, act_obs, plan)
     inc, exc = list(template.include) or None, list(template.exclude) or None
     formats = normalize_export_formats(export_formats) if export_dir is not None else ()
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
-    if parity_batches is not None and (isinstance(parity_batches, bool) or not isinstance(parity_batches, int) or parity_batches < 1):
-        raise ValueError(f"parity_batches must be None (all) or a positive int, got {parity_batches!r}")
-    if "onnx" in formats:
-        from .onnx_export import require_onnx
-
-        require_onnx("run_ptq(export_formats=('onnx',))")  # before any PTQ work
-    _check_loader(eval_loader, "eval_loader")
     need_calib = any(t.act is not None for t in targets) or recon is not None
-    if need_calib:
-        _check_loader(calib_loader, "calib_loader")
+    _check_run_args(overwrite, parity_batches, formats, eval_loader, calib_loader if need_calib else None)
     net = ptq_network(model)
     if net is not model:
         check_ptq_network(model, net, eval_loader)
@@ -488,7 +469,7 @@ def run_ptq(
         raise ValueError(
             f"run_ptq: the model has no quantizable layers (Conv1d/2d/3d, Linear) matching include={inc!r} exclude={exc!r}"
         )
-    kept = [n for n, _ in selected if n in first_last_names(selected)] if keep_first_last_8bit else []
+    kept = [n for n, _ in selected if n in first_last_names(selected)] if template.keep_first_last_8bit else []
     timing["fold_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -504,46 +485,16 @@ def run_ptq(
         del fp_model
     timing["fp_eval_s"] = time.perf_counter() - t
 
+    run = _Run(net, folded, pairs, rcp, calib, bn_data, recon_inputs, dev, progress, bn_transform, eval_loader,
+               formats, export_dir, export_metadata, overwrite, parity_batches, fp_acc)
     rows: list[PTQRow] = []
     bar = _progress(targets, progress, desc="PTQ", total=len(targets))
     for bt in bar:
-        t = time.perf_counter()
-        b = bt.name
-        qmodel, blocks = _quantized_copy(net, folded, bt, rcp, calib, bn_data, recon_inputs, dev, progress,
-                                         bn_transform)
-        layers = _layer_sqnr(qmodel, calib[0] if (bt.act is not None and calib) else None, dev)
-        t_q = time.perf_counter() - t
-        t = time.perf_counter()
-        acc, n_q, c_q = evaluate_topk(qmodel, eval_loader, dev, progress=progress, desc=f"eval {b}")
+        row, n_q, c_q = _row(run, bt)
         n_eval, num_classes = n_eval or n_q, num_classes or c_q
-        t_e = time.perf_counter() - t
-        exports = []
-        if formats:
-            meta = {**(export_metadata or {}), "bits": b, "recipe": rcp.name, "observer": observer,
-                    "act_observer": act_obs, "bn_reestimate": bn_reestimate, "reconstructed": recon is not None, "top1": round(acc[1], 4), "top5": round(acc[5], 4)}
-            exports = _export(qmodel, b, Path(export_dir), formats, pairs, meta, overwrite, eval_loader,
-                              parity_batches, progress)
-        del qmodel
-        rows.append(
-            PTQRow(
-                bits=b,
-                weight_bits=bt.weight.bits if bt.weight is not None else FLOAT_BITS,
-                act_bits=bt.act.bits if bt.act is not None else FLOAT_BITS,
-                top1=acc[1],
-                top5=acc[5],
-                drop_top1=fp_acc[1] - acc[1],
-                drop_top5=fp_acc[5] - acc[5],
-                layers=layers,
-                quantize_seconds=t_q,
-                eval_seconds=t_e,
-                bn_reestimated=bn_reestimate,
-                exports=exports,
-                recipe=rcp.name,
-                reconstruction=blocks,
-            )
-        )
+        rows.append(row)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix({b: f"{acc[1]:.2f}"})
+            bar.set_postfix({row.bits: f"{row.top1:.2f}"})
     timing["quantize_s"] = sum(r.quantize_seconds for r in rows)
     timing["eval_s"] = sum(r.eval_seconds for r in rows) + timing["fp_eval_s"]
     timing["total_s"] = time.perf_counter() - t0
@@ -553,7 +504,7 @@ def run_ptq(
         rows=rows,
         folded_bn_pairs=[tuple(p) for p in pairs],
         kept_8bit=kept,
-        keep_first_last_8bit=keep_first_last_8bit,
+        keep_first_last_8bit=template.keep_first_last_8bit,
         observer=observer,
         act_observer=act_obs,
         bn_reestimate=bn_reestimate,
@@ -570,3 +521,88 @@ def run_ptq(
         recipe=rcp.to_dict(),
         plan=plan.to_dict() if plan is not None else None,
     )
+
+
+def _ptq_targets(template: QuantTarget, bits: Sequence[str], observer: str, act_obs: str, plan: Any) -> list[QuantTarget]:
+    """The target of each row: each bit-width, then (with a plan) each bit-width with the plan's weight widths."""
+    targets = [template.at(b, observer, act_obs) for b in bits]
+    if plan is not None:
+        if not hasattr(plan, "layer_bits") or not hasattr(plan, "to_dict"):
+            raise ValueError(f"plan must be a MixedPrecisionPlan (plan_bits / plan_mixed_precision), got {plan!r}")
+        targets += [t.with_layer_bits(plan.layer_bits()) for t in targets]
+    return targets
+
+
+def _check_run_args(overwrite: Any, parity_batches: Any, formats: Sequence[str], eval_loader: Any,
+                    calib_loader: Any) -> None:
+    """run_ptq's checks that need no model (before any PTQ work); ``calib_loader`` None: not needed."""
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    if parity_batches is not None and (isinstance(parity_batches, bool) or not isinstance(parity_batches, int) or parity_batches < 1):
+        raise ValueError(f"parity_batches must be None (all) or a positive int, got {parity_batches!r}")
+    if "onnx" in formats:
+        onnx_export.require_onnx("run_ptq(export_formats=('onnx',))")
+    _check_loader(eval_loader, "eval_loader")
+    if calib_loader is not None:
+        _check_loader(calib_loader, "calib_loader")
+
+
+@dataclass
+class _Run:
+    """What every row of one run_ptq call shares."""
+
+    net: nn.Module
+    folded: nn.Module
+    pairs: list[tuple[str, str]]
+    rcp: PTQRecipe
+    calib: list[Tensor]
+    bn_data: list[Tensor]
+    recon_inputs: Any
+    dev: torch.device
+    progress: bool
+    bn_transform: Callable[[Tensor], Tensor] | None
+    eval_loader: Iterable[Any]
+    formats: Sequence[str]
+    export_dir: str | os.PathLike | None
+    export_metadata: dict[str, Any] | None
+    overwrite: bool
+    parity_batches: int | None
+    fp_acc: dict[int, float]
+
+
+def _row(run: _Run, bt: QuantTarget) -> tuple[PTQRow, int, int]:
+    """One bit-width: the quantized copy (recipe), its per-layer SQNR, its accuracy, its exports."""
+    t = time.perf_counter()
+    b, rcp = bt.name, run.rcp
+    qmodel, blocks = _quantized_copy(run.net, run.folded, bt, rcp, run.calib, run.bn_data, run.recon_inputs, run.dev,
+                                     run.progress, run.bn_transform)
+    layers = _layer_sqnr(qmodel, run.calib[0] if (bt.act is not None and run.calib) else None, run.dev)
+    t_q = time.perf_counter() - t
+    t = time.perf_counter()
+    acc, n_q, c_q = evaluate_topk(qmodel, run.eval_loader, run.dev, progress=run.progress, desc=f"eval {b}")
+    t_e = time.perf_counter() - t
+    exports = []
+    if run.formats:
+        meta = {**(run.export_metadata or {}), "bits": b, "recipe": rcp.name, "observer": rcp.observer,
+                "act_observer": rcp.act_obs, "bn_reestimate": rcp.bn_reestimate,
+                "reconstructed": rcp.reconstruction is not None, "top1": round(acc[1], 4), "top5": round(acc[5], 4)}
+        exports = _export(qmodel, b, Path(run.export_dir), run.formats, run.pairs, meta, run.overwrite,
+                          run.eval_loader, run.parity_batches, run.progress)
+    del qmodel
+    row = PTQRow(
+        bits=b,
+        weight_bits=bt.weight.bits if bt.weight is not None else FLOAT_BITS,
+        act_bits=bt.act.bits if bt.act is not None else FLOAT_BITS,
+        top1=acc[1],
+        top5=acc[5],
+        drop_top1=run.fp_acc[1] - acc[1],
+        drop_top5=run.fp_acc[5] - acc[5],
+        layers=layers,
+        quantize_seconds=t_q,
+        eval_seconds=t_e,
+        bn_reestimated=rcp.bn_reestimate,
+        exports=exports,
+        recipe=rcp.name,
+        reconstruction=blocks,
+    )
+    return row, n_q, c_q

@@ -256,3 +256,23 @@ def test_hydra_model_pretrained_file_reaches_the_module(tmp_path):
     module = _instantiate(cfg.module, "module", num_classes=3, model_kwargs={})
     assert torch.equal(module.model.conv1[0].weight, src.conv1[0].weight)
     assert module.hparams.pretrained_file == str(tmp_path / "w.pth") and module.num_classes == 3
+
+
+# -- bad arguments are named ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        ({"momentum": "abc"}, TypeError, r"momentum must be a finite number, got 'abc'"),
+        ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\), got 1\.5"),
+        ({"lr": "fast"}, TypeError, r"lr must be a finite number, got 'fast'"),
+        ({"weight_decay": float("nan")}, TypeError, r"weight_decay must be a finite number"),
+        ({"nesterov": "no"}, TypeError, r"nesterov must be True or False, got 'no'"),
+    ],
+)
+def test_image_classifier_names_the_bad_argument(kwargs, exc, msg):
+    from flatq_lightning.app.module import ImageClassifier
+
+    with pytest.raises(exc, match=msg):
+        ImageClassifier("small_cnn", num_classes=3, **kwargs)

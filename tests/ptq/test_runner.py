@@ -208,3 +208,9 @@ def test_attention_points_switch_reaches_quantize_model():
     cb = PostTrainingQuantization(bits=("w8a8",), target=QuantTarget(attention_points=False), progress=False,
                                   print_report=False)
     assert cb.target.attention_points is False and cb.settings()["ptq/attention_points"] is False
+
+
+def test_run_ptq_target_must_be_a_target():
+    data = [(torch.randn(4, 4), torch.randint(0, 2, (4,)))]
+    with pytest.raises(ValueError, match=r"run_ptq: target must be a QuantTarget or None, got 'w8a8'"):
+        run_ptq(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), data, data, bits="w8a8", calib_batches=1, target="w8a8", progress=False)

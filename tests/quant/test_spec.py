@@ -74,3 +74,22 @@ def test_bad_preset_type():
 def test_roundtrip_dict():
     s = QuantSpec.weight(3, observer="mse")
     assert QuantSpec.from_dict(s.to_dict()) == s
+
+
+# -- bad inputs are named ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [5, 7, -6, 100])
+def test_quantspec_refuses_an_impossible_channel_axis(axis):
+    with pytest.raises(ValueError, match=r"QuantSpec\.ch_axis must be an int in \[-5, 4\]"):
+        QuantSpec(ch_axis=axis)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"percentile": "abc"}, "percentile"), ({"mse_grid": True}, "mse_grid"), ({"ch_axis": 1.5}, "ch_axis"),
+     ({"bits": "4"}, "bits")],
+)
+def test_quantspec_wrong_types_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=rf"QuantSpec\.{name} must be"):
+        QuantSpec(**kwargs)

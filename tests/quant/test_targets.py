@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from torch import nn
 
-from flatq_lightning import QuantSpec, QuantTarget, select_modules
+from flatq_lightning import QuantSpec, QuantTarget, quantize_model, select_modules
 from flatq_lightning.quant import QuantPoint, as_target, first_last_names, has_weight
 from tests.helpers import SmallConvNet
 
@@ -196,3 +197,22 @@ def test_as_target_takes_a_target_or_a_preset():
         as_target(QuantSpec.weight(4), "DNQ: target")
     with pytest.raises(ValueError, match="cannot parse bit-width preset 'int4'"):
         as_target("int4")
+
+
+# -- bad inputs are named ------------------------------------------------------------------------------------
+
+
+def _net():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def test_a_target_names_a_preset_string_given_as_a_spec():
+    with pytest.raises(ValueError, match=r"QuantTarget.weight must be a QuantSpec or None \(float\), got 'w4a4'.*"
+                                         r"QuantTarget\.preset"):
+        QuantTarget(weight="w4a4")
+    with pytest.raises(ValueError, match=r"QuantTarget.act must be a QuantSpec or None \(float\), got 4"):
+        QuantTarget(weight=QuantSpec.weight(4), act=4)
+    with pytest.raises(ValueError, match=r"QuantTarget.keep_first_last_8bit must be True or False, got 'no'"):
+        QuantTarget(weight=QuantSpec.weight(4), keep_first_last_8bit="no")
+    with pytest.raises(ValueError, match=r"quantize_model: target must be a QuantTarget or a preset string"):
+        quantize_model(_net(), (QuantSpec.weight(4), None))

@@ -4,12 +4,16 @@ tests/app)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from flatq_lightning import PTQRecipe
 from flatq_lightning.app import ptq_cli
 from flatq_lightning.quant import Reconstruction
+from tests.untrusted import Exploit
 
 
 def test_flatq_ptq_help_shows_the_defaults(capsys, monkeypatch):
@@ -162,3 +166,67 @@ def test_flatq_ptq_bad_budgets_are_one_line(checkpoint, tmp_path, capsys, extra,
     assert ptq_cli.main(_argv(checkpoint, tmp_path / "bad", *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# -- untrusted and wrong inputs: checkpoints, save directories, data -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real flatq-train checkpoint (tiny synthetic job, DNQ + checkpoint callbacks)."""
+    from flatq_lightning.app.train import run
+    from tests.app.test_train import TINY, _compose
+
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = _compose([*TINY, "variants=null", "callbacks=[dnq,checkpoint]"])
+    return Path(run(cfg, out)["variants"]["main"]["checkpoint"])
+
+
+def _ptq(args: list[str], capsys) -> tuple[int, str]:
+    rc = ptq_cli.main([*args, "--calib-batches", "1", "--no-progress", "--device", "cpu", "--bits", "w8a8"])
+    return rc, capsys.readouterr().err
+
+
+def test_flatq_ptq_loads_a_real_checkpoint_with_weights_only(tiny_checkpoint, tmp_path, capsys):
+    rc, err = _ptq([str(tiny_checkpoint), "--save-dir", str(tmp_path / "rep")], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "rep" / "ptq_report.json").is_file()
+
+
+def test_flatq_ptq_never_runs_code_from_a_crafted_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ck = torch.load(tiny_checkpoint, weights_only=True)
+    ck["hyper_parameters"]["evil"] = Exploit(marker)
+    bad = tmp_path / "evil.ckpt"
+    torch.save(ck, bad)
+    rc, err = _ptq([str(bad), "--save-dir", str(tmp_path / "rep")], capsys)
+    assert rc == 2 and not marker.exists()
+    assert f"checkpoint {bad}: refusing to load it" in err and "never executes code" in err
+
+
+def test_flatq_ptq_random_bytes_and_truncated_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    trunc = tmp_path / "trunc.ckpt"
+    data = tiny_checkpoint.read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    for bad in (noise, trunc):
+        rc, err = _ptq([str(bad), "--save-dir", str(tmp_path / "rep")], capsys)
+        assert rc == 2 and f"checkpoint {bad}: not a readable PyTorch checkpoint" in err, err
+
+
+def test_flatq_ptq_save_dir_that_is_a_file_fails_before_the_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import flatq_lightning.app.ptq_cli as cli
+
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    monkeypatch.setattr(cli, "_load_raw", lambda p: pytest.fail("loaded the checkpoint before checking --save-dir"))
+    for sd, msg in ((f, "is a file, not a folder"), (f / "sub", "is a file, so the folder cannot be created")):
+        rc, err = _ptq([str(tiny_checkpoint), "--save-dir", str(sd)], capsys)
+        assert rc == 2 and f"--save-dir {sd}" in err and msg in err
+
+
+def test_flatq_ptq_data_with_the_wrong_channel_count(tiny_checkpoint, tmp_path, capsys):
+    rc, err = _ptq([str(tiny_checkpoint), "--data", "digits", "--save-dir", str(tmp_path / "rep")], capsys)
+    assert rc == 2
+    assert "--data digits: the data has 1-channel images but the checkpoint's network takes 3 input channels" in err

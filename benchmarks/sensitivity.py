@@ -6,7 +6,7 @@ ranges, BN re-estimated on the quantized network):
 
 1. **Sensitivity**: predicted per-layer loss change (:func:`~flatq_lightning.ptq.sensitivity.predict_sensitivity`
    on ``--predict-images`` held-out *training* images: the 40,000 the 10,000-image training subset left out) and
-   measured per-layer top-1/loss change on the first ``--eval-images`` test images, weights at ``--weight-bits``
+   measured per-layer top-1/loss change on ``--eval-images`` test images (a seeded random subset), weights at ``--weight-bits``
    and activations at ``--act-bits``; Spearman rank correlations predicted vs measured; both analyses' times.
 2. **Plans**: the exact knapsack (:func:`~flatq_lightning.ptq.mixed_precision.plan_bits`) over the predicted
    weight costs at widths ``--choices``, at the weight size of uniform W3 and of uniform W2 (first and last layer
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from flatq_lightning.ptq.mixed_precision import parse_bits_choices, plan_bits  # noqa: E402
 from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
-from flatq_lightning.ptq.sensitivity import analyze_sensitivity  # noqa: E402
+from flatq_lightning.ptq.sensitivity import analyze_sensitivity, take_images  # noqa: E402
 from flatq_lightning.quant import QuantTarget  # noqa: E402
 from flatq_lightning.utils.io import write_file_atomic  # noqa: E402
 
@@ -92,13 +92,7 @@ def evaluate_seed(path: Path, dm: Any, args: argparse.Namespace) -> dict[str, An
     recipe = PTQRecipe.preset("practical", bn_batches=BN_BATCHES)
     calib = [b for _, b in zip(range(args.calib_images // 128), dm.calib_dataloader(128))]
     test = list(dm.test_dataloader())
-    eval_part = []
-    n = 0
-    for x, y in test:
-        if n >= args.eval_images:
-            break
-        eval_part.append((x[: args.eval_images - n], y[: args.eval_images - n]))
-        n += len(eval_part[-1][1])
+    eval_part = take_images(dm.test_dataloader(), args.eval_images)  # a seeded random subset (the split is by class)
     predict = heldout_train_batches(dm, args.predict_images)
 
     def bn_loader() -> Any:  # the same seeded draw of augmented training batches for every copy

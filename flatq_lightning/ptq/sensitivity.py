@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..quant import (
     QuantSpec,
@@ -107,15 +108,27 @@ def _labelled(batches: Iterable[Any], what: str) -> list[tuple[Tensor, Tensor]]:
     return out
 
 
-def take_images(loader: Iterable[Any], n: int) -> list[tuple[Tensor, Tensor]]:
-    """The first ``n`` labelled images of ``loader`` as ``(inputs, targets)`` batches (the last one cut).
+def take_images(loader: Iterable[Any], n: int, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """``n`` labelled images of ``loader`` as ``(inputs, targets)`` batches: a seeded random subset of a
+    ``DataLoader``'s (map-style) dataset, in the loader's batch size, since an evaluation split is often ordered by
+    class (an ImageFolder: its first 2,000 CIFAR test images are two classes); otherwise the first ``n``.
 
     Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> ds = TensorDataset(torch.arange(100.0).unsqueeze(1), torch.arange(100) // 10)  # ordered by class
+        >>> got = take_images(DataLoader(ds, batch_size=16), 40)
+        >>> sum(len(y) for _, y in got), len(torch.cat([y for _, y in got]).unique()) > 4
+        (40, True)
         >>> [tuple(x.shape) for x, _ in take_images([(torch.zeros(4, 2), torch.zeros(4))] * 3, 6)]
         [(4, 2), (2, 2)]
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of images must be a positive int, got {n!r}")
+    ds = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and isinstance(ds, Sized) and not isinstance(ds, IterableDataset):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+        loader = DataLoader(Subset(ds, idx), batch_size=loader.batch_size or 128, shuffle=False,
+                            collate_fn=loader.collate_fn)
     out, seen = [], 0
     for batch in loader:
         if seen >= n:

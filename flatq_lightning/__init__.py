@@ -7,9 +7,13 @@ statistics while the network trains, and quantize the result with plain PTQ afte
 from .callbacks import (
     DNQ,
     ActivationNoiseInjection,
+    ActNoiseConfig,
     DifferentialNoiseInjection,
     QuantErrorRecorder,
     Ramp,
+    RecorderConfig,
+    Warmup,
+    WeightNoiseConfig,
     dnq_callbacks,
 )
 from .callbacks.flatness import SharpnessMonitor, hessian_trace, top_eigenvalue
@@ -60,6 +64,10 @@ __all__ = [
     "QuantErrorRecorder",
     "QuantMSEMixin",
     "Ramp",
+    "Warmup",
+    "RecorderConfig",
+    "WeightNoiseConfig",
+    "ActNoiseConfig",
     "dnq_callbacks",
     "QuantSpec",
     "QuantTarget",

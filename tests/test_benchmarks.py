@@ -72,7 +72,7 @@ def test_quality_variants_are_app_experiments_with_overrides():
     w, a = noise("dnq_wa_late")
     assert w.warmup_fraction == a.warmup_fraction == 0.5 and w.warmup_steps == a.warmup_steps == 0
     w, a = noise("dnq_wa_late_k05")
-    assert w.warmup_fraction == a.warmup_fraction == 0.5 and w.kappa(60) == a.noise_scale == 0.5
+    assert w.warmup_fraction == a.warmup_fraction == 0.5 and w.noise_scale.scale == a.noise_scale.scale == 0.5
     for v, (cbs, cfg, _) in kinds.items():
         # the benchmark's schedule on every variant; every variant trains on the data make_datamodule builds
         assert (cfg.module.lr, cfg.module.scheduler, cfg.module.warmup_fraction) == (0.2, "onecycle", 0.15), v

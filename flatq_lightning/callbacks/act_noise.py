@@ -23,23 +23,25 @@ from ._common import (
 from .noise_source import (
     NOISE_SOURCES,
     NoiseSource,
-    check_warmup,
-    kappa_value,
-    resolve_warmup,
+    ScheduledNoise,
     schedule_settings,
+    with_deprecated_warmup,
 )
 from .recorder import QuantErrorRecorder
 
 __all__ = ["ActivationNoiseInjection"]
 
 
-class ActivationNoiseInjection(Callback):
+class ActivationNoiseInjection(ScheduledNoise, Callback):
     """Stochastic activation noise: on training forwards, each selected layer input ``x`` becomes
     ``x + κ_a·ε`` with ``ε ~ N(μ_a, σ_a²)`` from the recorder's activation-error statistics, with
     probability ``p`` per layer and step (QDrop-style random dropping). Layers without statistics yet are
-    left alone. The choice of layers and the noise are seeded from ``(seed, step, batch_idx)``. No noise for the
-    first ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (resolved at train
-    start into ``warmup_steps``).
+    left alone. The choice of layers and the noise are seeded from ``(seed, step, batch_idx)``. ``noise_scale``
+    (κ_a) is a float or a picklable callable of the step; a :class:`~.schedules.Warmup` around it keeps the first
+    steps, or the first fraction of the fit, noise-free (a fraction is resolved at fit start). ``noise_source``:
+    exact generator noise or windows into a pool of ``pool_numel`` pre-drawn values (``auto``: the pool on the
+    CPU). ``warmup_steps`` and ``warmup_fraction`` are deprecated (a ``FutureWarning``): they wrap
+    ``noise_scale`` in a ``Warmup``.
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4")
@@ -53,10 +55,10 @@ class ActivationNoiseInjection(Callback):
         p: float = 0.5,
         noise_scale: float | Callable[[int], float] = 1.0,
         seed: int = 0,
-        warmup_steps: int = 0,
+        warmup_steps: int | None = None,
         noise_source: str = "auto",
         pool_numel: int = 1 << 22,
-        warmup_fraction: float = 0.0,
+        warmup_fraction: float | None = None,
     ) -> None:
         if not isinstance(recorder, QuantErrorRecorder):
             raise ValueError(f"recorder must be a QuantErrorRecorder, got {type(recorder).__name__}")
@@ -66,15 +68,15 @@ class ActivationNoiseInjection(Callback):
         check_int("seed", seed)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
-        check_warmup(warmup_steps, warmup_fraction)
+        if isinstance(pool_numel, bool) or not isinstance(pool_numel, int) or pool_numel < 2:
+            raise ValueError(f"pool_numel must be an int >= 2 (the noise pool's size in elements), got {pool_numel!r}")
+        noise_scale = with_deprecated_warmup(type(self).__name__, noise_scale, warmup_steps, warmup_fraction)
         if not recorder.record_activations:
             raise ValueError("the recorder was built with record_activations=False: activation noise needs its statistics")
         self.recorder = recorder
         self.p = float(p)
         self.noise_scale = noise_scale
         self.seed = int(seed)
-        self.warmup_steps = warmup_steps
-        self.warmup_fraction = float(warmup_fraction)
         self.noise_source = noise_source
         self.pool_numel = int(pool_numel)
         self._handles: list[RemovableHandle] = []
@@ -108,12 +110,12 @@ class ActivationNoiseInjection(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        self.resolve_schedule(trainer)
         log_settings(trainer, self.settings())  # with the module's hyperparameters, in one set
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        self.resolve_schedule(trainer)
         kind = self.noise_source
         if kind == "auto":
             kind = "pool" if pl_module.device.type == "cpu" else "generator"
@@ -135,10 +137,6 @@ class ActivationNoiseInjection(Callback):
             return
         rng = random.Random(splitmix64(self.seed, step, batch_idx))
         self._active = {n for n in self.recorder.layers if self.should_perturb(n, rng)}
-
-    def kappa(self, step: int) -> float:
-        """The activation noise scale κ_a at optimizer ``step`` (0 during the warm-up); override to change it."""
-        return kappa_value(self.noise_scale, self.warmup_steps, step)
 
     def should_perturb(self, layer: str, rng: random.Random) -> bool:
         """Whether ``layer``'s input gets noise in this training step: with probability ``p``. Called for each

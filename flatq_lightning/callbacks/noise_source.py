@@ -1,9 +1,11 @@
-"""What both noise callbacks draw and when: regenerable standard noise, the warm-up and the noise scale κ_t."""
+"""What both noise callbacks draw and when: regenerable standard noise and the noise scale κ_t (with its
+warm-up)."""
 
 from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,16 +13,20 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ..utils.checks import check_scale_value
 from ._common import splitmix64
+from .schedules import Warmup, check_warmup
 
 __all__ = [
     "NOISE_SOURCES",
     "POOL_MIN_NUMEL",
     "NoiseSource",
-    "check_warmup",
+    "ScheduledNoise",
     "kappa_value",
-    "resolve_warmup",
+    "resolve_schedule",
     "schedule_settings",
+    "warmup_of",
+    "with_deprecated_warmup",
 ]
 
 NOISE_SOURCES = ("auto", "generator", "pool")
@@ -109,28 +115,18 @@ class NoiseSource:
         return flat.view(shape)
 
 
-def check_warmup(warmup_steps: int, warmup_fraction: float) -> None:
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)) or not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction must be a float in [0, 1), got {warmup_fraction!r}")
-    if warmup_steps and warmup_fraction:
-        raise ValueError(f"give warmup_steps ({warmup_steps}) or warmup_fraction ({warmup_fraction}), not both")
+def resolve_schedule(
+    noise_scale: float | Callable[[int], float], trainer: pl.Trainer
+) -> float | Callable[[int], float]:
+    """The noise scale for this fit: a :class:`~.schedules.Warmup` of a fraction resolved against the fit's
+    optimizer steps (``trainer.estimated_stepping_batches``), anything else as it is."""
+    if isinstance(noise_scale, Warmup) and not noise_scale.resolved:
+        return noise_scale.resolve(trainer.estimated_stepping_batches)
+    return noise_scale
 
 
-def resolve_warmup(warmup_steps: int, warmup_fraction: float, trainer: pl.Trainer) -> int:
-    """The noise-free steps: ``warmup_steps``, or ``warmup_fraction`` of the fit's optimizer steps."""
-    if not warmup_fraction:
-        return warmup_steps
-    total = trainer.estimated_stepping_batches
-    if not math.isfinite(total):
-        raise ValueError("warmup_fraction needs a finite run (max_epochs or max_steps); give warmup_steps instead")
-    return int(warmup_fraction * total)
-
-
-def kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, step: int) -> float:
-    if step < warmup_steps:
-        return 0.0
+def kappa_value(noise_scale: float | Callable[[int], float], step: int) -> float:
+    """κ at ``step``: the float, or the schedule's value (checked: finite and >= 0)."""
     k = noise_scale(step) if callable(noise_scale) else noise_scale
     k = float(k)
     if not math.isfinite(k) or k < 0:
@@ -138,12 +134,81 @@ def kappa_value(noise_scale: float | Callable[[int], float], warmup_steps: int, 
     return k
 
 
+class ScheduledNoise:
+    """κ of a noise callback: :attr:`noise_scale` as given (a float or a schedule of the step, a
+    :class:`~.schedules.Warmup` included) and, for the current fit, with a warm-up's fraction resolved
+    (:meth:`resolve_schedule` at fit start)."""
+
+    @property
+    def noise_scale(self) -> float | Callable[[int], float]:
+        """κ as given: a float or a schedule of the optimizer step, a ``Warmup`` included."""
+        return self._noise_scale
+
+    @noise_scale.setter
+    def noise_scale(self, value: float | Callable[[int], float]) -> None:
+        check_scale_value("noise_scale", value)
+        self._noise_scale = self._schedule = value
+
+    @property
+    def warmup_steps(self) -> int:
+        """The noise-free optimizer steps at the start of the fit (a fraction's: 0 until fit start resolves it)."""
+        w = warmup_of(self._schedule)
+        return w.steps if w is not None else 0
+
+    @property
+    def warmup_fraction(self) -> float:
+        """The warm-up as a fraction of the fit's steps (0.0: none, or one given in steps)."""
+        w = warmup_of(self._noise_scale)
+        return w.fraction if w is not None else 0.0
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> None:
+        """Resolve the warm-up's fraction against this fit's optimizer steps."""
+        self._schedule = resolve_schedule(self._noise_scale, trainer)
+
+    def kappa(self, step: int) -> float:
+        """The noise scale κ at optimizer ``step`` (0 during the warm-up); override to change it."""
+        return kappa_value(self._schedule, step)
+
+
+def warmup_of(noise_scale: object) -> Warmup | None:
+    """The schedule's warm-up (``None``: it has none)."""
+    return noise_scale if isinstance(noise_scale, Warmup) else None
+
+
+def with_deprecated_warmup(
+    owner: str, noise_scale: float | Callable[[int], float], warmup_steps: int | None, warmup_fraction: float | None
+) -> float | Callable[[int], float]:
+    """``noise_scale`` with the warm-up given the old way (``warmup_steps=``/``warmup_fraction=`` of a noise
+    callback: a ``FutureWarning``), as a :class:`~.schedules.Warmup`."""
+    if warmup_steps is None and warmup_fraction is None:
+        return noise_scale
+    steps, fraction = 0 if warmup_steps is None else warmup_steps, 0.0 if warmup_fraction is None else warmup_fraction
+    check_warmup(steps, fraction)
+    given = f"fraction={fraction}" if fraction else f"steps={steps}"
+    warnings.warn(
+        f"{owner}(warmup_steps=..., warmup_fraction=...) is deprecated: the warm-up is part of the noise schedule, "
+        f"noise_scale=Warmup(noise_scale, {given}) (flatq_lightning.Warmup; DNQ keeps its warmup_steps and "
+        "warmup_fraction)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if not steps and not fraction:
+        return noise_scale
+    if isinstance(noise_scale, Warmup):
+        raise ValueError(
+            f"{owner}: the warm-up is given twice (warmup_steps/warmup_fraction and noise_scale={noise_scale!r})"
+        )
+    return Warmup(noise_scale, steps=steps, fraction=fraction)
+
+
 def schedule_settings(prefix: str, cb: Any) -> dict[str, object]:
-    """When a noise callback's noise is on and how strong, as ``<prefix>/...`` hyperparameters."""
+    """When a noise callback's noise is on and how strong, as ``<prefix>/...`` hyperparameters: the scale without
+    its warm-up, the warm-up's steps (resolved) and fraction, the seed."""
     from ..utils.logging import describe
 
+    w = warmup_of(cb.noise_scale)
     return {
-        f"{prefix}/noise_scale": describe(cb.noise_scale),
+        f"{prefix}/noise_scale": describe(cb.noise_scale if w is None else w.scale),
         f"{prefix}/warmup_steps": cb.warmup_steps,
         f"{prefix}/warmup_fraction": cb.warmup_fraction,
         f"{prefix}/seed": cb.seed,

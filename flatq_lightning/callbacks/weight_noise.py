@@ -29,10 +29,9 @@ from .noise_source import (
     NOISE_SOURCES,
     POOL_MIN_NUMEL,
     NoiseSource,
-    check_warmup,
-    kappa_value,
-    resolve_warmup,
+    ScheduledNoise,
     schedule_settings,
+    with_deprecated_warmup,
 )
 from .param_noise import NoiseSnapshot, ParamNoise
 from .recorder import QuantErrorRecorder
@@ -93,7 +92,7 @@ def _refuse_weight_averaging(trainer: pl.Trainer, cb: DifferentialNoiseInjection
         )
 
 
-class DifferentialNoiseInjection(Callback):
+class DifferentialNoiseInjection(ScheduledNoise, Callback):
     """Zero-mean differential Gaussian weight noise with the recorded weight-error statistics.
 
     At optimizer step ``t`` the forward and backward passes see ``W + δ_t`` with ``δ_t = κ·ε_t``,
@@ -103,12 +102,14 @@ class DifferentialNoiseInjection(Callback):
     clean ``W``. Modes: ``differential`` (default), ``add_remove`` (noise added before the forward and removed
     before the optimizer step), ``uniform`` (DiffQ-style ``U(−s/2, s/2)`` with the quantizer's channel step ``s``,
     applied differentially), ``off``. ``noise_scale`` is a float or a picklable callable of the step
-    (e.g. :class:`Ramp`). ``noise_source`` picks exact generator noise or a fast pool of noise
-    (``auto``: the pool for large models on the CPU, the generator elsewhere). Only the recorder's layers with
+    (e.g. :class:`Ramp`); a :class:`~.schedules.Warmup` around it keeps the first steps, or the first fraction of
+    the fit, noise-free (clean training first; a fraction is resolved at fit start, and :attr:`warmup_steps`
+    then holds the step count). ``noise_source`` picks exact generator noise or a fast pool of noise
+    (``auto``: the pool for large models on the CPU, the generator elsewhere; ``pool_fraction``: the pool's
+    size as a fraction of the noisy elements). Only the recorder's layers with
     a weight (``recorder.weight_layers``) are perturbed; weightless points (attention operands) get activation
-    noise only. Noise is keyed by the layer's index among those weighted layers. No noise for the first
-    ``warmup_steps`` optimizer steps, or the first ``warmup_fraction`` of the fit's steps (clean training first;
-    the fraction is resolved at train start, and ``warmup_steps`` then holds the step count).
+    noise only. Noise is keyed by the layer's index among those weighted layers. ``warmup_steps`` and
+    ``warmup_fraction`` are deprecated (a ``FutureWarning``): they wrap ``noise_scale`` in a ``Warmup``.
 
     BatchNorm: while the noise trains, BN running statistics describe the noisy network. When noise was
     applied, the end of fit re-estimates them on the clean weights (noise off, cumulative average over
@@ -121,7 +122,8 @@ class DifferentialNoiseInjection(Callback):
 
     Example:
         >>> rec = QuantErrorRecorder("w4a4", refresh_weights=False)  # this callback refreshes it on clean weights
-        >>> noise = DifferentialNoiseInjection(rec, noise_scale=1.0)
+        >>> from flatq_lightning.callbacks.schedules import Warmup
+        >>> noise = DifferentialNoiseInjection(rec, noise_scale=Warmup(1.0, steps=100))  # clean for 100 steps
         >>> # Trainer(callbacks=[rec, noise]).fit(model)
     """
 
@@ -130,9 +132,9 @@ class DifferentialNoiseInjection(Callback):
         recorder: QuantErrorRecorder,
         noise_scale: float | Callable[[int], float] = 1.0,
         mode: str | NoiseMode = "differential",
-        warmup_steps: int = 0,
+        warmup_steps: int | None = None,
         seed: int = 0,
-        warmup_fraction: float = 0.0,
+        warmup_fraction: float | None = None,
         noise_source: str = "auto",
         pool_fraction: float = 1 / 32,
         clean_bn_batches: int = 32,
@@ -144,7 +146,7 @@ class DifferentialNoiseInjection(Callback):
         noise_mode = NoiseMode.from_name(mode)
         check_scale_value("noise_scale", noise_scale)
         check_int("seed", seed)
-        check_warmup(warmup_steps, warmup_fraction)
+        noise_scale = with_deprecated_warmup(type(self).__name__, noise_scale, warmup_steps, warmup_fraction)
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
         if not 0.0 < pool_fraction <= 1.0:
@@ -159,8 +161,6 @@ class DifferentialNoiseInjection(Callback):
         self.noise_scale = noise_scale
         #: the strategy that draws δ and says when it sits in the parameters
         self.noise_mode = noise_mode
-        self.warmup_steps = warmup_steps
-        self.warmup_fraction = float(warmup_fraction)
         self.seed = int(seed)
         self.noise_source = noise_source
         self.pool_fraction = float(pool_fraction)
@@ -257,9 +257,6 @@ class DifferentialNoiseInjection(Callback):
         pool = max(1 << 15, int(total * self.pool_fraction)) if kind == "pool" else 0
         self.engine = ParamNoise(params, NoiseSource(kind, self.noise_mode.distribution, self.seed, pool))
 
-    def kappa(self, step: int) -> float:
-        return kappa_value(self.noise_scale, self.warmup_steps, step)
-
     def _coefficients(self, step: int, device: torch.device) -> NoiseSnapshot:
         """The noise of ``step`` from the recorder's statistics (the coefficients are reused until the next
         refresh or change of κ)."""
@@ -336,12 +333,12 @@ class DifferentialNoiseInjection(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # before Lightning logs the module's hyperparameters: the settings go out with them, in one set
-        self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        self.resolve_schedule(trainer)
         log_settings(trainer, self.settings())
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.warmup_steps = resolve_warmup(self.warmup_steps, self.warmup_fraction, trainer)
+        self.resolve_schedule(trainer)
         self._prepare(pl_module)
         engine = self.engine
         assert engine is not None

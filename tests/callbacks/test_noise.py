@@ -8,6 +8,7 @@ from flatq_lightning import (
     DifferentialNoiseInjection,
     QuantErrorRecorder,
     Ramp,
+    Warmup,
     dnq_callbacks,
 )
 from flatq_lightning.callbacks.noise_source import NoiseSource
@@ -239,7 +240,7 @@ def test_auto_pool_is_small_relative_to_weights():
 
 def test_ramp_schedule_and_warmup():
     rec = QuantErrorRecorder("w4a4", refresh_weights=False)
-    noise = DifferentialNoiseInjection(rec, noise_scale=Ramp(2.0, 10), warmup_steps=3)
+    noise = DifferentialNoiseInjection(rec, noise_scale=Warmup(Ramp(2.0, 10), steps=3))
     assert noise.kappa(0) == 0.0 and noise.kappa(2) == 0.0
     assert noise.kappa(5) == pytest.approx(1.0) and noise.kappa(100) == 2.0
 
@@ -265,7 +266,7 @@ def test_warmup_fraction_keeps_the_first_part_of_the_fit_clean():
     assert all(k == 1.0 and a == 1.0 for s, k, a in spy.seen if s >= 8)
     # a run with no finite length cannot resolve a fraction
     rec = QuantErrorRecorder("w4a4", refresh_weights=False)
-    late = DifferentialNoiseInjection(rec, warmup_fraction=0.5)
+    late = DifferentialNoiseInjection(rec, noise_scale=Warmup(fraction=0.5))
     with pytest.raises(ValueError, match="warmup_fraction needs a finite run"):
         _fit([rec, late], epochs=-1, max_steps=-1)
 
@@ -312,9 +313,11 @@ def test_activation_noise_is_applied_with_probability_p():
         (lambda r: DifferentialNoiseInjection(r, mode="loud"), r"mode must be one of \('differential'"),
         (lambda r: DifferentialNoiseInjection(r, noise_scale=-1.0), "noise_scale must be a finite float >= 0"),
         (lambda r: DifferentialNoiseInjection(r, noise_source="disk"), "noise_source must be one of"),
-        (lambda r: DifferentialNoiseInjection(r, warmup_steps=-1), "warmup_steps must be an int >= 0"),
-        (lambda r: DifferentialNoiseInjection(r, warmup_fraction=1.0), r"warmup_fraction must be a float in \[0, 1\)"),
-        (lambda r: ActivationNoiseInjection(r, warmup_steps=4, warmup_fraction=0.5), "not both"),
+        (lambda r: DifferentialNoiseInjection(r, noise_scale=Warmup(steps=-1)), "Warmup steps must be an int >= 0"),
+        (lambda r: DifferentialNoiseInjection(r, noise_scale=Warmup(fraction=1.0)), r"Warmup fraction must be a float in \[0, 1\)"),
+        (lambda r: ActivationNoiseInjection(r, noise_scale=Warmup(steps=4, fraction=0.5)), "not both"),
+        (lambda r: ActivationNoiseInjection(r, noise_scale=Warmup(-1.0)), "Warmup scale must be a finite float >= 0"),
+        (lambda r: ActivationNoiseInjection(r, pool_numel=1), "pool_numel must be an int >= 2"),
         (lambda r: ActivationNoiseInjection(r, p=1.5), r"p must be a probability in \[0, 1\]"),
         (lambda r: ActivationNoiseInjection(r, p=-0.1), r"p must be a probability in \[0, 1\]"),
         (lambda r: ActivationNoiseInjection(r, noise_scale=-2), "noise_scale must be a finite float >= 0"),

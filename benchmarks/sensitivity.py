@@ -139,6 +139,39 @@ def evaluate_seed(path: Path, dm: Any, args: argparse.Namespace) -> dict[str, An
             "ptq": rows, "ptq_seconds": time.perf_counter() - t}
 
 
+def reliability_seed(path: Path, dm: Any, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """The measurement's own reproducibility: the "only this layer" drops measured again on 4,000 other test images
+    (disjoint from the analysis's ``--eval-images``, the same seeded permutation), ranked against the stored
+    measurement and against the prediction. No predictor can agree with a measurement better than the measurement
+    agrees with itself."""
+    from flatq_lightning.app.models import create_model
+    from flatq_lightning.ptq.sensitivity import measure_sensitivity, spearman
+
+    net = create_model("cifar_resnet20", num_classes=10)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.eval()
+    ds = dm.test_dataloader().dataset
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    other = perm[args.eval_images: args.eval_images + 4000].sort().values.tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, other), batch_size=250)
+    calib = [b for _, b in zip(range(args.calib_images // 128), dm.calib_dataloader(128))]
+    rec = json.loads((out_dir / f"{path.stem}.json").read_text())["result"]["sensitivity"]
+    wb, ab = parse_bits_choices(args.weight_bits), parse_bits_choices(args.act_bits)
+    meas, _ = measure_sensitivity(net, calib, list(loader), wb, ab, recipe=PTQRecipe.preset("practical", bn_batches=BN_BATCHES),
+                                  all_but=False)
+    out: dict[str, Any] = {}
+    for side, bits in (("weight", wb), ("act", ab)):
+        for b in bits:
+            rs = [r for r in rec["rows"] if r["side"] == side and r["bits"] == b and r["top1_drop"] is not None]
+            again = [meas[(r["layer"], side, b)] for r in rs]
+            out[f"{side}{b}"] = {
+                "measured_vs_remeasured_top1_drop": spearman([r["top1_drop"] for r in rs], [m["top1_drop"] for m in again]),
+                "measured_vs_remeasured_loss_drop": spearman([r["loss_drop"] for r in rs], [m["loss_drop"] for m in again]),
+                "predicted_vs_remeasured_top1_drop": spearman([r["predicted"] for r in rs], [m["top1_drop"] for m in again]),
+            }
+    return out
+
+
 def summarize(out_dir: Path) -> dict[str, Any]:
     recs = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("seed*.json"))}
     seeds = sorted(recs)
@@ -168,6 +201,18 @@ def summarize(out_dir: Path) -> dict[str, Any]:
           "| setting, predictor vs measure | " + " | ".join(seeds) + " | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
     for key, vals in s["spearman"].items():
         md.append(f"| {key} | " + " | ".join(f"{v:+.2f}" for v in vals) + f" | {statistics.fmean(vals):+.2f} |")
+    rel = {p.stem.removeprefix("reliability_"): json.loads(p.read_text())["result"]
+           for p in sorted(out_dir.glob("reliability_seed*.json"))}
+    if rel:
+        s["reliability"] = rel
+        md += ["", "## The measurement against itself: the same drops measured on 4,000 other test images", "",
+               "| setting, Spearman | " + " | ".join(rel) + " | mean |", "|---|" + "---:|" * (len(rel) + 1)]
+        keys = next(iter(rel.values()))
+        for setting in keys:
+            for m in keys[setting]:
+                vals = [rel[k][setting][m] for k in rel]
+                md.append(f"| {setting} {m} | " + " | ".join(f"{v:+.2f}" for v in vals)
+                          + f" | {statistics.fmean(vals):+.2f} |")
     md += ["", "## Plan minus uniform, top-1 on the 10,000 test images (practical recipe, activations at 4 bits)", "",
            "| row | uniform per seed | plan per seed | plan bits/weight | paired difference (mean ± 95 % CI) |",
            "|---|---|---|---:|---:|"]
@@ -200,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--out-dir", default="benchmarks/results/sensitivity/cpu")
     ap.add_argument("--summarize", action="store_true", help="only regenerate the summary")
+    ap.add_argument("--reliability", action="store_true",
+                    help="measure the stored seeds' 'only this layer' drops again on 4,000 other test images")
     ap.add_argument("--overwrite", action="store_true", help="replace existing seed<k>.json files")
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -216,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(args.models) / f"seed{s}.pt"
             if not path.exists():
                 raise SystemExit(f"{path} does not exist: train it with benchmarks/quality.py --train-only")
-            out = out_dir / f"seed{s}.json"
+            out = out_dir / (f"reliability_seed{s}.json" if args.reliability else f"seed{s}.json")
             if out.exists() and not args.overwrite:
                 raise SystemExit(f"{out} exists: pass --overwrite to replace it, or --out-dir for a new folder")
             torch.manual_seed(0)
-            res = evaluate_seed(path, dm, args)
-            rec = {"benchmark": "sensitivity", "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+            res = reliability_seed(path, dm, args, out_dir) if args.reliability else evaluate_seed(path, dm, args)
+            rec = {"benchmark": "sensitivity" + ("_reliability" if args.reliability else ""), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
                    "command": "python " + " ".join(sys.argv), "machine": machine(), "result": res}
             write_file_atomic(out, json.dumps(rec, indent=1) + "\n", overwrite=args.overwrite)
     s = summarize(out_dir)

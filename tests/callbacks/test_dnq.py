@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 
-from flatq_lightning import DNQ, QuantErrorRecorder, dnq_callbacks
+from flatq_lightning import DNQ, QuantErrorRecorder, QuantTarget, dnq_callbacks
 from flatq_lightning.callbacks import (
     ActivationNoiseInjection,
     CallbackGroup,
@@ -242,3 +242,20 @@ def test_two_dnq_in_one_trainer_need_their_own_names_and_the_second_is_refused_a
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         DNQ("w4a4", name="")
 
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        ({"seed": "abc"}, TypeError, r"seed must be an int, got 'abc'"),
+        ({"seed": 1.5}, TypeError, r"seed must be an int, got 1\.5"),
+        ({"momentum": "abc"}, ValueError, r"momentum must be in \[0, 1\) \(a float\), got 'abc'"),
+        ({"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\)"),
+        ({"target": QuantTarget.preset("w4a16")}, ValueError, r"'w4a16': DNQ trains against a quantizer on both sides"),
+        ({"target": 4}, ValueError, r"target must be a QuantTarget or a preset string like 'w4a4', got 4"),
+        ({"noise_scale": float("nan")}, ValueError, r"noise_scale must be a finite float >= 0"),
+        ({"act_noise_scale": float("inf")}, ValueError, r"noise_scale must be a finite float >= 0"),
+    ],
+)
+def test_dnq_callbacks_name_the_bad_argument(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        dnq_callbacks(**{"target": "w4a4", **kwargs})

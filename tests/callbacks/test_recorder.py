@@ -83,3 +83,7 @@ def test_model_without_quantizable_layers_fails_at_setup():
         _fit(dnq_callbacks("w4a4"), epochs=1) if False else trainer(callbacks=dnq_callbacks("w4a4")).fit(NoLayers(), *loaders())
 
 
+def test_recorder_flags_must_be_bools():
+    for flag in ("record_activations", "log_sqnr", "check_finite"):
+        with pytest.raises(TypeError, match=rf"{flag} must be True or False, got 'no'"):
+            QuantErrorRecorder("w4a4", **{flag: "no"})

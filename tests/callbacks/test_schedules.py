@@ -65,3 +65,15 @@ def test_warmup_fraction_is_resolved_against_the_fit():
 def test_warmup_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Warmup(**kw)
+
+
+def test_schedules_refuse_non_finite_values():
+    from flatq_lightning import Ramp
+    from flatq_lightning.callbacks.schedules import PiecewiseLinear
+
+    with pytest.raises(ValueError, match=r"Ramp end must be a finite float >= 0 \(a noise scale\), got nan"):
+        Ramp(end=float("nan"))
+    with pytest.raises(ValueError, match=r"Ramp start must be a finite float >= 0"):
+        Ramp(start=float("inf"))
+    with pytest.raises(ValueError, match=r"PiecewiseLinear values must be finite and >= 0"):
+        PiecewiseLinear([(0, 0.0), (10, float("nan"))])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from export import _write_atomic, load_state, machine, ort_static  # noqa: E402
 
+from benchmarks._common import ci95, cifar_seed_models  # noqa: E402
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx  # noqa: E402
 from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
@@ -46,18 +46,6 @@ from flatq_lightning.quant import batch_inputs  # noqa: E402
 FILES = ("ort_static", "flatq_minmax_layer_inputs", "flatq_minmax_onnxruntime", "flatq_practical_onnxruntime")
 CALIB_IMAGES = 1024
 BN_BATCHES = 16
-# two-sided 95 % Student t quantiles by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % confidence interval (Student t; NaN for fewer than 2 values)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def evaluate_seed(path: Path, dm: Any, args: argparse.Namespace, files_dir: Path) -> dict[str, Any]:
     from flatq_lightning.app.models import create_model
 
@@ -142,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                num_workers=0)
         dm.setup("fit")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        for s in [int(v) for v in args.seeds.split(",") if v]:
-            path = Path(args.models) / f"seed{s}.pt"
-            if not path.exists():
-                raise SystemExit(f"{path} does not exist: train it with benchmarks/quality.py --train-only")
+        for s, path in cifar_seed_models(args.models, args.seeds):
             torch.manual_seed(0)
             res = evaluate_seed(path, dm, args, Path(args.files))
             rec = {"benchmark": "export_accuracy", "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,

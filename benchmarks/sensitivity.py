@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._common import ci95, cifar_seed_models  # noqa: E402
 from flatq_lightning.ptq.mixed_precision import parse_bits_choices, plan_bits  # noqa: E402
 from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
@@ -44,17 +44,7 @@ from flatq_lightning.ptq.sensitivity import analyze_sensitivity, take_images  # 
 from flatq_lightning.quant import QuantTarget  # noqa: E402
 from flatq_lightning.utils.io import write_file_atomic  # noqa: E402
 
-# two-sided 95 % Student t quantiles by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 BN_BATCHES = 16
-
-
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % confidence interval (Student t; NaN for fewer than 2 values)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def heldout_train_batches(dm: Any, images: int, batch: int = 128, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,7 +80,7 @@ def evaluate_seed(path: Path, dm: Any, args: argparse.Namespace) -> dict[str, An
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # a file is untrusted input
     net.eval()
     recipe = PTQRecipe.preset("practical", bn_batches=BN_BATCHES)
-    calib = [b for _, b in zip(range(args.calib_images // 128), dm.calib_dataloader(128))]
+    calib = [b for _, b in zip(range(max(1, args.calib_images // 128)), dm.calib_dataloader(128))]
     test = list(dm.test_dataloader())
     eval_part = take_images(dm.test_dataloader(), args.eval_images)  # a seeded random subset (the split is by class)
     predict = heldout_train_batches(dm, args.predict_images)
@@ -152,9 +142,9 @@ def reliability_seed(path: Path, dm: Any, args: argparse.Namespace, out_dir: Pat
     net.eval()
     ds = dm.test_dataloader().dataset
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    other = perm[args.eval_images: args.eval_images + 4000].sort().values.tolist()
+    other = perm[args.eval_images: args.eval_images + args.remeasure_images].sort().values.tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, other), batch_size=250)
-    calib = [b for _, b in zip(range(args.calib_images // 128), dm.calib_dataloader(128))]
+    calib = [b for _, b in zip(range(max(1, args.calib_images // 128)), dm.calib_dataloader(128))]
     rec = json.loads((out_dir / f"{path.stem}.json").read_text())["result"]["sensitivity"]
     wb, ab = parse_bits_choices(args.weight_bits), parse_bits_choices(args.act_bits)
     meas, _ = measure_sensitivity(net, calib, list(loader), wb, ab, recipe=PTQRecipe.preset("practical", bn_batches=BN_BATCHES),
@@ -243,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hessian-batches", type=int, default=2)
     ap.add_argument("--probes", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument("--train-subset", type=int, default=10_000,
+                    help="the training subset the models were trained on (data seed 0): the rest is held out")
+    ap.add_argument("--remeasure-images", type=int, default=4000, help="--reliability: test images of the remeasurement")
     ap.add_argument("--out-dir", default="benchmarks/results/sensitivity/cpu")
     ap.add_argument("--summarize", action="store_true", help="only regenerate the summary")
     ap.add_argument("--reliability", action="store_true",
@@ -255,14 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         from flatq_lightning.app.data import CIFAR10DataModule
 
-        dm = CIFAR10DataModule(args.data, batch_size=128, eval_batch_size=250, train_subset=10_000, seed=0,
+        dm = CIFAR10DataModule(args.data, batch_size=128, eval_batch_size=250, train_subset=args.train_subset, seed=0,
                                num_workers=0)
         dm.setup("fit")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        for s in [int(v) for v in args.seeds.split(",") if v]:
-            path = Path(args.models) / f"seed{s}.pt"
-            if not path.exists():
-                raise SystemExit(f"{path} does not exist: train it with benchmarks/quality.py --train-only")
+        for s, path in cifar_seed_models(args.models, args.seeds):
             out = out_dir / (f"reliability_seed{s}.json" if args.reliability else f"seed{s}.json")
             if out.exists() and not args.overwrite:
                 raise SystemExit(f"{out} exists: pass --overwrite to replace it, or --out-dir for a new folder")

@@ -21,7 +21,7 @@ def _load(name: str):
 
 
 @pytest.mark.parametrize("script", ["quality", "overhead", "vit_attention", "ptq_timing", "calib_spread", "export",
-                                    "export_accuracy"])
+                                    "export_accuracy", "sensitivity"])
 def test_help(script, capsys, monkeypatch):
     """In-process (no interpreter start): the script imports and its parser answers --help."""
     monkeypatch.syspath_prepend(str(ROOT))  # as `python benchmarks/<script>.py` from the repository root, whose
@@ -348,3 +348,42 @@ def test_export_accuracy_seed_by_seed_against_quantize_static(tmp_path):
     rec = json.loads((out / "seed1.json").read_text())["result"]["rows"]
     assert per[1] == pytest.approx(rec["flatq_minmax_onnxruntime"]["top1_ort"] - rec["ort_static"]["top1_ort"])
     assert "paired difference to quantize_static" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sensitivity_seed_by_seed_plans_and_reliability(tmp_path):
+    """benchmarks/sensitivity.py on a CIFAR-style JPEG zip and saved state dicts: the analysis, the plans against
+    uniform PTQ per seed and paired over the seeds, the remeasurement on other test images, the summary."""
+    import json
+    import os
+
+    import torch
+
+    from flatq_lightning.app.models import create_model
+
+    data = _tiny_cifar_zip(tmp_path)
+    models = tmp_path / "models"
+    models.mkdir()
+    for s in (0, 1):
+        torch.manual_seed(s)
+        torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), models / f"seed{s}.pt")
+    out = tmp_path / "out"
+    base = [sys.executable, str(ROOT / "benchmarks" / "sensitivity.py"), "--data", str(data), "--models", str(models),
+            "--seeds", "0,1", "--threads", "1", "--out-dir", str(out), "--train-subset", "30", "--weight-bits", "3",
+            "--calib-images", "128", "--predict-images", "10", "--eval-images", "10", "--remeasure-images", "10"]
+    env = {**os.environ, "FLATQ_CACHE": str(tmp_path / "cache")}
+    for extra in ([], ["--reliability"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == ["seed0", "seed1"] and set(summary["reliability"]) == {"seed0", "seed1"}
+    assert set(summary["paired"]) == {"plan_w3a4", "plan_w2a4"}  # no measured plans: only 3 bits measured
+    rec = json.loads((out / "seed1.json").read_text())["result"]
+    per = summary["paired"]["plan_w3a4"]["per_seed"]
+    assert per[1] == pytest.approx(rec["ptq"]["plan_w3a4"]["top1"] - rec["ptq"]["uniform_w3a4"]["top1"])
+    assert rec["plans"]["w3"]["bits_per_weight"] <= rec["plans"]["w3"]["budget"] + 1e-9
+    assert "weight3 predicted_vs_top1_drop" in (out / "summary.md").read_text()
+    r = subprocess.run(base, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
+    assert r.returncode != 0 and "exists: pass --overwrite" in r.stderr  # an earlier result is never replaced
+

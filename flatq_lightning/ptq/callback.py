@@ -21,8 +21,8 @@ from .export import normalize_export_formats
 from .mixed_precision import parse_bits_choices, plan_mixed_precision
 from .recipe import RECIPES, PTQRecipe
 from .report import PTQReport
-from .runner import DEFAULT_BITS, _recipe_from_args, ptq_target, run_ptq, validate_ptq_args
-from .sensitivity import take_images
+from .runner import DEFAULT_BITS, _recipe_from_args, ptq_network, ptq_target, run_ptq, validate_ptq_args
+from .sensitivity import SensitivityReport, analyze_sensitivity, take_images
 
 __all__ = ["PostTrainingQuantization", "STAGES", "recipe_settings"]
 
@@ -212,6 +212,8 @@ class PostTrainingQuantization(Callback):
         budget: float | None = None,
         bits_choices: str | Sequence[int] = (2, 3, 4, 8),
         plan_images: int = 1024,
+        sensitivity_bits: int | None = None,
+        sensitivity_images: int = 2000,
     ) -> None:
         super().__init__()
         #: the recipe every quantized copy is made with (the deprecated arguments laid over ``recipe``)
@@ -240,6 +242,12 @@ class PostTrainingQuantization(Callback):
         self.budget = None if budget is None else float(budget)
         self.bits_choices = parse_bits_choices(bits_choices)
         self.plan_images = plan_images
+        if sensitivity_bits is not None and (isinstance(sensitivity_bits, bool) or sensitivity_bits not in range(2, 9)):
+            raise ValueError(f"sensitivity_bits must be None or an int in [2, 8], got {sensitivity_bits!r}")
+        #: also analyse per-layer sensitivity at this width at the end of fit (files beside the report, loggers)
+        self.sensitivity_bits = sensitivity_bits
+        self.sensitivity_images = sensitivity_images
+        self.sensitivity: SensitivityReport | None = None
         self.calib_batches = calib_batches
         self.stage = stage
         self.save_dir = save_dir
@@ -382,6 +390,16 @@ class PostTrainingQuantization(Callback):
         )
         # accuracies, per-layer SQNR, settings and the plot (to the loggers that take images)
         report.log_to(trainer.loggers, step=trainer.global_step, image_path=self.files.get("png"))
+        if self.sensitivity_bits is not None:  # which layer costs the accuracy: files beside the report, loggers
+            b = self.sensitivity_bits
+            held_out = take_images(eval_loader, self.sensitivity_images)  # half predicts, the other half measures
+            predict = [(x[: len(y) // 2], y[: len(y) // 2]) for x, y in held_out if len(y) >= 2]
+            measure = [(x[len(y) // 2:], y[len(y) // 2:]) for x, y in held_out if len(y) >= 2]
+            self.sensitivity = analyze_sensitivity(
+                ptq_network(pl_module), take_images(calib_loader, self.calib_batches * 128), predict, measure, (b,),
+                (b,), recipe=self.recipe, target=self.target, progress=self.progress)
+            self.sensitivity.save(save_dir, overwrite=self.overwrite)
+            self.sensitivity.log_to(trainer.loggers)
         if self.print_report:
             _print(report.markdown_table())
             if any(r.exports for r in report.rows):

@@ -244,3 +244,24 @@ def test_recipe_from_a_hydra_node():
     assert cb.recipe == PTQRecipe.preset("reconstruct", iters=20, blocks=("features.*",), beta=(10.0, 1.0))
     assert cb.settings()["ptq/recipe"] == "reconstruct" and cb.settings()["ptq/reconstruction/iters"] == 20
     assert PostTrainingQuantization().recipe == RECIPES["minmax"]  # the default
+
+
+def test_callback_budget_and_sensitivity_reach_the_report_files_and_loggers(tmp_path):
+    """budget=: a '<bits>-mixed' row with the plan in the report; sensitivity_bits=: sensitivity.* beside the
+    report and its Spearman/per-layer values in the loggers."""
+    cb = PostTrainingQuantization(bits="w4a4", calib_batches=2, progress=False, print_report=False, budget=3.5,
+                                  bits_choices="2,4,8", plan_images=64, sensitivity_bits=4, sensitivity_images=64)
+    trainer = _trainer(tmp_path, cb)
+    trainer.fit(_LitNetVal())
+    out = Path(trainer.log_dir)
+    rep = PTQReport.from_json(out / "ptq_report.json")
+    assert rep.bits == ["w4a4", "w4a4-mixed"] and rep.plan["budget"] == 3.5
+    assert {"sensitivity.json", "sensitivity.md", "sensitivity.png"} <= {p.name for p in out.iterdir()}
+    assert cb.sensitivity is not None and set(cb.sensitivity.spearman) == {"weight4", "act4"}
+    with open(out / "metrics.csv") as f:
+        logged = {k for r in csv.DictReader(f) for k, v in r.items() if v not in ("", None)}
+    assert any(k.startswith("sensitivity/weight4/") and k.endswith("/predicted") for k in logged)
+    with pytest.raises(ValueError, match="sensitivity_bits must be None or an int in"):
+        PostTrainingQuantization(sensitivity_bits=1)
+    with pytest.raises(ValueError, match="budget must be None or a number"):
+        PostTrainingQuantization(budget="3")

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from ..quant.bn import reestimate_bn
 from ..quant.hooks import hooks_suspended
+from ..quant.quantize import batch_inputs
 from ..utils.logging import describe
 
 _MASK64 = (1 << 64) - 1
@@ -45,9 +47,6 @@ def reestimate_bn_on_training_data(trainer: Any, pl_module: Any, num_batches: in
     """
     from lightning.pytorch.utilities import rank_zero_warn
     from torch.utils.data import DataLoader, IterableDataset
-
-    from ..quant.bn import reestimate_bn
-    from ..quant.quantize import batch_inputs
 
     loader = _train_loader(trainer)
     if loader is None:

@@ -13,6 +13,9 @@ from ..quant.hooks import hooks_suspended
 from ..quant.ops import compute_qparams, fake_quantize
 from ..quant.spec import QuantSpec
 from ..quant.targets import QuantTarget, as_target, has_weight
+from .dnq import DNQ
+from .recorder import QuantErrorRecorder
+from .weight_noise import DifferentialNoiseInjection
 
 __all__ = ["QuantMSEMixin"]
 
@@ -57,9 +60,6 @@ class QuantMSEMixin:
         """Take the target quantizer from the DNQ statistics: a :class:`~flatq_lightning.DNQ` (its recorder and
         weight noise), or a :class:`~flatq_lightning.QuantErrorRecorder` with the weight-noise callback that
         reads it (``None`` when there is none); ``stats=None`` goes back to ``mse_target``."""
-        from .dnq import DNQ
-        from .recorder import QuantErrorRecorder
-        from .weight_noise import DifferentialNoiseInjection
 
         if isinstance(stats, DNQ):
             if weight_noise is not None:

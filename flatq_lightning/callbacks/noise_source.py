@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..utils.checks import check_scale_value
+from ..utils.logging import describe
 from ._common import splitmix64
 from .schedules import Warmup, check_warmup
 
@@ -204,7 +205,6 @@ def with_deprecated_warmup(
 def schedule_settings(prefix: str, cb: Any) -> dict[str, object]:
     """When a noise callback's noise is on and how strong, as ``<prefix>/...`` hyperparameters: the scale without
     its warm-up, the warm-up's steps (resolved) and fraction, the seed."""
-    from ..utils.logging import describe
 
     w = warmup_of(cb.noise_scale)
     return {

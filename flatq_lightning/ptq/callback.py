@@ -19,6 +19,7 @@ from ..quant.targets import QuantTarget
 from ..utils.logging import log_settings
 from .export import normalize_export_formats
 from .mixed_precision import parse_bits_choices, plan_mixed_precision
+from .onnx_export import require_onnx
 from .recipe import RECIPES, PTQRecipe
 from .report import PTQReport
 from .runner import DEFAULT_BITS, _recipe_from_args, ptq_network, ptq_target, run_ptq, validate_ptq_args
@@ -354,7 +355,6 @@ class PostTrainingQuantization(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_settings(trainer, self.settings())  # known before the fit: logged with the model's hyperparameters
         if "onnx" in self.export_formats:
-            from .onnx_export import require_onnx
 
             require_onnx("PostTrainingQuantization(export='onnx')")  # fail before training, not after it
         # fail before training, not after it, when the evaluation stage has no data

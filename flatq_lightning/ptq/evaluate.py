@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.batches import batch_inputs
+from ..utils.progress import progress
 
 __all__ = ["evaluate_topk", "top1_and_loss"]
 
@@ -46,7 +47,6 @@ def _logits(out: Any) -> Tensor:
 
 def _progress(iterable: Iterable[Any], enabled: bool, **kw: Any) -> Iterable[Any]:
     # a tqdm bar on a terminal, a few plain lines in a log (no escape codes from nested bars)
-    from ..utils.progress import progress
 
     unit = "bit-widths" if kw.get("desc") == "PTQ" else "batches"  # the outer loop is over bit-widths
     return progress(iterable, enabled=enabled, unit=unit, **kw)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ...utils.progress import progress, status
 from .base import (
     DataNotFoundError,
     default_cache_dir,
@@ -76,7 +77,6 @@ def _assemble(
         raise ValueError(f"{source}: test classes {extra} do not appear in the training split")
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, np.ndarray] = {"classes": np.array(classes)}
-    from ...utils.progress import progress
 
     for s in _SPLITS:
         items = sorted(by_split[s], key=lambda t: (index[t[0]], t[1]))
@@ -271,7 +271,6 @@ def load_cifar_arrays(
         if cache_file.exists():
             with np.load(cache_file, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-    from ...utils.progress import status
 
     where = f", cached in {cache_file} for later runs" if cache_file is not None else ""
     status(f"reading {dataset} from {src} ({kind}){where}")

@@ -13,6 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ...quant.hooks import hooks_suspended
+from ..group import flatten_callbacks
+from ..weight_noise import DifferentialNoiseInjection
 from .hessian import hessian_trace, top_eigenvalue
 from .loss import LossFn, classification_loss
 
@@ -145,8 +147,6 @@ class SharpnessMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.weight_noise is not None:
             return
-        from ..group import flatten_callbacks
-        from ..weight_noise import DifferentialNoiseInjection
 
         if any(isinstance(c, DifferentialNoiseInjection) and c.active for c in flatten_callbacks(trainer.callbacks)):
             rank_zero_warn(

@@ -194,6 +194,7 @@ def plan_mixed_precision(
     probes: int = 2,
     hessian_batches: int | None = 2,
     seed: int = 0,
+    error_stats: Mapping[str, Any] | None = None,
 ) -> MixedPrecisionPlan:
     """The plan for ``model`` (a network or a LightningModule with a ``model``) at ``budget`` bits per weight:
     the predicted per-layer costs (:func:`~flatq_lightning.ptq.sensitivity.predict_sensitivity` on the labelled
@@ -204,7 +205,7 @@ def plan_mixed_precision(
     scope = target if target is not None else QuantTarget()
     net = ptq_network(model)
     pred = predict_sensitivity(net, predict_batches, ch, (), recipe, scope, probes=probes,
-                               hessian_batches=hessian_batches, seed=seed)
+                               hessian_batches=hessian_batches, seed=seed, error_stats=error_stats)
     costs: dict[str, dict[int, float]] = {}
     for (name, _, b), (value, _) in pred.items():
         costs.setdefault(name, {})[b] = value

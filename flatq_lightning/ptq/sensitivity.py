@@ -77,6 +77,7 @@ __all__ = [
     "layer_quadratic_forms",
     "measure_sensitivity",
     "predict_sensitivity",
+    "recorder_error_stats",
     "spearman",
     "take_images",
 ]
@@ -262,10 +263,16 @@ def predict_sensitivity(
     probes: int = 1,
     hessian_batches: int | None = 2,
     seed: int = 0,
+    error_stats: Mapping[str, Any] | None = None,
 ) -> dict[tuple[str, str, int], tuple[float, float]]:
     """Predicted loss change ``{(layer, side, bits): (predicted, second_order)}`` on labelled ``batches``
     (held-out images; see the module docstring). ``order``: 12 (first and second order, the default) or 2
     (the theory's ½·eᵀHe alone). The weight Hessian uses the first ``hessian_batches`` batches (None: all).
+
+    ``error_stats``: the weight-error statistics a DNQ fit recorded (:func:`recorder_error_stats` of the
+    recorder's checkpoint state): for their width, a layer they cover takes ``μ`` and ``Σ`` from them instead of
+    from the quantizer, ``½·E[e'ᵀHe']`` with ``e' = μ + σ·z`` (per output channel, ``z`` standard normal) and
+    ``gᵀμ``: ½·Tr(HΣ) + ½·μᵀHμ + gᵀμ, the theory's prediction from the training-time statistics.
 
     The model is BN-folded (clean statistics) and not changed; ``recipe`` gives the observers (its BN handling
     and reconstruction do not enter the prediction); ``target``'s include/exclude pick the layers.
@@ -283,17 +290,56 @@ def predict_sensitivity(
     if wbits:
         with torch.no_grad():
             errors = {b: [_weight_error(m.weight.detach(), b, rec.observer) for _, m in sel] for b in wbits}
+            means = {b: list(es) for b, es in errors.items()}  # the first-order term's direction: the error's mean
+            _use_recorded(error_stats, sel, errors, means, seed)
         hb = data if hessian_batches is None else data[:hessian_batches]
         params = [m.weight for _, m in sel]
         quad, _ = layer_quadratic_forms(folded, params, errors, hb, probes=probes, seed=seed)
         grads = _mean_gradients(folded, params, data)  # the first-order term on every prediction image
-        lin = {b: [float((g * e).sum()) for g, e in zip(grads, errors[b])] for b in wbits}
+        lin = {b: [float((g * e).sum()) for g, e in zip(grads, means[b])] for b in wbits}
         for b in wbits:
             for (name, _), q, g in zip(sel, quad[b], lin[b]):
                 out[(name, "weight", b)] = (0.5 * q + (g if order == 12 else 0.0), 0.5 * q)
     if abits:
         out.update(_predict_act(folded, sel, abits, data, rec.act_obs, order))
     return out
+
+
+def recorder_error_stats(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"bits": b, "layers": {name: (mean, var)}}`` from a :class:`~flatq_lightning.QuantErrorRecorder`'s state
+    (``recorder.state_dict()``, or the DNQ entry of a checkpoint's callback states): the per-channel EMA of the
+    weight error's mean and variance it kept during training, at its target's weight width."""
+    try:
+        bits = int(state["specs"][0]["bits"])
+        layers = {str(n): (state["weight_mean"][n], state["weight_var"][n]) for n in state["weight_mean"]}
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"not a QuantErrorRecorder state (weight_mean, weight_var, specs): {err!r}") from None
+    return {"bits": bits, "layers": layers}
+
+
+def _use_recorded(stats: Mapping[str, Any] | None, sel: Sequence[tuple[str, nn.Module]], errors: dict[int, list[Tensor]],
+                  means: dict[int, list[Tensor]], seed: int) -> None:
+    """Replace, at the recorded width, the exact error of every layer the statistics cover by a draw
+    ``μ + σ·z`` (second order) and ``μ`` (first order); names match exactly or by a dotted end (``model.conv1``
+    covers the network's ``conv1``)."""
+    if not stats:
+        return
+    b = int(stats["bits"])
+    if b not in errors:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    rec = stats["layers"]
+    for i, (name, m) in enumerate(sel):
+        key = next((k for k in rec if k == name or k.endswith("." + name)), None)
+        if key is None:
+            continue
+        w = m.weight.detach()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        mean = torch.as_tensor(rec[key][0], dtype=w.dtype).reshape(shape).to(w.device)
+        std = torch.as_tensor(rec[key][1], dtype=w.dtype).clamp_min(0).sqrt().reshape(shape).to(w.device)
+        z = torch.randn(w.shape, generator=gen).to(w)
+        errors[b][i] = mean + std * z
+        means[b][i] = mean.expand_as(w)
 
 
 def _predict_act(folded: nn.Module, sel: Sequence[tuple[str, nn.Module]], abits: Sequence[int],
@@ -447,6 +493,7 @@ def analyze_sensitivity(
     progress: bool = False,
     seed: int = 0,
     all_but_bits: Iterable[int] | None = None,
+    error_stats: Mapping[str, Any] | None = None,
 ) -> SensitivityReport:
     """Predicted and (``measure``) measured sensitivity of every analysed layer, with Spearman correlations.
 
@@ -460,7 +507,7 @@ def analyze_sensitivity(
     pw = tuple(sorted(set(wbits) | set(_check_bits("predict_bits", predict_bits or ()))))
     pdata = _labelled(predict_batches, "analyze_sensitivity: predict_batches")
     t = time.perf_counter()
-    pred = predict_sensitivity(model, pdata, pw, abits, rec, scope, order, probes, hessian_batches, seed)
+    pred = predict_sensitivity(model, pdata, pw, abits, rec, scope, order, probes, hessian_batches, seed, error_stats)
     seconds = {"predict": time.perf_counter() - t}
     meas: dict[tuple[str, str, int], dict[str, float]] = {}
     ref: dict[str, dict[str, float]] = {}

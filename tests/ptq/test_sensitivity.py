@@ -175,3 +175,31 @@ def test_spearman():
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1, 2], [2, 1]))
     with pytest.raises(ValueError, match="differ in length"):
         spearman([1, 2, 3], [1, 2])
+
+
+def test_prediction_from_the_recorders_statistics_of_a_dnq_fit(tmp_path):
+    """A DNQ fit's recorder state gives mu and Sigma per layer at its width: the prediction takes them there (and
+    the quantizer's exact error elsewhere); zero statistics predict zero for the layers they cover."""
+    import lightning as L
+
+    from flatq_lightning import DNQ
+    from flatq_lightning.ptq.sensitivity import recorder_error_stats
+    from tests.ptq.helpers import _LitNetVal
+
+    dnq = DNQ("w4a4", stats_every=1)
+    lit = _LitNetVal()
+    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[dnq], default_root_dir=tmp_path).fit(lit)
+    stats = recorder_error_stats(dnq.parts[0].state_dict())
+    assert stats["bits"] == 4 and stats["layers"] and all(k.startswith("model.") for k in stats["layers"])
+    net = lit.model.eval()
+    data = [(x, y) for x, y in lit.val_dataloader()][:2]
+    plain = predict_sensitivity(net, data, (4, 8), (), recipe="minmax")
+    recorded = predict_sensitivity(net, data, (4, 8), (), recipe="minmax", error_stats=stats)
+    assert all(recorded[k] == plain[k] for k in plain if k[2] == 8)  # other widths: the quantizer's error
+    assert any(recorded[k] != plain[k] for k in plain if k[2] == 4)
+    zero = {"bits": 4, "layers": {k: (torch.zeros_like(m), torch.zeros_like(v)) for k, (m, v) in stats["layers"].items()}}
+    covered = predict_sensitivity(net, data, (4,), (), recipe="minmax", error_stats=zero)
+    assert all(v == (0.0, 0.0) for v in covered.values())
+    with pytest.raises(ValueError, match="not a QuantErrorRecorder state"):
+        recorder_error_stats({"weight_mean": {}})

@@ -54,10 +54,9 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from ..quant import (
     QuantSpec,
     QuantTarget,
-    compute_qparams,
-    fake_quantize,
     fold_batchnorm,
     make_observer,
+    quant_error,
     quantize_model,
     quantized_layers,
     reestimate_bn_quantized,
@@ -226,9 +225,7 @@ def _mean_gradients(model: nn.Module, params: Sequence[Tensor], data: Sequence[t
 
 
 def _weight_error(w: Tensor, bits: int, observer: str) -> Tensor:
-    spec = QuantSpec.weight(bits, observer=observer)
-    scale, zp = compute_qparams(w, spec)
-    return fake_quantize(w, spec, scale, zp) - w
+    return quant_error(w, QuantSpec.weight(bits, observer=observer))  # the quantizer PTQ applies, Q(w) - w
 
 
 def _act_quantizers(folded: nn.Module, layers: Sequence[tuple[str, nn.Module]], bits: Sequence[int],
@@ -367,7 +364,7 @@ def _predict_act(folded: nn.Module, sel: Sequence[tuple[str, nn.Module]], abits:
                 a = inputs[name].detach()
                 for b in abits:
                     spec, scale, zp = qp[(name, b)]
-                    e = fake_quantize(a, spec, scale.to(a.device), zp.to(a.device)) - a
+                    e = quant_error(a, spec, scale.to(a.device), zp.to(a.device))
                     ge = (g * e).flatten(1).sum(1).double()
                     quad[(name, b)] += 0.5 * ge.square().sum().cpu()
                     lin[(name, b)] += ge.sum().cpu()

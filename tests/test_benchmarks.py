@@ -249,6 +249,20 @@ def test_saved_models_remeasure_and_calibration_spread(tmp_path):
     assert spread["model"] == "plain_seed3" and len(spread["top1"]["w8a8"]) == 2
 
 
+def _saved_seed_models(tmp_path):
+    """``<tmp>/models/seed0.pt`` and ``seed1.pt``: untrained ResNet-20 state dicts, as quality.py --train-only saves."""
+    import torch
+
+    from flatq_lightning.app.models import create_model
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for s in (0, 1):
+        torch.manual_seed(s)
+        torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), models / f"seed{s}.pt")
+    return models
+
+
 def _tiny_cifar_zip(tmp_path):
     import zipfile
 
@@ -324,16 +338,8 @@ def test_export_accuracy_seed_by_seed_against_quantize_static(tmp_path):
     import json
     import os
 
-    import torch
 
-    from flatq_lightning.app.models import create_model
-
-    data = _tiny_cifar_zip(tmp_path)
-    models = tmp_path / "models"
-    models.mkdir()
-    for s in (0, 1):
-        torch.manual_seed(s)
-        torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), models / f"seed{s}.pt")
+    data, models = _tiny_cifar_zip(tmp_path), _saved_seed_models(tmp_path)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "export_accuracy.py"), "--data", str(data),
                         "--models", str(models), "--seeds", "0,1", "--threads", "1", "--files", str(tmp_path / "f"),
@@ -358,16 +364,8 @@ def test_sensitivity_seed_by_seed_plans_and_reliability(tmp_path):
     import json
     import os
 
-    import torch
 
-    from flatq_lightning.app.models import create_model
-
-    data = _tiny_cifar_zip(tmp_path)
-    models = tmp_path / "models"
-    models.mkdir()
-    for s in (0, 1):
-        torch.manual_seed(s)
-        torch.save(create_model("cifar_resnet20", num_classes=10).state_dict(), models / f"seed{s}.pt")
+    data, models = _tiny_cifar_zip(tmp_path), _saved_seed_models(tmp_path)
     out = tmp_path / "out"
     base = [sys.executable, str(ROOT / "benchmarks" / "sensitivity.py"), "--data", str(data), "--models", str(models),
             "--seeds", "0,1", "--threads", "1", "--out-dir", str(out), "--train-subset", "30", "--weight-bits", "3",

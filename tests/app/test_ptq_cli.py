@@ -230,3 +230,34 @@ def test_flatq_ptq_data_with_the_wrong_channel_count(tiny_checkpoint, tmp_path, 
     rc, err = _ptq([str(tiny_checkpoint), "--data", "digits", "--save-dir", str(tmp_path / "rep")], capsys)
     assert rc == 2
     assert "--data digits: the data has 1-channel images but the checkpoint's network takes 3 input channels" in err
+
+
+@pytest.mark.slow
+def test_flatq_ptq_budget_and_sensitivity_on_a_cifar_checkpoint(tmp_path, monkeypatch, capsys):
+    """`flatq-ptq --recipe practical --sensitivity --budget` on the real kind of input: a ResNet-20 checkpoint that
+    flatq-train wrote from a CIFAR-style JPEG zip (residual blocks, BatchNorm, the practical recipe's BN
+    re-estimation on augmented training batches)."""
+    from flatq_lightning.app.train import run
+    from tests.app.test_train import _compose
+    from tests.test_benchmarks import _tiny_cifar_zip
+
+    monkeypatch.setenv("FLATQ_CACHE", str(tmp_path / "cache"))
+    data = _tiny_cifar_zip(tmp_path)
+    cfg = _compose(["data=cifar10", f"data.path={data}", "data.num_workers=0", "data.batch_size=8",
+                    "data.eval_batch_size=8", "model=cifar_resnet20", "variants=null", "callbacks=[checkpoint]",
+                    "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "ptq.bits=[]", "print_table=false"])
+    ckpt = run(cfg, tmp_path / "fit")["variants"]["main"]["checkpoint"]
+    out = tmp_path / "mp"
+    rc = ptq_cli.main([ckpt, "--bits", "w3a4", "--recipe", "practical", "--bn-batches", "2", "--calib-batches", "2",
+                       "--no-progress", "--device", "cpu", "--save-dir", str(out), "--sensitivity",
+                       "--sensitivity-images", "16", "--plan-images", "16", "--budget", "3.5"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    rep = json.loads((out / "ptq_report.json").read_text())
+    assert [r["bits"] for r in rep["rows"]] == ["w3a4", "w3a4-mixed"] and rep["recipe"]["name"] == "practical"
+    plan = rep["plan"]
+    assert len(plan["bits"]) == 22 and plan["bits"]["conv1"] == plan["bits"]["fc"] == 8  # 21 convs and the fc
+    assert plan["bits_per_weight"] <= 3.5
+    sens = json.loads((out / "sensitivity.json").read_text())
+    layers = {r["layer"] for r in sens["rows"]}
+    assert "layer2.0.shortcut.0" in layers and len(layers) == 22
+    assert sens["images"] == 16 and set(sens["spearman"]) == {"weight3", "act3"}

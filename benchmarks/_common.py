@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
 
 import lightning.pytorch as pl
 
@@ -46,3 +50,11 @@ def cifar_seed_models(models: str, seeds: str) -> list[tuple[int, Path]]:
             raise SystemExit(f"{path} does not exist: train it with benchmarks/quality.py --train-only")
         out.append((s, path))
     return out
+
+
+def add_seed_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a benchmark over the saved CIFAR ResNet-20 seeds: --data, --models, --seeds, --threads."""
+    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    ap.add_argument("--models", default="benchmarks/results/quality/cpu/plain", help="folder with seed<k>.pt")
+    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--threads", type=int, default=None)

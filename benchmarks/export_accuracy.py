@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from export import _write_atomic, load_state, machine, ort_static  # noqa: E402
 
-from benchmarks._common import ci95, cifar_seed_models  # noqa: E402
+from benchmarks._common import add_seed_model_args, ci95, cifar_seed_models  # noqa: E402
 from flatq_lightning.ptq.onnx_export import check_onnx_parity, export_onnx  # noqa: E402
 from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
@@ -112,10 +112,7 @@ def summarize(out_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    ap.add_argument("--models", default="benchmarks/results/quality/cpu/plain", help="folder with seed<k>.pt")
-    ap.add_argument("--seeds", default="0,1,2,3")
-    ap.add_argument("--threads", type=int, default=None)
+    add_seed_model_args(ap)
     ap.add_argument("--files", default="bench_out/export_accuracy")
     ap.add_argument("--out-dir", default="benchmarks/results/export_accuracy/cpu")
     ap.add_argument("--summarize", action="store_true", help="only regenerate the summary")

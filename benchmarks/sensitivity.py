@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import ci95, cifar_seed_models  # noqa: E402
+from benchmarks._common import add_seed_model_args, ci95, cifar_seed_models  # noqa: E402
 from flatq_lightning.ptq.mixed_precision import parse_bits_choices, plan_bits  # noqa: E402
 from flatq_lightning.ptq.recipe import PTQRecipe  # noqa: E402
 from flatq_lightning.ptq.runner import run_ptq  # noqa: E402
@@ -220,10 +220,7 @@ def summarize(out_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    ap.add_argument("--models", default="benchmarks/results/quality/cpu/plain", help="folder with seed<k>.pt")
-    ap.add_argument("--seeds", default="0,1,2,3")
-    ap.add_argument("--threads", type=int, default=None)
+    add_seed_model_args(ap)
     ap.add_argument("--weight-bits", default="2,3,4", help="measured weight widths (the measured plans need 2,3,4)")
     ap.add_argument("--act-bits", default="3")
     ap.add_argument("--all-but-bits", default="3", help="widths of the 'all but this layer' measurement")
